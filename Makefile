@@ -1,0 +1,34 @@
+# visiontune: `make demo` trains on an offline demo dataset; `make test` runs the test suite.
+# Both create ./.venv and install visiontune with its pinned dependencies on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-slow fashion-mnist clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Export scikit-learn's digits as PNG folders (once), then train with the default plan.
+demo: $(STAMP)
+	@test -d data/digits || $(BIN)/visiontune demo-data digits data/digits
+	$(BIN)/visiontune train data/digits
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Benchmark-style tests (need Fashion-MNIST: `make fashion-mnist`).
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+fashion-mnist:
+	@test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+
+clean:
+	rm -rf $(VENV) runs data .pytest_cache

@@ -1,0 +1,102 @@
+"""data/catalog.py and data/split.py: layouts, skips with reasons, one-line errors, stratified splits."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import write_class_folders
+
+from visiontune.data.catalog import DataError, discover
+from visiontune.data.split import split_catalog, stratified_split, write_split_folders
+
+
+def test_class_folders_with_bad_files_are_skipped_and_counted(class_folders):
+    (class_folders / "red" / "zero.jpg").write_bytes(b"")
+    (class_folders / "red" / "notes.txt").write_text("hello")
+    (class_folders / "blue" / "fake.png").write_text("not a png")
+    (class_folders / "blue" / ".DS_Store").write_bytes(b"\0\0")
+    source = discover(class_folders)
+    assert source.layout == "folders"
+    assert source.classes == ["blue", "green", "red"]
+    assert source.train.class_counts() == {"blue": 12, "green": 12, "red": 12}
+    reasons = {os.path.basename(s.path): s.reason for s in source.skipped}
+    assert set(reasons) == {"zero.jpg", "notes.txt", "fake.png"}
+    assert "empty" in reasons["zero.jpg"] and "not an image" in reasons["notes.txt"]
+
+
+def test_train_val_layout(tmp_path):
+    write_class_folders(tmp_path / "train", per_class=6)
+    write_class_folders(tmp_path / "val", per_class=2, seed=1)
+    source = discover(tmp_path)
+    assert source.layout == "split"
+    assert len(source.train) == 18 and len(source.valid) == 6
+    assert source.valid.classes == source.train.classes
+
+
+def test_valid_folder_with_unknown_class_is_an_error(tmp_path):
+    write_class_folders(tmp_path / "train", per_class=3)
+    write_class_folders(tmp_path / "valid", per_class=1, classes={"purple": (90, 0, 90)})
+    with pytest.raises(DataError, match="purple"):
+        discover(tmp_path)
+
+
+def test_labels_csv(class_folders):
+    csv_path = class_folders / "labels.csv"
+    rows = ["filename,label"] + [f"red/red_{i:03d}.png,warm" for i in range(4)]
+    rows += [f"blue/blue_{i:03d},cold" for i in range(4)]  # no extension: resolved
+    csv_path.write_text("\n".join(rows) + "\n")
+    source = discover(class_folders, labels=csv_path)
+    assert source.layout == "csv" and source.classes == ["cold", "warm"] and len(source.train) == 8
+
+
+def test_csv_naming_missing_files_stops(class_folders):
+    csv_path = class_folders / "labels.csv"
+    csv_path.write_text("filename,label\nred/red_000.png,a\nnope.png,b\n")
+    with pytest.raises(DataError, match="1 of 2 files named in the CSV are missing"):
+        discover(class_folders, labels=csv_path)
+
+
+@pytest.mark.parametrize("case", ["empty", "single", "no_usable", "missing"])
+def test_unusable_data_stops_with_one_line(tmp_path, case):
+    root = tmp_path / "d"
+    root.mkdir()
+    if case == "single":
+        write_class_folders(root, per_class=3, classes={"only": (1, 2, 3)})
+    if case == "no_usable":
+        write_class_folders(root, per_class=3)
+        (root / "broken").mkdir()
+        (root / "broken" / "a.jpg").write_bytes(b"garbage")
+    if case == "missing":
+        root = tmp_path / "does-not-exist"
+    with pytest.raises(DataError) as info:
+        discover(root)
+    message = str(info.value)
+    assert "\n" not in message and str(root) in message
+    expected = {"empty": "no usable images", "single": "only one class", "no_usable": "broken", "missing": "no such"}
+    assert expected[case] in message
+
+
+def test_stratified_split_is_seeded_and_keeps_every_class():
+    labels = [0] * 50 + [1] * 10 + [2] * 1
+    train, valid = stratified_split(labels, 0.2, seed=3)
+    assert stratified_split(labels, 0.2, seed=3) == (train, valid)
+    assert stratified_split(labels, 0.2, seed=4) != (train, valid)
+    assert sorted(train + valid) == list(range(61))
+    valid_labels = [labels[i] for i in valid]
+    assert valid_labels.count(0) == 10 and valid_labels.count(1) == 2 and valid_labels.count(2) == 0
+
+
+def test_split_command_links_without_copying(class_folders, tmp_path):
+    source = discover(class_folders)
+    dest = tmp_path / "split"
+    result = write_split_folders(source.train, class_folders, dest, 0.25, seed=0)
+    assert result == {"train": 27, "valid": 9, "links": {"hardlink": 36}}
+    linked = next((dest / "valid" / "red").iterdir())
+    assert linked.stat().st_ino == (class_folders / "red" / linked.name).stat().st_ino
+    resplit = discover(dest)
+    assert resplit.layout == "split" and len(resplit.valid) == 9
+    train, valid = split_catalog(source.train, 0.25, 0)
+    assert {p.name for p in valid.paths} == {p.name for p in resplit.valid.paths}
+    with pytest.raises(DataError, match="not empty"):
+        write_split_folders(source.train, class_folders, dest, 0.25, seed=0)

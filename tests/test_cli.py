@@ -1,0 +1,76 @@
+"""The `visiontune` command in fresh processes: train, predict, evaluate, split, errors, cache."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "visiontune.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=600,
+    )
+
+
+@pytest.fixture
+def trained_run(class_folders, tmp_path) -> Path:
+    result = run("train", str(class_folders), "--out", str(tmp_path / "run"), "--img-size", "64", "--epochs", "6")
+    assert result.returncode == 0, result.stderr
+    assert "validation accuracy" in result.stderr and "classifier" in result.stderr
+    return tmp_path / "run"
+
+
+def test_train_predict_evaluate_in_fresh_processes(trained_run, class_folders, tmp_path):
+    out_csv = tmp_path / "pred.csv"
+    result = run("predict", str(trained_run), str(class_folders / "red"), "--csv", str(out_csv))
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(out_csv.open()))
+    assert len(rows) == 12 and sum(r["label"] == "red" for r in rows) >= 10
+    assert rows[0]["topk"].count(":") == 3
+
+    table = run("predict", str(trained_run / "classifier"), str(class_folders / "blue" / "blue_000.png"))
+    assert table.returncode == 0 and "blue_000.png" in table.stdout and "blue" in table.stdout
+
+    evaluation = run("evaluate", str(trained_run), str(class_folders), "--json", str(tmp_path / "m.json"))
+    assert evaluation.returncode == 0, evaluation.stderr
+    for text in ("accuracy", "precision", "recall", "confusion matrix"):
+        assert text in evaluation.stdout
+
+
+def test_predict_reports_unreadable_images(trained_run, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    result = run("predict", str(trained_run), str(bad))
+    assert result.returncode == 1 and "skipped" in result.stderr and "bad.jpg" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "{tmp}/missing"], "no such folder"),
+        (["predict", "{tmp}", "{tmp}"], "not a visiontune classifier"),
+        (["train", "{tmp}", "--arch", "nope_net"], "unknown architecture"),
+    ],
+)
+def test_errors_are_one_actionable_line(tmp_path, args, message):
+    result = run(*[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and message in result.stderr
+
+
+def test_split_and_cache_commands(class_folders, tmp_path):
+    result = run("split", str(class_folders), str(tmp_path / "split"), "--valid", "0.25")
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "split" / "valid").rglob("*.png"))) == 9
+    info = run("cache", "info", "--cache-dir", str(tmp_path / "c"))
+    assert info.returncode == 0

@@ -1,0 +1,129 @@
+"""The on-disk feature store: backbone activations computed once, reused across runs and heads.
+
+Layout: ``<root>/<key digest>/`` holds ``key.json`` (what the features mean: backbone, weights,
+preprocessing, cut point, view) and shards. A shard is ``shard-<n>.npy`` (float16 rows) plus
+``shard-<n>.json`` (the content hash of each row's image), written to temporary names and renamed, the
+hash list last: a shard without its hash list does not exist, so a killed run leaves no half shard and the
+next run recomputes only what no finished shard holds. Rows are looked up by the image's content hash,
+so renaming or moving files reuses features and changing one file's bytes recomputes only that file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+
+def default_cache_root() -> Path:
+    """`$VISIONTUNE_CACHE`, else `$XDG_CACHE_HOME/visiontune`, else `~/.cache/visiontune`."""
+    if os.environ.get("VISIONTUNE_CACHE"):
+        return Path(os.environ["VISIONTUNE_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "visiontune"
+
+
+def content_hash(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (hex, 32 chars): the identity of an image in the cache."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:32]
+
+
+def key_digest(key: dict) -> str:
+    """Stable digest of a cache key dict (sorted JSON)."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class FeatureStore:
+    """Features for one key, addressable by image content hash."""
+
+    def __init__(self, root: Path, key: dict):
+        self.key = key
+        self.dir = Path(root) / "features" / key_digest(key)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        key_file = self.dir / "key.json"
+        if not key_file.exists():
+            _atomic_write_bytes(key_file, json.dumps(key, indent=2, sort_keys=True).encode())
+        self._index: dict[str, tuple[int, int]] | None = None
+
+    def _shard_ids(self) -> list[int]:
+        return sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("shard-*.json"))
+
+    def index(self) -> dict[str, tuple[int, int]]:
+        """content hash -> (shard id, row), over all finished shards."""
+        if self._index is None:
+            index: dict[str, tuple[int, int]] = {}
+            for shard in self._shard_ids():
+                hashes = json.loads((self.dir / f"shard-{shard}.json").read_text())
+                for row, digest in enumerate(hashes):
+                    index.setdefault(digest, (shard, row))
+            self._index = index
+        return self._index
+
+    def missing(self, hashes: list[str]) -> list[int]:
+        """Positions in `hashes` that no finished shard holds."""
+        index = self.index()
+        return [i for i, digest in enumerate(hashes) if digest not in index]
+
+    def add_shard(self, hashes: list[str], features: np.ndarray) -> None:
+        """Write one finished shard atomically (rows stored as float16)."""
+        if len(hashes) != len(features):
+            raise ValueError("one hash per feature row")
+        ids = self._shard_ids()
+        shard = (ids[-1] + 1) if ids else 0
+        npy = self.dir / f"shard-{shard}.npy"
+        tmp = npy.with_name(npy.name + f".tmp{os.getpid()}.npy")
+        np.save(tmp, np.asarray(features, dtype=np.float16))
+        os.replace(tmp, npy)
+        _atomic_write_bytes(self.dir / f"shard-{shard}.json", json.dumps(hashes).encode())
+        index = self.index()
+        for row, digest in enumerate(hashes):
+            index.setdefault(digest, (shard, row))
+
+    def get(self, hashes: list[str]) -> np.ndarray:
+        """Rows for `hashes` as float32, read from memory-mapped shards (all must be present)."""
+        index = self.index()
+        shards: dict[int, np.ndarray] = {}
+        out = None
+        for i, digest in enumerate(hashes):
+            shard, row = index[digest]
+            if shard not in shards:
+                shards[shard] = np.load(self.dir / f"shard-{shard}.npy", mmap_mode="r")
+            if out is None:
+                out = np.empty((len(hashes), shards[shard].shape[1]), dtype=np.float32)
+            out[i] = shards[shard][row]
+        return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+
+def cache_info(root: Path) -> list[dict]:
+    """One entry per feature key under `root`: its key, rows and bytes on disk."""
+    entries = []
+    for key_file in sorted((Path(root) / "features").glob("*/key.json")):
+        folder = key_file.parent
+        rows = sum(len(json.loads(p.read_text())) for p in folder.glob("shard-*.json"))
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        entries.append({"dir": str(folder), "key": json.loads(key_file.read_text()), "rows": rows, "bytes": size})
+    return entries
+
+
+def clear_cache(root: Path) -> int:
+    """Delete every stored feature under `root`; returns bytes freed."""
+    folder = Path(root) / "features"
+    if not folder.exists():
+        return 0
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    shutil.rmtree(folder)
+    return size

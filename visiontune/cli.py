@@ -1,0 +1,252 @@
+"""The `visiontune` command: parses arguments, calls the API, prints with rich. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from visiontune.backbones.providers import WeightsError
+from visiontune.classifier import ArtifactError
+from visiontune.data.catalog import DataError
+from visiontune.data.images import is_image_name
+from visiontune.progress import console
+from visiontune.runs import RunExistsError
+
+USER_ERRORS = (DataError, WeightsError, ArtifactError, RunExistsError, FileNotFoundError)
+
+
+def _metrics_tables(metrics: dict, classes: list[str]) -> list[Table]:
+    """Summary, per-class and confusion-matrix tables for printed metrics."""
+    summary = Table(title="validation")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    for key in ("n", "accuracy", "balanced_accuracy", "top5_accuracy", "macro_f1", "log_loss", "seconds"):
+        if key in metrics:
+            value = metrics[key]
+            summary.add_row(key, f"{value:.4f}" if isinstance(value, float) and key != "seconds" else str(value))
+    per_class = Table(title="per class")
+    for column in ("class", "precision", "recall", "f1", "support"):
+        per_class.add_column(column, justify="left" if column == "class" else "right")
+    for name in classes:
+        row = metrics["per_class"][name]
+        per_class.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+    tables = [summary, per_class]
+    if "confusion_matrix" in metrics:
+        confusion = Table(title="confusion matrix (rows: true, columns: predicted)")
+        confusion.add_column("true \\ pred")
+        for name in classes:
+            confusion.add_column(name[:10], justify="right")
+        for name, row in zip(classes, metrics["confusion_matrix"]):
+            confusion.add_row(name, *[str(v) for v in row])
+        tables.append(confusion)
+    return tables
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from visiontune.api import fit
+
+    clf = fit(
+        args.data,
+        arch=args.arch,
+        weights=args.weights,
+        out=args.out,
+        labels=args.labels,
+        epochs=args.epochs,
+        unfreeze=args.unfreeze,
+        img_size=args.img_size,
+        valid_fraction=args.valid,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+        workers=args.workers,
+    )
+    for table in _metrics_tables(clf.metrics, clf.classes):
+        console.print(table)
+    console.print(f"[bold green]validation accuracy {clf.metrics['accuracy']:.4f}[/] in {clf.metrics['seconds']} s")
+    console.print(f"run: {clf.run_dir}   classifier: {clf.run_dir / 'classifier'}")
+    console.print(f"metrics per epoch: {clf.run_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def _image_args(items: list[str]) -> list[Path]:
+    """Expand folders (recursively) into their image files; keep explicit files as given."""
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            paths.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p)))
+        elif path.exists():
+            paths.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    if not paths:
+        raise DataError(f"no image files found in {', '.join(items)}")
+    return paths
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from visiontune.api import load
+    from visiontune.data.catalog import Skipped
+
+    clf = load(args.classifier)
+    paths = _image_args(args.images)
+    skipped: list[Skipped] = []
+    predictions = clf.iter_predictions(paths, topk=args.topk, batch_size=args.batch_size, skipped=skipped)
+    count = 0
+    if args.csv:
+        out = Path(args.csv)
+        with out.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "label", "prob", "topk"])
+            for p in predictions:
+                topk = ";".join(f"{c}:{q:.4f}" for c, q in zip(p.classes, p.probs))
+                writer.writerow([p.path, p.label, f"{p.probs[0]:.6f}", topk])
+                count += 1
+        console.print(f"wrote {count} predictions to {out}")
+    else:
+        table = Table(title=f"top-{args.topk} predictions")
+        table.add_column("image")
+        table.add_column("class")
+        table.add_column("prob", justify="right")
+        table.add_column("next")
+        for p in predictions:
+            others = ", ".join(f"{c} {q:.2f}" for c, q in zip(p.classes[1:], p.probs[1:]))
+            table.add_row(p.path, p.label, f"{p.probs[0]:.3f}", others)
+            count += 1
+        Console().print(table)
+    for s in skipped:
+        console.print(f"[yellow]skipped[/] {s.path}: {s.reason}")
+    return 0 if count else 1
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from visiontune.api import evaluate, load
+
+    clf = load(args.classifier)
+    metrics = evaluate(clf, args.data, labels=args.labels, batch_size=args.batch_size)
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    for table in _metrics_tables(metrics, clf.classes):
+        Console().print(table)
+    for s in metrics["skipped"]:
+        console.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from visiontune.data.catalog import catalog_from_folders
+    from visiontune.data.split import write_split_folders
+
+    src = Path(args.src)
+    catalog = catalog_from_folders(src, check=False)
+    result = write_split_folders(catalog, src, Path(args.dst), args.valid, args.seed)
+    console.print(f"{args.dst}: {result['train']} train / {result['valid']} valid images ({result['links']})")
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from visiontune.data.demo import DEMOS
+
+    dest = DEMOS[args.name](args.dest)
+    console.print(f"wrote the {args.name} demo dataset to {dest}")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from visiontune.cache.store import cache_info, clear_cache, default_cache_root
+
+    root = Path(args.cache_dir) if args.cache_dir else default_cache_root()
+    if args.action == "clear":
+        console.print(f"freed {clear_cache(root) / 1e6:.1f} MB under {root}")
+        return 0
+    table = Table(title=f"feature cache: {root}")
+    for column in ("arch", "size", "cut", "view", "images", "MB"):
+        table.add_column(column)
+    for entry in cache_info(root):
+        key = entry["key"]
+        table.add_row(
+            key["arch"], str(key["preprocessing"]["input_size"]), key["cut"], key["view"], str(entry["rows"]),
+            f"{entry['bytes'] / 1e6:.1f}",
+        )
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visiontune", description=__doc__)
+    parser.add_argument("--version", action="version", version=__import__("visiontune").__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a classifier on a folder of labelled images")
+    train.add_argument("data", help="class folders, train/ + valid/ folders, or images named by --labels")
+    train.add_argument("--labels", help="CSV with filename,label columns (paths relative to DATA)")
+    train.add_argument("--arch", default="tf_efficientnet_lite0", help="timm architecture (default: %(default)s)")
+    train.add_argument("--weights", default="default", help="default (packaged) | PATH | none | hub (online)")
+    train.add_argument("--out", help="run folder (default: runs/<data>-<time>); never overwritten")
+    train.add_argument("--epochs", type=int, help="head epochs on cached features (default: plan)")
+    train.add_argument("--unfreeze", type=int, help="fine-tune epochs on images after the head (default: plan)")
+    train.add_argument("--img-size", type=int, help="input size in pixels (default: plan)")
+    train.add_argument("--valid", type=float, help="validation fraction when DATA is not split (default 0.2)")
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float, help="head learning rate (default: plan)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--cache-dir", help="feature cache (default: $VISIONTUNE_CACHE or ~/.cache/visiontune)")
+    train.add_argument("--workers", type=int, default=1, help="image-decoding processes")
+    train.set_defaults(func=cmd_train)
+
+    predict = sub.add_parser("predict", help="top-k classes for images or folders")
+    predict.add_argument("classifier", help="run folder or classifier folder")
+    predict.add_argument("images", nargs="+", help="image files and/or folders")
+    predict.add_argument("--csv", help="write predictions to this CSV instead of a table")
+    predict.add_argument("--topk", type=int, default=3)
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.set_defaults(func=cmd_predict)
+
+    evaluate = sub.add_parser("evaluate", help="accuracy, per-class P/R/F1 and confusion matrix on labelled data")
+    evaluate.add_argument("classifier", help="run folder or classifier folder")
+    evaluate.add_argument("data", help="class folders (or a split folder: its valid/ part)")
+    evaluate.add_argument("--labels", help="CSV with filename,label columns")
+    evaluate.add_argument("--json", help="also write the metrics to this JSON file")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    split = sub.add_parser("split", help="make train/ and valid/ folders as links, without copying")
+    split.add_argument("src", help="folder with one sub-folder per class")
+    split.add_argument("dst", help="new folder for train/ and valid/")
+    split.add_argument("--valid", type=float, default=0.2)
+    split.add_argument("--seed", type=int, default=0)
+    split.set_defaults(func=cmd_split)
+
+    demo = sub.add_parser("demo-data", help="write an offline demo dataset as image folders")
+    demo.add_argument("name", choices=["digits", "fashion-mnist"])
+    demo.add_argument("dest")
+    demo.set_defaults(func=cmd_demo_data)
+
+    cache = sub.add_parser("cache", help="inspect or clear the feature cache")
+    cache.add_argument("action", choices=["info", "clear"])
+    cache.add_argument("--cache-dir")
+    cache.set_defaults(func=cmd_cache)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        console.print(f"[bold red]error:[/] {err}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Run a model over image files in batches: decode in workers, forward in inference mode, stream out.
+
+Shared by feature caching, evaluation and prediction so all of them get the same speed settings
+(channels-last memory layout, no autograd) and the same handling of files that fail to decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visiontune.data.catalog import Skipped
+from visiontune.data.loader import ImageFiles, iterate_batches
+from visiontune.data.transforms import Preprocessing, eval_transform
+from visiontune.progress import progress_bar
+
+
+def default_workers() -> int:
+    """Decode in one background process: on 2 cores the other runs the model."""
+    return 1
+
+
+def stream_outputs(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    paths: Sequence[Path],
+    preprocessing: Preprocessing,
+    batch_size: int = 64,
+    workers: int | None = None,
+    description: str = "running",
+    transform: Callable | None = None,
+    skipped: list[Skipped] | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (indices into `paths`, outputs as float32 numpy) per batch; failed files go to `skipped`."""
+    dataset = ImageFiles(paths, None, transform or eval_transform(preprocessing), preprocessing.input_size)
+    batches = iterate_batches(dataset, batch_size, workers=default_workers() if workers is None else workers)
+    with progress_bar() as bar, torch.inference_mode():
+        task = bar.add_task(description, total=len(paths))
+        for batch in batches:
+            bar.advance(task, len(batch.indices) + len(batch.failed))
+            if skipped is not None:
+                skipped.extend(Skipped(path, reason) for _, path, reason in batch.failed)
+            if len(batch.indices) == 0:
+                continue
+            images = batch.images.contiguous(memory_format=torch.channels_last)
+            yield batch.indices.numpy(), forward(images).float().numpy()
+
+
+def collect_outputs(*args, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """All of :func:`stream_outputs` at once: (indices, outputs) in input order, failed files left out."""
+    parts = list(stream_outputs(*args, **kwargs))
+    if not parts:
+        return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
+    indices = np.concatenate([p[0] for p in parts])
+    outputs = np.concatenate([p[1] for p in parts])
+    order = np.argsort(indices, kind="stable")
+    return indices[order], outputs[order]

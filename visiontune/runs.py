@@ -1,0 +1,77 @@
+"""Run directories: one folder per training run with everything needed to understand and rerun it.
+
+``runs/<name>/``: ``config.yaml`` (the arguments), ``plan.json``, ``metrics.jsonl`` (one line per
+epoch/phase), ``split.json`` (the files of each part), ``skipped.txt`` (files left out, with reasons),
+``checkpoints/``, ``classifier/``.
+A run never overwrites an existing non-empty folder: a user's earlier run is never lost silently.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from visiontune.data.catalog import Skipped
+
+
+class RunExistsError(Exception):
+    """The chosen run folder already holds a run."""
+
+
+@dataclass
+class RunDir:
+    path: Path
+
+    @classmethod
+    def create(cls, out: str | Path | None, data_name: str, base: Path = Path("runs")) -> RunDir:
+        """A new run folder: `out` if given (must be new or empty), else runs/<data>-<timestamp>."""
+        if out is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            path = base / f"{data_name}-{stamp}"
+            n = 1
+            while path.exists():
+                n += 1
+                path = base / f"{data_name}-{stamp}-{n}"
+        else:
+            path = Path(out)
+            if path.exists() and any(path.iterdir()):
+                raise RunExistsError(
+                    f"{path}: already holds a run; nothing was overwritten. Choose another --out "
+                    "or delete the folder yourself."
+                )
+        (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        return cls(path)
+
+    @property
+    def classifier_dir(self) -> Path:
+        return self.path / "classifier"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def write_config(self, config: dict) -> None:
+        (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def log_metrics(self, record: dict) -> None:
+        """Append one JSON line to metrics.jsonl (flushed at once, so a killed run keeps its history)."""
+        with (self.path / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def write_skipped(self, skipped: list[Skipped]) -> None:
+        lines = [f"{s.path}\t{s.reason}" for s in skipped]
+        (self.path / "skipped.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+
+    def write_split(self, parts: dict[str, list]) -> None:
+        """The exact files of each part (train/valid), so evaluation and reports reuse the same split."""
+        (self.path / "split.json").write_text(json.dumps({k: [str(p) for p in v] for k, v in parts.items()}))
+
+    def read_metrics(self) -> list[dict]:
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
