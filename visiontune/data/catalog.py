@@ -1,0 +1,228 @@
+"""Discover labelled images in a source, check every file, and say clearly what is wrong with the data.
+
+Three layouts are understood, tried in this order:
+
+* ``train/`` and ``valid/`` (or ``val/``) folders, each with one sub-folder per class: the user's split;
+* a CSV of labels (``filename,label``, Kaggle style) passed with ``labels=``;
+* one sub-folder per class: split later by :mod:`visiontune.data.split`.
+
+Bad files are skipped and counted (with their paths and reasons) so a long run never dies on one of them;
+data that cannot train a classifier at all (an empty folder, a single class, a class with no usable image,
+a CSV naming missing files) stops with a one-line :class:`DataError` before any training.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from visiontune.data.images import ImageError, is_image_name, probe
+from visiontune.progress import track
+
+VALID_DIR_NAMES = ("valid", "val", "validation")
+
+
+class DataError(Exception):
+    """Data that cannot be used as given; the message says what to do."""
+
+
+@dataclass
+class Skipped:
+    """A file left out of a catalog and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Catalog:
+    """Images and their class indices, with the class names they index into."""
+
+    paths: list[Path]
+    labels: list[int]
+    classes: list[str]
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def class_counts(self) -> dict[str, int]:
+        """Images per class, in class order (zero for a class with none)."""
+        counts = Counter(self.labels)
+        return {name: counts.get(i, 0) for i, name in enumerate(self.classes)}
+
+    def subset(self, indices: list[int]) -> Catalog:
+        """The catalog restricted to `indices`, same class list (skips are not carried over)."""
+        return Catalog([self.paths[i] for i in indices], [self.labels[i] for i in indices], self.classes)
+
+
+@dataclass
+class Source:
+    """What a data folder holds: a training catalog and, when the user split it, a validation one."""
+
+    root: Path
+    layout: str  # "folders" | "split" | "csv"
+    train: Catalog
+    valid: Catalog | None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+    @property
+    def skipped(self) -> list[Skipped]:
+        return self.train.skipped + (self.valid.skipped if self.valid else [])
+
+
+def _find_valid_dir(root: Path) -> Path | None:
+    for name in VALID_DIR_NAMES:
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _scan_class_folders(root: Path) -> tuple[dict[str, list[Path]], list[Skipped]]:
+    """Map class name -> files below its folder (recursively); non-image names are skipped."""
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder. Pass a folder with one sub-folder per class.")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files: dict[str, list[Path]] = {}
+    skipped: list[Skipped] = []
+    for class_dir in class_dirs:
+        found = []
+        for path in sorted(class_dir.rglob("*")):
+            if not path.is_file() or _is_hidden(path, root):
+                continue
+            if is_image_name(path):
+                found.append(path)
+            else:
+                skipped.append(Skipped(str(path), f"not an image file name ({path.suffix or 'no extension'})"))
+        files[class_dir.name] = found
+    return files, skipped
+
+
+def _check_files(paths: list[Path], labels: list[int], what: str) -> tuple[list[Path], list[int], list[Skipped]]:
+    """Read each file's header; keep the readable ones, skip the rest with the reason."""
+    kept_paths, kept_labels, skipped = [], [], []
+    for path, label in track(list(zip(paths, labels)), f"checking {what} images"):
+        try:
+            probe(path)
+        except ImageError as err:
+            skipped.append(Skipped(err.path, err.reason))
+            continue
+        kept_paths.append(path)
+        kept_labels.append(label)
+    return kept_paths, kept_labels, skipped
+
+
+def _require_trainable(catalog: Catalog, where: Path) -> None:
+    """Stop with one actionable line when a catalog cannot train a classifier."""
+    if len(catalog) == 0:
+        raise DataError(
+            f"{where}: no usable images found ({len(catalog.skipped)} files skipped). "
+            "Put images in one sub-folder per class, e.g. DATA/cat/1.jpg, DATA/dog/2.jpg."
+        )
+    if len(catalog.classes) < 2:
+        raise DataError(
+            f"{where}: only one class ({catalog.classes[0]!r}); a classifier needs at least two. "
+            "Add a sub-folder per class."
+        )
+    empty = [name for name, n in catalog.class_counts().items() if n == 0]
+    if empty:
+        raise DataError(
+            f"{where}: class folder(s) with no usable image: {', '.join(empty)}. "
+            "Add images there or remove the folder(s); see the skipped-file list for why files were refused."
+        )
+
+
+def catalog_from_folders(root: Path, classes: list[str] | None = None, check: bool = True) -> Catalog:
+    """Read one-sub-folder-per-class. `classes` fixes the class order (e.g. a validation folder's)."""
+    files, skipped = _scan_class_folders(root)
+    if classes is None:
+        classes = sorted(files)
+    else:
+        unknown = sorted(set(files) - set(classes))
+        if unknown:
+            raise DataError(
+                f"{root}: class folder(s) not in the training classes: {', '.join(unknown)}. "
+                f"Known classes: {', '.join(classes)}."
+            )
+    index = {name: i for i, name in enumerate(classes)}
+    paths = [p for name in sorted(files) for p in files[name]]
+    labels = [index[name] for name in sorted(files) for _ in files[name]]
+    if check:
+        paths, labels, bad = _check_files(paths, labels, root.name)
+        skipped += bad
+    return Catalog(paths, labels, list(classes), skipped)
+
+
+def _resolve_csv_file(root: Path, name: str) -> Path | None:
+    """The file a CSV row names: relative to the data folder, trying image extensions when it has none."""
+    candidate = root / name
+    if candidate.is_file():
+        return candidate
+    if not Path(name).suffix:
+        for ext in (".jpg", ".png", ".jpeg", ".tif", ".bmp", ".webp"):
+            if candidate.with_suffix(ext).is_file():
+                return candidate.with_suffix(ext)
+    return None
+
+
+def catalog_from_csv(root: Path, labels_csv: Path, check: bool = True) -> Catalog:
+    """Read a Kaggle-style labels CSV: first column the file (relative to `root`), second the label."""
+    if not labels_csv.is_file():
+        raise DataError(f"{labels_csv}: labels file not found. Pass --labels PATH/TO/labels.csv.")
+    with labels_csv.open(newline="", encoding="utf-8-sig") as handle:
+        rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
+    if rows and rows[0] and rows[0][0].strip().lower() in ("filename", "file", "id", "image", "image_id", "path"):
+        rows = rows[1:]
+    if not rows:
+        raise DataError(f"{labels_csv}: no rows. Expected 'filename,label' lines.")
+    short = [i + 2 for i, row in enumerate(rows) if len(row) < 2 or not row[1].strip()]
+    if short:
+        raise DataError(f"{labels_csv}: rows without a label (lines {short[:5]}). Expected 'filename,label'.")
+    resolved = [(_resolve_csv_file(root, row[0].strip()), row[0].strip(), row[1].strip()) for row in rows]
+    missing = [name for path, name, _ in resolved if path is None]
+    if missing:
+        raise DataError(
+            f"{labels_csv}: {len(missing)} of {len(rows)} files named in the CSV are missing under {root} "
+            f"(first: {', '.join(missing[:3])}). Fix the paths (relative to the data folder) or remove the rows."
+        )
+    classes = sorted({label for _, _, label in resolved})
+    index = {name: i for i, name in enumerate(classes)}
+    paths = [path for path, _, _ in resolved]
+    labels = [index[label] for _, _, label in resolved]
+    skipped: list[Skipped] = []
+    if check:
+        paths, labels, skipped = _check_files(paths, labels, labels_csv.name)
+    return Catalog(paths, labels, classes, skipped)
+
+
+def discover(root: str | Path, labels: str | Path | None = None, check: bool = True) -> Source:
+    """Find the layout of `root` and catalog it, raising :class:`DataError` for unusable data."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"{root}: no such folder. Check the path.")
+    if not root.is_dir():
+        raise DataError(f"{root}: is a file, not a folder. Pass the folder that holds the images.")
+    if labels is not None:
+        train = catalog_from_csv(root, Path(labels).expanduser(), check)
+        _require_trainable(train, root)
+        return Source(root, "csv", train, None)
+    valid_dir = _find_valid_dir(root)
+    if (root / "train").is_dir() and valid_dir is not None:
+        train = catalog_from_folders(root / "train", check=check)
+        _require_trainable(train, root / "train")
+        valid = catalog_from_folders(valid_dir, classes=train.classes, check=check)
+        if len(valid) == 0:
+            raise DataError(f"{valid_dir}: no usable validation images. Add images or remove the folder.")
+        return Source(root, "split", train, valid)
+    train = catalog_from_folders(root, check=check)
+    _require_trainable(train, root)
+    return Source(root, "folders", train, None)

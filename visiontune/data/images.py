@@ -1,0 +1,98 @@
+"""The one place that opens image files.
+
+Real-world folders hold CMYK JPEGs, palette PNGs with transparency, 16-bit TIFFs, rotated phone photos,
+truncated downloads and the odd text file named `.jpg`. Every reader in visiontune goes through
+:func:`load_rgb` so all of them agree on what an image is, and every failure carries the file and a
+reason the user can act on. Pillow's decompression-bomb guard stays on: an image over
+``Image.MAX_IMAGE_PIXELS`` is refused here, never decoded.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: File endings treated as images when a folder is scanned (lower case, with the dot).
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
+)
+
+
+class ImageError(Exception):
+    """An image that cannot be used, with the file and a reason a user can act on."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+def is_image_name(path: str | Path) -> bool:
+    """True when the file name looks like an image (by extension, case-insensitive)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """Open an image with the bomb guard on; every failure inside becomes an :class:`ImageError`."""
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(path, "empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                yield img
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(path, f"too many pixels (decompression-bomb guard): {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError(path, "not a readable image (unknown or corrupt format)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(path, f"corrupt or truncated image: {exc}") from None
+
+
+def probe(path: str | Path) -> tuple[int, int]:
+    """Read only the header: (width, height). Cheap; catches empty, non-image and bomb files early.
+
+    Raises:
+        ImageError: with the reason, for a file that cannot be an image we can use.
+    """
+    with _opened(Path(path)) as img:
+        return img.size
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited on white, 16-bit is rescaled."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        arr8 = ((arr - lo) * scale).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(arr8).convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode a file fully into an upright 8-bit RGB image.
+
+    Applies EXIF orientation (phone photos), converts every mode to RGB, and turns every decoding
+    failure into :class:`ImageError` so callers can count and skip it instead of dying mid-run.
+    """
+    with _opened(Path(path)) as img:
+        img.load()
+        upright = ImageOps.exif_transpose(img)
+        return _to_rgb(upright).copy()
