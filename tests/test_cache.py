@@ -9,7 +9,7 @@ import pytest
 
 from visiontune.backbones.registry import create_backbone
 from visiontune.cache import features as features_module
-from visiontune.cache.features import feature_key, pooled_features
+from visiontune.cache.features import feature_key, cached_activations
 from visiontune.cache.store import FeatureStore, cache_info, clear_cache, content_hash
 
 
@@ -37,7 +37,7 @@ def backbone():
 
 def test_features_are_reused_and_recomputed_only_for_changed_files(class_folders, tmp_path, backbone, monkeypatch):
     paths = sorted(class_folders.rglob("*.png"))[:10]
-    kept, first, skipped = pooled_features(backbone, paths, tmp_path)
+    kept, first, skipped = cached_activations(backbone, paths, tmp_path)
     assert first.shape == (10, backbone.feature_dim) and not skipped and list(kept) == list(range(10))
 
     computed: list[int] = []
@@ -48,17 +48,17 @@ def test_features_are_reused_and_recomputed_only_for_changed_files(class_folders
         return real(forward, chunk_paths, *args, **kwargs)
 
     monkeypatch.setattr(features_module, "collect_outputs", counting)
-    _, second, _ = pooled_features(backbone, paths, tmp_path)
+    _, second, _ = cached_activations(backbone, paths, tmp_path)
     assert computed == [] and np.array_equal(first, second)
 
     paths[2].write_bytes((class_folders / "green" / "green_011.png").read_bytes())  # new content
-    _, third, _ = pooled_features(backbone, paths, tmp_path)
+    _, third, _ = cached_activations(backbone, paths, tmp_path)
     assert computed == [] or computed == [1]
-    np.testing.assert_allclose(third[2], pooled_features(backbone, [class_folders / "green" / "green_011.png"], tmp_path)[1][0])
+    np.testing.assert_allclose(third[2], cached_activations(backbone, [class_folders / "green" / "green_011.png"], tmp_path)[1][0])
 
     other = create_backbone(num_classes=3, img_size=72)
     assert feature_key(other) != feature_key(backbone)
-    pooled_features(other, paths[:3], tmp_path)
+    cached_activations(other, paths[:3], tmp_path)
     assert computed[-1] == 3  # a changed setting never reuses stale features
 
 
@@ -76,7 +76,7 @@ def test_interrupted_caching_resumes_from_finished_shards(class_folders, tmp_pat
 
     monkeypatch.setattr(features_module, "collect_outputs", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
-        pooled_features(backbone, paths, tmp_path)
+        cached_activations(backbone, paths, tmp_path)
     store = FeatureStore(tmp_path, feature_key(backbone))
     assert len(store.missing([content_hash(p) for p in paths])) == len(paths) - 16
 
@@ -87,7 +87,7 @@ def test_interrupted_caching_resumes_from_finished_shards(class_folders, tmp_pat
         return real(forward, chunk_paths, *args, **kwargs)
 
     monkeypatch.setattr(features_module, "collect_outputs", counting)
-    kept, rows, _ = pooled_features(backbone, paths, tmp_path)
+    kept, rows, _ = cached_activations(backbone, paths, tmp_path)
     assert sum(sizes) == len(paths) - 16 and len(kept) == len(paths)
 
 
@@ -95,7 +95,7 @@ def test_undecodable_files_are_skipped_not_cached(class_folders, tmp_path, backb
     paths = sorted(class_folders.rglob("*.png"))[:4]
     truncated = paths[1]
     truncated.write_bytes(truncated.read_bytes()[:200])
-    kept, rows, skipped = pooled_features(backbone, paths, tmp_path)
+    kept, rows, skipped = cached_activations(backbone, paths, tmp_path)
     assert list(kept) == [0, 2, 3] and rows.shape[0] == 3
     assert [Path(s.path) for s in skipped] == [truncated]
 

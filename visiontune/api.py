@@ -16,8 +16,9 @@ from statistics import median
 import numpy as np
 import torch
 
+from visiontune.backbones.cuts import POOLED, Tail
 from visiontune.backbones.registry import DEFAULT_ARCH, create_backbone, resolve_arch
-from visiontune.cache.features import pooled_features
+from visiontune.cache.features import cached_activations
 from visiontune.cache.store import default_cache_root
 from visiontune.classifier import Classifier, Prediction
 from visiontune.data.catalog import Catalog, DataError, Skipped, catalog_from_csv, catalog_from_folders, discover
@@ -26,7 +27,7 @@ from visiontune.data.split import split_catalog
 from visiontune.evaluate.metrics import classification_metrics
 from visiontune.progress import console
 from visiontune.runs import RunDir
-from visiontune.train.loop import finetune, train_head
+from visiontune.train.loop import finetune, predict_cached, train_cached
 from visiontune.train.plan import Plan, make_plan
 
 
@@ -128,9 +129,9 @@ def fit(
 
     cache_root = Path(cache_dir) if cache_dir else default_cache_root()
     skipped: list[Skipped] = list(source.skipped)
-    kept_tr, x_tr, bad = pooled_features(backbone, train_cat.paths, cache_root, plan.batch_size, workers, "train")
+    kept_tr, x_tr, bad = cached_activations(backbone, train_cat.paths, cache_root, batch_size=plan.batch_size, workers=workers, description="train")
     skipped += bad
-    kept_va, x_va, bad = pooled_features(backbone, valid_cat.paths, cache_root, plan.batch_size, workers, "valid")
+    kept_va, x_va, bad = cached_activations(backbone, valid_cat.paths, cache_root, batch_size=plan.batch_size, workers=workers, description="valid")
     skipped += bad
     train_cat, valid_cat = _drop(train_cat, kept_tr), _drop(valid_cat, kept_va)
     run.write_skipped(skipped)
@@ -139,10 +140,8 @@ def fit(
         console.print(f"[yellow]skipped {len(skipped)} unusable files[/] (listed in {run.path / 'skipped.txt'})")
 
     model = backbone.model
-    train_head(
-        model.get_classifier(), x_tr, np.array(train_cat.labels), x_va, np.array(valid_cat.labels), plan,
-        run.log_metrics,
-    )
+    head = Tail(model, POOLED, dropout=plan.head_dropout)
+    train_cached(head, [x_tr], np.array(train_cat.labels), x_va, np.array(valid_cat.labels), plan, run.log_metrics)
     if plan.finetune_epochs > 0:
         finetune(
             model, train_cat, valid_cat, backbone.preprocessing, plan, run.log_metrics, run.checkpoints, skipped,
@@ -154,8 +153,7 @@ def fit(
         kept, probs = classifier.probabilities(valid_cat.paths, plan.batch_size)
         y_valid = np.array(valid_cat.labels)[kept]
     else:
-        with torch.no_grad():
-            probs = model.get_classifier()(torch.from_numpy(x_va)).softmax(-1).numpy()
+        probs = predict_cached(head, x_va).softmax(-1).numpy()
         y_valid = np.array(valid_cat.labels)
     metrics = classification_metrics(y_valid, probs, classes)
     metrics["seconds"] = round(time.perf_counter() - started, 1)

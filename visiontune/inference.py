@@ -32,9 +32,13 @@ def stream_outputs(
     description: str = "running",
     transform: Callable | None = None,
     skipped: list[Skipped] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (indices into `paths`, outputs as float32 numpy) per batch; failed files go to `skipped`."""
-    dataset = ImageFiles(paths, None, transform or eval_transform(preprocessing), preprocessing.input_size)
+    """Yield (indices into `paths`, outputs as float32 numpy) per batch; failed files go to `skipped`.
+
+    `transform` defaults to the deterministic eval preset; `seeds` seed a random one per image.
+    """
+    dataset = ImageFiles(paths, None, transform or eval_transform(preprocessing), preprocessing.input_size, seeds)
     batches = iterate_batches(dataset, batch_size, workers=default_workers() if workers is None else workers)
     with progress_bar() as bar, torch.inference_mode():
         task = bar.add_task(description, total=len(paths))

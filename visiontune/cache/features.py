@@ -1,8 +1,9 @@
-"""Pooled backbone features for a list of images, through the feature store.
+"""Backbone activations for a list of images, through the feature store.
 
-This is fast.ai's `precompute=True` done safely: the frozen backbone runs once per image (per key), the
-head phase then trains on the stored rows in seconds, and a later run with the same backbone, weights
-and preprocessing skips the backbone entirely.
+This is fast.ai's `precompute=True` done safely: the frozen trunk runs once per image (per key), the
+head or tail then trains on the stored rows in seconds, and a later run with the same backbone, weights,
+preprocessing, cut point and view skips the trunk entirely. Unlike fast.ai 0.7, augmentation is not lost:
+``view=v`` stores the v-th seeded augmented version of each image, so the cached phase can see several.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from visiontune.backbones.cuts import POOLED, Trunk
 from visiontune.backbones.registry import Backbone
 from visiontune.cache.store import FeatureStore, content_hash
+from visiontune.data.transforms import train_transform
 from visiontune.data.catalog import Skipped
 from visiontune.inference import collect_outputs
 from visiontune.progress import track
@@ -22,32 +25,50 @@ from visiontune.progress import track
 SHARD_SIZE = 2048
 
 
-def feature_key(backbone: Backbone, cut: str = "pooled", view: str = "eval") -> dict:
+def view_name(view: int | None) -> str:
+    """`eval` for the deterministic view, `aug<v>` for the v-th augmented one."""
+    return "eval" if view is None else f"aug{view}"
+
+
+def feature_key(backbone: Backbone, cut: str = POOLED, view: int | None = None, seed: int = 0) -> dict:
     """Everything that changes what a stored feature row means."""
-    return {
+    key = {
         "arch": backbone.arch,
         "weights": backbone.weights_id,
         "preprocessing": backbone.preprocessing.to_dict(),
         "cut": cut,
-        "view": view,
+        "view": view_name(view),
         "dtype": "float16",
     }
+    if view is not None:
+        key["augmentation"] = {"preset": "views-v1", "seed": seed}
+    return key
 
 
-def pooled_features(
+def _view_seed(digest: str, view: int, seed: int) -> int:
+    """Seed of one image's augmented view: fixed by its content, the view number and the run seed."""
+    return (int(digest[:12], 16) + 7919 * view + 104729 * seed) % (2**62)
+
+
+def cached_activations(
     backbone: Backbone,
     paths: Sequence[Path],
     cache_root: Path,
+    cut: str = POOLED,
+    view: int | None = None,
+    seed: int = 0,
     batch_size: int = 64,
     workers: int | None = None,
     description: str = "features",
 ) -> tuple[np.ndarray, np.ndarray, list[Skipped]]:
-    """(kept positions into `paths`, features float32 [n_kept, D], skipped files).
+    """(kept positions into `paths`, activations float32 [n_kept, ...], skipped files).
 
     Computes only the images no finished shard holds, one shard at a time, so an interrupted run
     resumes where it stopped.
     """
-    store = FeatureStore(cache_root, feature_key(backbone))
+    store = FeatureStore(cache_root, feature_key(backbone, cut, view, seed))
+    trunk = Trunk(backbone.model, cut).eval()
+    transform = None if view is None else train_transform(backbone.preprocessing, scale=(0.5, 1.0))
     skipped: list[Skipped] = []
     hashes: list[str | None] = []
     for path in track(paths, f"hashing {description}"):
@@ -62,18 +83,19 @@ def pooled_features(
         if hashes[i] not in store.index():
             todo_hashes.setdefault(hashes[i], i)
     todo = list(todo_hashes.values())
-    backbone.model.eval()
     for start in range(0, len(todo), SHARD_SIZE):
         chunk = todo[start : start + SHARD_SIZE]
         chunk_skipped: list[Skipped] = []
         done, rows = collect_outputs(
-            backbone.pooled_features,
+            trunk,
             [paths[i] for i in chunk],
             backbone.preprocessing,
             batch_size=batch_size,
             workers=workers,
-            description=f"{description} {start + len(chunk)}/{len(todo)} new",
+            description=f"{description} ({view_name(view)}, {cut}) {start + len(chunk)}/{len(todo)} new",
+            transform=transform,
             skipped=chunk_skipped,
+            seeds=None if view is None else [_view_seed(hashes[i], view, seed) for i in chunk],
         )
         skipped.extend(chunk_skipped)
         if len(done):

@@ -94,7 +94,7 @@ class FeatureStore:
             index.setdefault(digest, (shard, row))
 
     def get(self, hashes: list[str]) -> np.ndarray:
-        """Rows for `hashes` as float32, read from memory-mapped shards (all must be present)."""
+        """Rows (vectors or activation maps) for `hashes` as float32, from memory-mapped shards."""
         index = self.index()
         shards: dict[int, np.ndarray] = {}
         out = None
@@ -103,7 +103,7 @@ class FeatureStore:
             if shard not in shards:
                 shards[shard] = np.load(self.dir / f"shard-{shard}.npy", mmap_mode="r")
             if out is None:
-                out = np.empty((len(hashes), shards[shard].shape[1]), dtype=np.float32)
+                out = np.empty((len(hashes), *shards[shard].shape[1:]), dtype=np.float32)
             out[i] = shards[shard][row]
         return out if out is not None else np.empty((0, 0), dtype=np.float32)
 

@@ -30,19 +30,33 @@ class Batch:
 
 
 class ImageFiles(Dataset):
-    """Image files with optional labels, decoded through :func:`load_rgb` and `transform`."""
+    """Image files with optional labels, decoded through :func:`load_rgb` and `transform`.
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int] | None, transform: Callable, size: int):
+    With `seeds`, the random transform of item i is seeded by seeds[i]: an augmented view is then the
+    same whichever worker or run produces it, which is what makes cached augmented views reproducible.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int] | None,
+        transform: Callable,
+        size: int,
+        seeds: Sequence[int] | None = None,
+    ):
         self.paths = list(paths)
         self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
         self.transform = transform
         self.size = size
+        self.seeds = list(seeds) if seeds is not None else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, str | None]:
         try:
+            if self.seeds is not None:
+                torch.manual_seed(self.seeds[index])
             image = self.transform(load_rgb(self.paths[index]))
             return image, self.labels[index], index, None
         except ImageError as err:

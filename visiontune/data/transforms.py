@@ -80,15 +80,16 @@ def eval_transform(pre: Preprocessing) -> T.Compose:
     )
 
 
-def train_transform(pre: Preprocessing) -> T.Compose:
-    """Light augmentation for fine-tuning on images: random resized crop and horizontal flip.
+def train_transform(pre: Preprocessing, scale: tuple[float, float] = (0.35, 1.0)) -> T.Compose:
+    """Light augmentation: random resized crop (area fraction in `scale`) and horizontal flip.
 
-    The full augmentation presets (issue C) extend this; the head-only phase trains on cached features.
+    Used for fine-tuning on images and, with a milder `scale`, for cached augmented views.
+    The full augmentation presets (issue C) extend this.
     """
     interp = _INTERPOLATION.get(pre.interpolation, InterpolationMode.BICUBIC)
     return T.Compose(
         [
-            T.RandomResizedCrop(pre.input_size, scale=(0.35, 1.0), interpolation=interp, antialias=True),
+            T.RandomResizedCrop(pre.input_size, scale=scale, interpolation=interp, antialias=True),
             T.RandomHorizontalFlip(),
         ]
         + _to_normalised_tensor(pre)
