@@ -1,32 +1,101 @@
-"""train/plan.py: the seed rules by dataset size, the image-size rule and overrides."""
+"""train/plan.py: seed rules by dataset size, the ImageNet-distance rule, image size, budget arithmetic."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from visiontune.train.plan import Plan, make_plan
+from visiontune.train.plan import (
+    FIXED_OVERHEAD_S,
+    Candidate,
+    Plan,
+    candidates,
+    choose_for_budget,
+    make_plan,
+    parse_duration,
+    predict_seconds,
+)
+from visiontune.train.profile import DataProfile, SpeedProfile
+
+CUTS = ["pooled", "blocks.6", "blocks.5", "blocks.4"]
+
+
+def profile(n=500, gray=0.0, entropy=0.2, side=300, n_valid=100) -> DataProfile:
+    return DataProfile(n, n_valid, 10, side, gray, entropy)
 
 
 @pytest.mark.parametrize(
-    "n,recipe,finetune,groups",
-    [(500, "head", 0, 0), (9_999, "head", 0, 0), (10_000, "last-blocks", 2, 2), (25_000, "full", 3, -1)],
+    "n,recipe,cut,finetune",
+    [(500, "head", "pooled", 0), (9_999, "head", "pooled", 0), (10_000, "last-blocks", "blocks.5", 0),
+     (25_000, "full", "pooled", 3)],
 )
-def test_recipe_follows_dataset_size(n, recipe, finetune, groups):
-    plan = make_plan(n, 10, native_size=224)
-    assert (plan.recipe, plan.finetune_epochs, plan.unfreeze_groups) == (recipe, finetune, groups)
+def test_recipe_follows_dataset_size(n, recipe, cut, finetune):
+    plan = make_plan(profile(n), 224, CUTS)
+    assert (plan.recipe, plan.cut, plan.finetune_epochs) == (recipe, cut, finetune)
     assert plan.why["recipe"]
 
 
+@pytest.mark.parametrize("gray,entropy", [(1.0, 0.1), (0.0, 0.8)])
+def test_data_far_from_imagenet_retrains_the_last_block(gray, entropy):
+    plan = make_plan(profile(gray=gray, entropy=entropy), 224, CUTS)
+    assert plan.recipe == "last-blocks" and plan.cut == "blocks.6" and "far from ImageNet" in plan.why["cut"]
+    assert make_plan(profile(gray=gray, entropy=entropy), 224, ["pooled"]).cut == "pooled"  # no block cuts
+
+
 def test_small_source_images_get_a_smaller_input():
-    assert make_plan(100, 2, 224, median_side=28).img_size == 112
-    assert make_plan(100, 2, 224, median_side=500).img_size == 224
+    assert make_plan(profile(side=28), 224, CUTS).img_size == 112
+    assert make_plan(profile(side=500), 224, CUTS).img_size == 224
+
+
+def test_tiny_data_gets_smaller_batches():
+    assert make_plan(profile(n=30), 224, CUTS).batch_size == 8
+    assert make_plan(profile(n=2000), 224, CUTS).batch_size == 64
 
 
 def test_overrides_win_and_are_marked(tmp_path):
-    plan = make_plan(100, 2, 224, overrides={"head_epochs": 3, "img_size": 96, "finetune_epochs": 2, "lr": None})
-    assert plan.head_epochs == 3 and plan.img_size == 96 and plan.why["img_size"] == "set by you"
+    plan = make_plan(profile(), 224, CUTS, overrides={"epochs": 3, "img_size": 96, "finetune_epochs": 2, "lr": None})
+    assert plan.epochs == 3 and plan.img_size == 96 and plan.why["img_size"] == "set by you"
     assert plan.finetune_epochs == 2 and plan.recipe == "full" and plan.unfreeze_groups == -1
     plan.save(tmp_path / "plan.json")
-    assert Plan.from_dict(__import__("json").loads((tmp_path / "plan.json").read_text())) == plan
+    assert Plan.from_dict(json.loads((tmp_path / "plan.json").read_text())) == plan
     with pytest.raises(ValueError, match="unknown plan setting"):
-        make_plan(100, 2, 224, overrides={"nonsense": 1})
+        make_plan(profile(), 224, CUTS, overrides={"nonsense": 1})
+    with pytest.raises(ValueError, match="unknown cut"):
+        make_plan(profile(), 224, CUTS, overrides={"cut": "blocks.99"})
+
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("5m", 300), ("1.5h", 5400), ("120", 120), (45, 45)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+    with pytest.raises(ValueError):
+        parse_duration("soon")
+
+
+SPEED = SpeedProfile(
+    decode=0.001,
+    trunk={"pooled": 0.004, "blocks.6": 0.0038, "blocks.5": 0.0035},
+    tail_train={"pooled": 0.00001, "blocks.6": 0.0006, "blocks.5": 0.002},
+    tail_eval={"pooled": 0.000005, "blocks.6": 0.0002, "blocks.5": 0.0007},
+)
+
+
+def test_predicted_seconds_is_trunk_over_views_plus_tail_epochs():
+    data = profile(n=2000, n_valid=2000)
+    c = Candidate("blocks.6", 2, 12)
+    expected = FIXED_OVERHEAD_S + (2000 * 3 + 2000) * (0.001 + 0.0038) + 12 * (2000 * 0.0006 + 2000 * 0.0002)
+    assert predict_seconds(c, data, SPEED) == pytest.approx(expected)
+
+
+def test_budget_picks_the_most_thorough_recipe_that_fits():
+    data = profile(n=2000, n_valid=2000)
+    costs = [predict_seconds(c, data, SPEED) for c in candidates(CUTS)]
+    assert costs[0] < costs[1] < costs[2]  # ordered cheap -> thorough for these speeds
+    for i, cost in enumerate(costs):
+        chosen, seconds, _ = choose_for_budget(cost + 0.01, data, SPEED, CUTS)
+        assert predict_seconds(chosen, data, SPEED) <= cost + 0.01
+        assert seconds == pytest.approx(max(s for s in costs if s <= cost + 0.01))
+    chosen, seconds, why = choose_for_budget(costs[0] - 0.5, data, SPEED, CUTS)
+    assert chosen.cut == "pooled" and chosen.epochs < 30 and "below every full recipe" in why
+    plan = make_plan(data, 224, CUTS, budget_s=costs[1] + 1, speed=SPEED)
+    assert (plan.cut, plan.views) == ("blocks.6", 0) and plan.predicted_s == pytest.approx(costs[1], abs=0.1)

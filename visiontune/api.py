@@ -6,29 +6,38 @@ head -> (fine-tune) -> evaluate -> save. Each step lives in its own module; this
 
 from __future__ import annotations
 
+import json
 import platform
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from statistics import median
 
 import numpy as np
 import torch
 
-from visiontune.backbones.cuts import POOLED, Tail
-from visiontune.backbones.registry import DEFAULT_ARCH, create_backbone, resolve_arch
+from visiontune.backbones.cuts import Tail, cut_points
+from visiontune.backbones.registry import DEFAULT_ARCH, Backbone, create_backbone, resolve_arch
 from visiontune.cache.features import cached_activations
 from visiontune.cache.store import default_cache_root
 from visiontune.classifier import Classifier, Prediction
-from visiontune.data.catalog import Catalog, DataError, Skipped, catalog_from_csv, catalog_from_folders, discover
-from visiontune.data.images import probe
+from visiontune.data.catalog import (
+    Catalog,
+    DataError,
+    Skipped,
+    Source,
+    catalog_from_csv,
+    catalog_from_folders,
+    discover,
+)
 from visiontune.data.split import split_catalog
 from visiontune.evaluate.metrics import classification_metrics
 from visiontune.progress import console
 from visiontune.runs import RunDir
 from visiontune.train.loop import finetune, predict_cached, train_cached
-from visiontune.train.plan import Plan, make_plan
+from visiontune.train.plan import Plan, choose_img_size, make_plan, parse_duration
+from visiontune.train.profile import DataProfile, SpeedProfile, profile_data, profile_speed
 
 
 def seed_everything(seed: int) -> None:
@@ -39,19 +48,75 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _median_side(catalog: Catalog, sample: int = 64) -> int | None:
-    """Median shorter side of a few images (from headers only), for the plan's image-size rule."""
-    sides = []
-    for path in catalog.paths[:: max(1, len(catalog) // sample)][:sample]:
-        try:
-            sides.append(min(probe(path)))
-        except Exception:
-            continue
-    return int(median(sides)) if sides else None
-
-
 def _drop(catalog: Catalog, kept: np.ndarray) -> Catalog:
     return catalog.subset([int(i) for i in kept])
+
+
+@dataclass
+class Prepared:
+    """Everything decided before training: data, split, backbone, measured profiles and the plan."""
+
+    source: Source
+    train: Catalog
+    valid: Catalog
+    backbone: Backbone
+    data_profile: DataProfile
+    speed: SpeedProfile | None
+    plan: Plan
+    overrides: dict
+
+
+def prepare(
+    data: str | Path,
+    arch: str = DEFAULT_ARCH,
+    weights: str = "default",
+    labels: str | Path | None = None,
+    seed: int = 0,
+    budget: str | float | None = None,
+    **overrides,
+) -> Prepared:
+    """Catalog and split the data, load the backbone, measure the data (and speed) and choose the plan."""
+    seed_everything(seed)
+    arch = resolve_arch(arch)  # a typo in the name fails before any folder is scanned
+    source = discover(data, labels=labels)
+    if source.valid is None:
+        fraction = overrides.get("valid_fraction") or 0.2
+        train_cat, valid_cat = split_catalog(source.train, fraction, seed)
+        if len(valid_cat) == 0:
+            raise DataError(f"{data}: too few images to hold any out for validation; add images per class.")
+    else:
+        train_cat, valid_cat = source.train, source.valid
+    backbone = create_backbone(arch, weights, num_classes=len(source.classes))
+    native = backbone.preprocessing.input_size
+    data_profile = profile_data(backbone, train_cat, len(valid_cat))
+    size = overrides.get("img_size") or choose_img_size(data_profile, native)[0]
+    backbone.preprocessing = backbone.preprocessing.with_size(size)
+    budget_s = parse_duration(budget)
+    cuts = cut_points(backbone.model)
+    speed = profile_speed(backbone, train_cat, cuts[:3]) if budget_s is not None else None
+    overrides = {**overrides, "seed": seed}
+    plan = make_plan(data_profile, native, cuts, overrides, budget_s, speed)
+    return Prepared(source, train_cat, valid_cat, backbone, data_profile, speed, plan, overrides)
+
+
+def _cached_inputs(prep: Prepared, cache_root: Path, workers: int) -> tuple[list[np.ndarray], np.ndarray, list[Skipped]]:
+    """Trunk activations at the plan's cut: train views (plain + augmented) and valid; drops failed files."""
+    plan, backbone = prep.plan, prep.backbone
+    common = {"cut": plan.cut, "seed": plan.seed, "batch_size": plan.batch_size, "workers": workers,
+              "precision": plan.precision}
+    skipped: list[Skipped] = []
+    kept_va, x_va, bad = cached_activations(backbone, prep.valid.paths, cache_root, description="valid", **common)
+    skipped += bad
+    views = []
+    kept_tr = None
+    for view in [None, *range(plan.views)]:
+        kept, x, bad = cached_activations(backbone, prep.train.paths, cache_root, view=view, description="train", **common)
+        if view is None:
+            skipped += bad
+            kept_tr = kept
+        views.append(x[np.isin(kept, kept_tr)])
+    prep.train, prep.valid = _drop(prep.train, kept_tr), _drop(prep.valid, kept_va)
+    return views, x_va, skipped
 
 
 def fit(
@@ -66,6 +131,10 @@ def fit(
     valid_fraction: float | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
+    cut: str | None = None,
+    views: int | None = None,
+    precision: str | None = None,
+    budget: str | float | None = None,
     seed: int = 0,
     cache_dir: str | Path | None = None,
     workers: int = 1,
@@ -73,37 +142,16 @@ def fit(
 ) -> Classifier:
     """Train a classifier on a folder of labelled images and save it as a run; returns the classifier.
 
-    `epochs` is the number of head epochs (on cached features), `unfreeze` the number of fine-tuning
-    epochs on images afterwards; None lets the plan decide from the data.
+    `epochs` counts epochs on cached activations (head, or last blocks + head with `cut`), `unfreeze`
+    fine-tuning epochs on images afterwards, `budget` ("90s", "5m") a wall-clock target the plan fits;
+    None lets the plan decide from the data.
     """
     started = time.perf_counter()
-    seed_everything(seed)
-    arch = resolve_arch(arch)  # a typo in the name fails before any folder is scanned
-    source = discover(data, labels=labels)
-    if source.valid is None:
-        fraction = 0.2 if valid_fraction is None else valid_fraction
-        train_cat, valid_cat = split_catalog(source.train, fraction, seed)
-        if len(valid_cat) == 0:
-            raise DataError(f"{data}: too few images to hold any out for validation; add images per class.")
-    else:
-        train_cat, valid_cat = source.train, source.valid
-    classes = source.classes
-
-    overrides = {
-        "head_epochs": epochs,
-        "finetune_epochs": unfreeze,
-        "img_size": img_size,
-        "valid_fraction": valid_fraction,
-        "batch_size": batch_size,
-        "head_lr": lr,
-        "seed": seed,
-    }
-    backbone = create_backbone(arch, weights, num_classes=len(classes), img_size=None)
-    plan = make_plan(
-        len(train_cat), len(classes), backbone.preprocessing.input_size, _median_side(train_cat), overrides
+    prep = prepare(
+        data, arch, weights, labels, seed, budget, epochs=epochs, finetune_epochs=unfreeze, img_size=img_size,
+        valid_fraction=valid_fraction, batch_size=batch_size, lr=lr, cut=cut, views=views, precision=precision,
     )
-    backbone.preprocessing = backbone.preprocessing.with_size(plan.img_size)
-
+    plan, backbone, classes = prep.plan, prep.backbone, prep.source.classes
     run = RunDir.create(out, Path(data).resolve().name or "data", Path(runs_root))
     run.write_config(
         {
@@ -113,50 +161,53 @@ def fit(
             "weights": backbone.weights,
             "weights_id": backbone.weights_id,
             "seed": seed,
-            "overrides": {k: v for k, v in overrides.items() if v is not None},
+            "budget": budget,
+            "overrides": {k: v for k, v in prep.overrides.items() if v is not None},
             "cache_dir": str(cache_dir) if cache_dir else None,
+            "workers": workers,
             "visiontune": __import__("visiontune").__version__,
             "torch": str(torch.__version__),
             "python": platform.python_version(),
         }
     )
     plan.save(run.path / "plan.json")
+    (run.path / "profile.json").write_text(
+        json.dumps({"data": prep.data_profile.to_dict(), "speed": prep.speed.to_dict() if prep.speed else None}, indent=2)
+    )
     console.print(
-        f"[bold]{source.layout}[/] layout: {len(train_cat)} train / {len(valid_cat)} valid images, "
+        f"[bold]{prep.source.layout}[/] layout: {len(prep.train)} train / {len(prep.valid)} valid images, "
         f"{len(classes)} classes; backbone {backbone.arch} ({backbone.weights})"
     )
     console.print(plan.table())
 
     cache_root = Path(cache_dir) if cache_dir else default_cache_root()
-    skipped: list[Skipped] = list(source.skipped)
-    kept_tr, x_tr, bad = cached_activations(backbone, train_cat.paths, cache_root, batch_size=plan.batch_size, workers=workers, description="train")
-    skipped += bad
-    kept_va, x_va, bad = cached_activations(backbone, valid_cat.paths, cache_root, batch_size=plan.batch_size, workers=workers, description="valid")
-    skipped += bad
-    train_cat, valid_cat = _drop(train_cat, kept_tr), _drop(valid_cat, kept_va)
+    train_views, x_va, skipped = _cached_inputs(prep, cache_root, workers)
+    skipped = list(prep.source.skipped) + skipped
     run.write_skipped(skipped)
-    run.write_split({"train": train_cat.paths, "valid": valid_cat.paths})
+    run.write_split({"train": prep.train.paths, "valid": prep.valid.paths})
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} unusable files[/] (listed in {run.path / 'skipped.txt'})")
 
     model = backbone.model
-    head = Tail(model, POOLED, dropout=plan.head_dropout)
-    train_cached(head, [x_tr], np.array(train_cat.labels), x_va, np.array(valid_cat.labels), plan, run.log_metrics)
+    y_train, y_valid = np.array(prep.train.labels), np.array(prep.valid.labels)
+    tail = Tail(model, plan.cut, dropout=plan.head_dropout)
+    train_cached(tail, train_views, y_train, x_va, y_valid, plan, run.log_metrics, phase=f"cached:{plan.cut}")
+    classifier = Classifier(model.eval(), backbone.arch, classes, backbone.preprocessing, run_dir=run.path)
     if plan.finetune_epochs > 0:
         finetune(
-            model, train_cat, valid_cat, backbone.preprocessing, plan, run.log_metrics, run.checkpoints, skipped,
+            model, prep.train, prep.valid, backbone.preprocessing, plan, run.log_metrics, run.checkpoints, skipped,
             workers,
         )
         run.write_skipped(skipped)
-    classifier = Classifier(model.eval(), backbone.arch, classes, backbone.preprocessing, run_dir=run.path)
-    if plan.finetune_epochs > 0:
-        kept, probs = classifier.probabilities(valid_cat.paths, plan.batch_size)
-        y_valid = np.array(valid_cat.labels)[kept]
+        kept, probs = classifier.probabilities(prep.valid.paths, plan.batch_size)
+        y_valid = y_valid[kept]
     else:
-        probs = predict_cached(head, x_va).softmax(-1).numpy()
-        y_valid = np.array(valid_cat.labels)
+        probs = predict_cached(tail, x_va).softmax(-1).numpy()
     metrics = classification_metrics(y_valid, probs, classes)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
+    if plan.predicted_s is not None:
+        metrics["predicted_seconds"] = plan.predicted_s
+        console.print(f"time: predicted {plan.predicted_s:.1f}s, actual {metrics['seconds']:.1f}s (budget {plan.budget_s:.0f}s)")
     run.log_metrics({"phase": "final", **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}})
     classifier.metrics = {k: v for k, v in metrics.items() if k != "confusion_matrix"}
     classifier.extra = {"weights": backbone.weights, "trained_on": str(Path(data).resolve())}

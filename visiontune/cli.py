@@ -18,7 +18,7 @@ from visiontune.data.images import is_image_name
 from visiontune.progress import console
 from visiontune.runs import RunExistsError
 
-USER_ERRORS = (DataError, WeightsError, ArtifactError, RunExistsError, FileNotFoundError)
+USER_ERRORS = (DataError, WeightsError, ArtifactError, RunExistsError, FileNotFoundError, ValueError)
 
 
 def _metrics_tables(metrics: dict, classes: list[str]) -> list[Table]:
@@ -63,6 +63,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         valid_fraction=args.valid,
         batch_size=args.batch_size,
         lr=args.lr,
+        cut=args.cut,
+        views=args.views,
+        precision=args.precision,
+        budget=args.budget,
         seed=args.seed,
         cache_dir=args.cache_dir,
         workers=args.workers,
@@ -72,6 +76,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     console.print(f"[bold green]validation accuracy {clf.metrics['accuracy']:.4f}[/] in {clf.metrics['seconds']} s")
     console.print(f"run: {clf.run_dir}   classifier: {clf.run_dir / 'classifier'}")
     console.print(f"metrics per epoch: {clf.run_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from visiontune.api import prepare
+
+    prep = prepare(args.data, args.arch, args.weights, args.labels, args.seed, args.budget)
+    profile = prep.data_profile
+    console.print(
+        f"{profile.n_train} train / {profile.n_valid} valid images, {profile.n_classes} classes, median side "
+        f"{profile.median_side}px, grayscale {profile.grayscale:.0%}, ImageNet-head entropy {profile.imagenet_entropy}"
+    )
+    Console().print(prep.plan.table())
     return 0
 
 
@@ -196,10 +213,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--valid", type=float, help="validation fraction when DATA is not split (default 0.2)")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float, help="head learning rate (default: plan)")
+    train.add_argument("--cut", help="cached trunk ends here: pooled | blocks.K (default: plan)")
+    train.add_argument("--views", type=int, help="augmented cached views per training image (default: plan)")
+    train.add_argument("--precision", choices=["fp32", "bf16"], help="trunk precision when caching (default: plan)")
+    train.add_argument("--budget", help="wall-clock target, e.g. 90s or 5m: the plan picks what fits")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--cache-dir", help="feature cache (default: $VISIONTUNE_CACHE or ~/.cache/visiontune)")
     train.add_argument("--workers", type=int, default=1, help="image-decoding processes")
     train.set_defaults(func=cmd_train)
+
+    plan = sub.add_parser("plan", help="print the plan for a data folder without training")
+    plan.add_argument("data")
+    plan.add_argument("--labels")
+    plan.add_argument("--arch", default="tf_efficientnet_lite0")
+    plan.add_argument("--weights", default="default")
+    plan.add_argument("--budget", help="also time a few batches and fit this wall-clock budget")
+    plan.add_argument("--seed", type=int, default=0)
+    plan.set_defaults(func=cmd_plan)
 
     predict = sub.add_parser("predict", help="top-k classes for images or folders")
     predict.add_argument("classifier", help="run folder or classifier folder")

@@ -122,11 +122,13 @@ def lukemelas_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[
     return renamed
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    """Load `state` into `model`; the classifier may differ (new classes). Returns keys left at init.
+def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Load `state` into `model`; the classifier may differ (new classes).
 
     Everything but the classifier must match by name and shape, otherwise the file belongs to another
-    architecture and we stop rather than train on half-random weights.
+    architecture and we stop rather than train on half-random weights. Returns the file's own classifier
+    tensors (e.g. the ImageNet head) keyed `weight`/`bias`, which the plan uses to tell how far the data
+    is from what the backbone was trained on.
     """
     if any(key.startswith("_blocks.") for key in state):
         state = lukemelas_to_timm(state, model)
@@ -139,15 +141,14 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
         elif not key.startswith(classifier_prefix):
             reason = "unknown name" if key not in own else f"shape {tuple(tensor.shape)} vs {tuple(own[key].shape)}"
             raise WeightsError(f"weights do not fit this architecture: {key} ({reason})")
-    missing = [k for k in own if k not in usable]
-    if any(not k.startswith(classifier_prefix) for k in missing):
-        body_missing = [k for k in missing if not k.startswith(classifier_prefix)]
+    body_missing = [k for k in own if k not in usable and not k.startswith(classifier_prefix)]
+    if body_missing:
         raise WeightsError(
             f"weights do not fit this architecture: {len(body_missing)} tensors missing "
             f"(first: {', '.join(body_missing[:3])})"
         )
     model.load_state_dict(usable, strict=False)
-    return missing
+    return {k[len(classifier_prefix) :]: v for k, v in state.items() if k.startswith(classifier_prefix)}
 
 
 def load_from_hub(timm_name: str, num_classes: int) -> nn.Module:

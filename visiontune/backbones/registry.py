@@ -45,6 +45,7 @@ class Backbone:
     weights: str  # human-readable source
     weights_id: str  # content identity, for cache keys
     preprocessing: Preprocessing
+    source_head: nn.Linear | None = None  # the weights file's own classifier (ImageNet), when it had one
 
     @property
     def feature_dim(self) -> int:
@@ -89,6 +90,7 @@ def create_backbone(
         model = load_from_hub(arch, num_classes)
         return Backbone(model, arch, "hub", f"hub:{arch}", _preprocessing(model, img_size))
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    model = model.to(memory_format=torch.channels_last)  # ~1.7x faster convolutions on CPU
     if source == "none":
         warnings.warn(f"{arch}: random initialisation (--weights none); expect far lower accuracy.", stacklevel=2)
         return Backbone(model, arch, "none", "none", _preprocessing(model, img_size))
@@ -104,5 +106,20 @@ def create_backbone(
     else:
         path = Path(source).expanduser()
         label = f"file:{path}"
-    load_into(model, read_state_dict(path))
-    return Backbone(model, arch, label, file_digest(path), _preprocessing(model, img_size))
+    source_state = load_into(model, read_state_dict(path))
+    return Backbone(
+        model, arch, label, file_digest(path), _preprocessing(model, img_size), _linear(source_state)
+    )
+
+
+def _linear(state: dict[str, torch.Tensor]) -> nn.Linear | None:
+    """A frozen Linear layer from a classifier's `weight`/`bias` tensors, if they form one."""
+    weight, bias = state.get("weight"), state.get("bias")
+    if weight is None or weight.dim() != 2:
+        return None
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer.requires_grad_(False).eval()

@@ -30,9 +30,12 @@ def view_name(view: int | None) -> str:
     return "eval" if view is None else f"aug{view}"
 
 
-def feature_key(backbone: Backbone, cut: str = POOLED, view: int | None = None, seed: int = 0) -> dict:
+def feature_key(
+    backbone: Backbone, cut: str = POOLED, view: int | None = None, seed: int = 0, precision: str = "fp32"
+) -> dict:
     """Everything that changes what a stored feature row means."""
     key = {
+        "precision": precision,
         "arch": backbone.arch,
         "weights": backbone.weights_id,
         "preprocessing": backbone.preprocessing.to_dict(),
@@ -60,13 +63,14 @@ def cached_activations(
     batch_size: int = 64,
     workers: int | None = None,
     description: str = "features",
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, np.ndarray, list[Skipped]]:
     """(kept positions into `paths`, activations float32 [n_kept, ...], skipped files).
 
     Computes only the images no finished shard holds, one shard at a time, so an interrupted run
     resumes where it stopped.
     """
-    store = FeatureStore(cache_root, feature_key(backbone, cut, view, seed))
+    store = FeatureStore(cache_root, feature_key(backbone, cut, view, seed, precision))
     trunk = Trunk(backbone.model, cut).eval()
     transform = None if view is None else train_transform(backbone.preprocessing, scale=(0.5, 1.0))
     skipped: list[Skipped] = []
@@ -96,6 +100,7 @@ def cached_activations(
             transform=transform,
             skipped=chunk_skipped,
             seeds=None if view is None else [_view_seed(hashes[i], view, seed) for i in chunk],
+            precision=precision,
         )
         skipped.extend(chunk_skipped)
         if len(done):

@@ -56,8 +56,8 @@ def train_cached(
     (digits: 0.894 vs 0.942 at the same epochs). Blocks in the tail learn at 1/10 of the classifier's
     rate (differential learning rates), and their BatchNorm statistics stay fixed with `plan.bn_freeze`.
     """
-    epochs = plan.head_epochs if epochs is None else epochs
-    lr = plan.head_lr if lr is None else lr
+    epochs = plan.epochs if epochs is None else epochs
+    lr = plan.lr if lr is None else lr
     classifier = tail.model.get_classifier()
     nn.init.zeros_(classifier.weight)
     nn.init.zeros_(classifier.bias)
@@ -65,7 +65,7 @@ def train_cached(
     body = [p for p in tail.trainable_parameters() if id(p) not in head_ids]
     groups = [{"params": list(classifier.parameters()), "lr": lr}]
     if body:
-        groups.append({"params": body, "lr": lr / 10})
+        groups.append({"params": body, "lr": lr / plan.lr_mult})
     for p in tail.trainable_parameters():
         p.requires_grad_(True)
     generator = torch.Generator().manual_seed(plan.seed)
@@ -145,12 +145,12 @@ def _set_trainable(model: nn.Module, unfreeze_groups: int) -> list[nn.Module]:
     return frozen
 
 
-def _param_groups(model: nn.Module, lr: float) -> list[dict]:
-    """Differential learning rates: the head at `lr`, the backbone at `lr / 10`."""
+def _param_groups(model: nn.Module, lr: float, lr_mult: float) -> list[dict]:
+    """Differential learning rates: the head at `lr`, the backbone at `lr / lr_mult`."""
     head = set(id(p) for p in model.get_classifier().parameters())
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
     return [
-        {"params": body, "lr": lr / 10},
+        {"params": body, "lr": lr / lr_mult},
         {"params": [p for p in model.parameters() if id(p) in head], "lr": lr},
     ]
 
@@ -170,7 +170,7 @@ def finetune(
     from safetensors.torch import save_file
 
     frozen = _set_trainable(model, plan.unfreeze_groups)
-    optimizer = torch.optim.AdamW(_param_groups(model, plan.finetune_lr), weight_decay=plan.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, plan.finetune_lr, plan.lr_mult), weight_decay=plan.weight_decay)
     dataset = ImageFiles(train.paths, train.labels, train_transform(preprocessing), preprocessing.input_size)
     steps_per_epoch = max(1, -(-len(dataset) // plan.batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(

@@ -1,20 +1,30 @@
 """The recipe, chosen from the data the way competition winners choose it, printed with its reasons.
 
-Seed rules (from the practitioners' notes): with little data (< 10k images) train only the classifier on
-frozen features, which is also what makes caching pay; with 10k-20k also train the last blocks; with
-more, fine-tune everything. Every choice can be overridden, and the plan records which ones were.
+Seed rules (from the practitioners' notes): with little data (< 10k images) train only the top of the
+network on frozen features, which is also what makes caching pay; with 10k-20k also the last blocks;
+with more, fine-tune everything. Refinements measured on this machine (bench/RESULTS.md):
+
+* data far from ImageNet (grayscale, or the backbone's ImageNet head is unsure of it) gains from
+  retraining the last block as well, which costs little once its input maps are cached;
+* with ``--budget``, the plan times a few batches and picks the most thorough recipe predicted to fit.
+
+Every choice can be overridden, and the plan records which ones were.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from rich.table import Table
 
+from visiontune.train.profile import DataProfile, SpeedProfile
+
 SMALL_DATA = 10_000
 MEDIUM_DATA = 20_000
+FIXED_OVERHEAD_S = 4.0  # start-up, loading weights, writing the run: measured 3-5 s here
 
 
 @dataclass
@@ -22,18 +32,24 @@ class Plan:
     """Everything the training loop needs to know, with a reason for each choice."""
 
     recipe: str  # "head" | "last-blocks" | "full"
+    cut: str  # where the cached trunk ends: "pooled" or "blocks.K"
+    views: int  # augmented cached views per training image, on top of the plain one
     img_size: int
     batch_size: int
-    head_epochs: int
-    head_lr: float
+    epochs: int  # epochs on cached activations
+    lr: float
     head_dropout: float
     weight_decay: float
-    finetune_epochs: int
+    finetune_epochs: int  # epochs on images afterwards (whole network or its top groups)
     finetune_lr: float
     unfreeze_groups: int  # layer groups trained in fine-tuning, counted from the top; -1 = all
     bn_freeze: bool  # keep every BatchNorm's running statistics fixed while fine-tuning
+    lr_mult: float  # differential learning rates: each layer group below learns lr_mult times slower
+    precision: str  # "fp32" or "bf16" for the cached trunk pass
     valid_fraction: float
     seed: int
+    budget_s: float | None = None
+    predicted_s: float | None = None
     why: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -49,7 +65,7 @@ class Plan:
 
     def table(self) -> Table:
         """The plan as a rich table with a 'why' column, printed before training."""
-        table = Table(title="plan", show_lines=False)
+        table = Table(title="plan")
         table.add_column("setting")
         table.add_column("value", justify="right")
         table.add_column("why")
@@ -60,66 +76,165 @@ class Plan:
         return table
 
 
+def parse_duration(text: str | float | int | None) -> float | None:
+    """'90s', '5m', '1h', '120' -> seconds."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else float(text)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*", str(text))
+    if not match:
+        raise ValueError(f"cannot read the duration {text!r}; use e.g. 90s, 5m or 1h")
+    value, unit = float(match.group(1)), (match.group(2) or "s")[0]
+    return value * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One cached recipe the budget search considers: where to cut, how many views, how many epochs."""
+
+    cut: str
+    views: int
+    epochs: int
+
+
+def candidates(cuts: list[str]) -> list[Candidate]:
+    """Cached recipes from cheapest to most thorough (ordered by accuracy measured on the bench)."""
+    found = [Candidate(cuts[0], 0, 30)]
+    if len(cuts) > 1:
+        found += [Candidate(cuts[1], 0, 10), Candidate(cuts[1], 2, 12)]
+    if len(cuts) > 2:
+        found += [Candidate(cuts[2], 0, 10), Candidate(cuts[2], 2, 12)]
+    return found
+
+
+def predict_seconds(candidate: Candidate, data: DataProfile, speed: SpeedProfile) -> float:
+    """Predicted wall time of a cached recipe: trunk pass over all views, then the tail's epochs."""
+    cached_images = data.n_train * (1 + candidate.views) + data.n_valid
+    caching = cached_images * (speed.decode + speed.trunk[candidate.cut])
+    per_epoch = data.n_train * speed.tail_train[candidate.cut] + data.n_valid * speed.tail_eval[candidate.cut]
+    return FIXED_OVERHEAD_S + caching + candidate.epochs * per_epoch
+
+
+def choose_for_budget(
+    budget_s: float, data: DataProfile, speed: SpeedProfile, cuts: list[str]
+) -> tuple[Candidate, float, str]:
+    """The most thorough candidate predicted to fit `budget_s`, else the cheapest with fewer epochs."""
+    options = [(c, predict_seconds(c, data, speed)) for c in candidates(cuts)]
+    fitting = [(c, s) for c, s in options if s <= budget_s]
+    if fitting:
+        best, seconds = fitting[-1]
+        return best, seconds, f"most thorough recipe predicted to fit {budget_s:.0f}s ({seconds:.0f}s)"
+    cheapest, seconds = options[0]
+    per_epoch = data.n_train * speed.tail_train[cheapest.cut] + data.n_valid * speed.tail_eval[cheapest.cut]
+    fixed = seconds - cheapest.epochs * per_epoch
+    epochs = max(1, int((budget_s - fixed) / per_epoch)) if budget_s > fixed else 1
+    reduced = Candidate(cheapest.cut, 0, min(cheapest.epochs, epochs))
+    seconds = predict_seconds(reduced, data, speed)
+    return reduced, seconds, f"budget {budget_s:.0f}s is below every full recipe; fewest epochs ({seconds:.0f}s)"
+
+
+def _batch_size(n_train: int) -> int:
+    """64, or a smaller power of two giving at least 8 optimizer steps per epoch on tiny data."""
+    size = 64
+    while size > 8 and n_train / size < 8:
+        size //= 2
+    return size
+
+
+def choose_img_size(data: DataProfile, native_size: int) -> tuple[int, str]:
+    """The input size and why: native, unless the source images are at most half of it."""
+    if data.median_side is not None and data.median_side * 2 <= native_size:
+        size = min(native_size, 112)
+        return size, f"source images are small (median side {data.median_side}px): {size}px loses no detail"
+    return native_size, "the backbone's native input size"
+
+
 def make_plan(
-    n_train: int,
-    n_classes: int,
+    data: DataProfile,
     native_size: int,
-    median_side: int | None = None,
+    cuts: list[str],
     overrides: dict | None = None,
+    budget_s: float | None = None,
+    speed: SpeedProfile | None = None,
 ) -> Plan:
-    """Choose the recipe from dataset size and image size; `overrides` (non-None values) win."""
+    """Choose the recipe from the data (and the budget); `overrides` (non-None values) win."""
     why: dict[str, str] = {}
-    if n_train < SMALL_DATA:
-        recipe, finetune_epochs, groups = "head", 0, 0
-        why["recipe"] = f"{n_train} training images < {SMALL_DATA:,}: train the classifier only on cached features"
-    elif n_train < MEDIUM_DATA:
-        recipe, finetune_epochs, groups = "last-blocks", 2, 2
-        why["recipe"] = f"{n_train} images in {SMALL_DATA:,}-{MEDIUM_DATA:,}: also fine-tune the last blocks"
+    n = data.n_train
+    finetune_epochs, groups = 0, 0
+    if n < SMALL_DATA:
+        recipe = "head"
+        choice = Candidate(cuts[0], 0, 30)
+        why["recipe"] = f"{n} training images < {SMALL_DATA:,}: train the top only, on cached activations"
+        if data.far_from_imagenet and len(cuts) > 1:
+            recipe, choice = "last-blocks", Candidate(cuts[1], 0, 10)
+            why["cut"] = (
+                f"far from ImageNet (grayscale {data.grayscale:.0%}, ImageNet-head entropy "
+                f"{data.imagenet_entropy}): retrain the last block too, on its cached input maps"
+            )
+    elif n < MEDIUM_DATA:
+        recipe = "last-blocks"
+        choice = Candidate(cuts[min(2, len(cuts) - 1)], 0, 10)
+        why["recipe"] = f"{n} images in {SMALL_DATA:,}-{MEDIUM_DATA:,}: also train the last blocks (cached)"
     else:
         recipe, finetune_epochs, groups = "full", 3, -1
-        why["recipe"] = f"{n_train} images >= {MEDIUM_DATA:,}: fine-tune everything after the head"
-    why["finetune_epochs"] = "follows the recipe"
-    why["unfreeze_groups"] = "follows the recipe (-1 = all)"
+        choice = Candidate(cuts[0], 0, 30)
+        why["recipe"] = f"{n} images >= {MEDIUM_DATA:,}: head on cached features, then fine-tune everything"
+    why.setdefault("cut", "end of the trunk that runs once and is cached (pooled = classifier only)")
+    predicted = None
+    if budget_s is not None and speed is not None:
+        choice, predicted, reason = choose_for_budget(budget_s, data, speed, cuts)
+        recipe = "head" if choice.cut == cuts[0] else "last-blocks"
+        finetune_epochs, groups = 0, 0
+        why["recipe"] = why["cut"] = why["views"] = why["epochs"] = reason
+        why["budget_s"] = "set by you (--budget)"
+    why.setdefault("views", "extra augmented views cost a trunk pass each; +0.5 pt measured, not by default")
+    why["finetune_epochs"] = why["unfreeze_groups"] = "follows the recipe"
 
-    img_size = native_size
-    why["img_size"] = "the backbone's native input size"
-    if median_side is not None and median_side * 2 <= native_size:
-        img_size = min(native_size, 112)
-        why["img_size"] = f"source images are small (median side {median_side}px): {img_size}px loses no detail"
+    img_size, why["img_size"] = choose_img_size(data, native_size)
 
     plan = Plan(
         recipe=recipe,
+        cut=choice.cut,
+        views=choice.views,
         img_size=img_size,
-        batch_size=64,
-        head_epochs=30,
-        head_lr=1e-2,
+        batch_size=_batch_size(n),
+        epochs=choice.epochs,
+        lr=1e-2,
         head_dropout=0.2,
         weight_decay=1e-4,
         finetune_epochs=finetune_epochs,
         finetune_lr=1e-3,
         unfreeze_groups=groups,
         bn_freeze=True,
+        lr_mult=10.0,
+        precision="fp32",
         valid_fraction=0.2,
         seed=0,
+        budget_s=budget_s,
+        predicted_s=None if predicted is None else round(predicted, 1),
         why=why,
     )
-    why.setdefault("batch_size", "fits CPU caches; stable statistics")
-    why.setdefault("head_epochs", "cheap on cached features; one-cycle schedule")
-    why.setdefault("head_lr", "AdamW one-cycle peak for a linear head")
+    why.setdefault("epochs", "cheap on cached activations; one-cycle schedule")
+    why.setdefault("batch_size", "64 fits CPU caches; smaller for tiny data to keep >= 8 steps per epoch")
+    why.setdefault("lr", "AdamW one-cycle peak for the classifier")
     why.setdefault("head_dropout", "dropout on the head only, never on conv layers")
-    why.setdefault("finetune_lr", "peak for the head; the body gets 1/10 (differential)")
-    why.setdefault("bn_freeze", "pretrained BN statistics kept: CPU-sized batches give noisy batch statistics")
+    why.setdefault("finetune_lr", "peak for the head when fine-tuning on images")
+    why.setdefault("bn_freeze", "pretrained BN statistics kept: measured 0.49 vs 0.90 on digits fine-tuning")
+    why.setdefault("lr_mult", "pretrained layers learn 10x slower than the head (best of 1/3/10 on the bench)")
+    why.setdefault("precision", "fp32 trunk: bf16 is 1.7x faster here but cost 0.2-0.5 pt (bench)")
     why.setdefault("valid_fraction", "stratified hold-out when no valid/ folder is given")
+    why.setdefault("predicted_s", "from timed batches (with --budget)")
     for name, value in (overrides or {}).items():
         if value is None:
             continue
-        if not hasattr(plan, name) or name == "why":
+        if name not in {f.name for f in fields(plan)} or name == "why":
             raise ValueError(f"unknown plan setting {name!r}")
-        setattr(plan, name, type(getattr(plan, name))(value))
+        current = getattr(plan, name)
+        setattr(plan, name, value if current is None else type(current)(value))
         why[name] = "set by you"
-    if (overrides or {}).get("finetune_epochs") and plan.recipe == "head":
-        plan.recipe = "full" if plan.unfreeze_groups == -1 or plan.unfreeze_groups == 0 else "last-blocks"
-        if plan.unfreeze_groups == 0:
-            plan.unfreeze_groups = -1
+    if plan.cut not in cuts:
+        raise ValueError(f"unknown cut {plan.cut!r}; choose from {', '.join(cuts)}")
+    if (overrides or {}).get("finetune_epochs") and plan.recipe != "full":
+        plan.recipe = "full"
+        plan.unfreeze_groups = -1 if plan.unfreeze_groups == 0 else plan.unfreeze_groups
         why["recipe"] = "fine-tuning asked for (--unfreeze)"
     return plan

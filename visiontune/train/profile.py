@@ -1,0 +1,140 @@
+"""How the data looks to the backbone, and how fast this machine runs it: the plan's measured inputs.
+
+* :class:`DataProfile`: dataset size, image size, how grayscale it is and how far from ImageNet (the mean
+  normalised entropy of the backbone's own ImageNet head on a sample: near 0 = confident ImageNet-like
+  content, near 1 = nothing it knows).
+* :class:`SpeedProfile`: seconds per image to decode, to run the frozen trunk to each cut, and to train
+  each tail — timed on a few real batches, so `--budget` predicts the cost of each phase on this machine.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from statistics import median
+
+import numpy as np
+import torch
+
+from visiontune.backbones.cuts import POOLED, Tail, Trunk
+from visiontune.backbones.registry import Backbone
+from visiontune.data.catalog import Catalog
+from visiontune.data.images import ImageError, load_rgb
+from visiontune.data.transforms import eval_transform
+
+SAMPLE = 32
+
+
+@dataclass
+class DataProfile:
+    n_train: int
+    n_valid: int
+    n_classes: int
+    median_side: int | None
+    grayscale: float  # fraction of sampled images with R == G == B
+    imagenet_entropy: float | None  # mean normalised entropy of the source head's predictions, 0..1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def far_from_imagenet(self) -> bool:
+        """Grayscale or unfamiliar content: the last block's ImageNet features need retraining."""
+        return self.grayscale >= 0.5 or (self.imagenet_entropy is not None and self.imagenet_entropy >= 0.5)
+
+
+def _sample_images(catalog: Catalog, count: int = SAMPLE) -> list:
+    images = []
+    for path in catalog.paths[:: max(1, len(catalog) // count)][:count]:
+        try:
+            images.append(load_rgb(path))
+        except ImageError:
+            continue
+    return images
+
+
+def profile_data(backbone: Backbone, train: Catalog, n_valid: int) -> DataProfile:
+    """Measure a small sample of training images (decoding ~32 files and one forward pass)."""
+    images = _sample_images(train)
+    sides = [min(img.size) for img in images]
+    gray = [bool(np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2])) for a in map(np.asarray, images)]
+    entropy = None
+    if backbone.source_head is not None and images:
+        batch = torch.stack([eval_transform(backbone.preprocessing)(img) for img in images])
+        with torch.inference_mode():
+            features = Trunk(backbone.model, POOLED).eval()(batch.contiguous(memory_format=torch.channels_last))
+            probs = backbone.source_head(features).softmax(-1)
+        per_image = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(probs.shape[-1])
+        entropy = round(float(per_image.mean()), 3)
+    return DataProfile(
+        n_train=len(train),
+        n_valid=n_valid,
+        n_classes=len(train.classes),
+        median_side=int(median(sides)) if sides else None,
+        grayscale=round(sum(gray) / len(gray), 3) if gray else 0.0,
+        imagenet_entropy=entropy,
+    )
+
+
+@dataclass
+class SpeedProfile:
+    """Seconds per image for each part of a run, measured on this machine."""
+
+    decode: float
+    trunk: dict[str, float]  # cut -> forward seconds per image
+    tail_train: dict[str, float]  # cut -> train-step seconds per image (forward + backward)
+    tail_eval: dict[str, float]  # cut -> forward seconds per image
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _timed(fn, repeats: int = 2) -> float:
+    fn()  # warm-up: first calls allocate and pick kernels
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - started) / repeats
+
+
+def profile_speed(backbone: Backbone, train: Catalog, cuts: list[str], batch: int = 32) -> SpeedProfile:
+    """Time decoding, the trunk to each cut, and each tail's training step, on real sample images."""
+    paths = train.paths[:: max(1, len(train) // batch)][:batch]
+    transform = eval_transform(backbone.preprocessing)
+    started = time.perf_counter()
+    tensors = []
+    for path in paths:
+        try:
+            tensors.append(transform(load_rgb(path)))
+        except ImageError:
+            continue
+    decode = (time.perf_counter() - started) / max(1, len(paths))
+    x = torch.stack(tensors).contiguous(memory_format=torch.channels_last)
+    trunk, tail_train, tail_eval = {}, {}, {}
+    model = backbone.model
+    was_training = model.training
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for cut in cuts:
+        stem = Trunk(model, cut).eval()
+        with torch.inference_mode():
+            trunk[cut] = _timed(lambda: stem(x)) / len(x)
+            activations = stem(x).clone()
+        tail = Tail(model, cut)
+        optimizer = torch.optim.SGD(tail.trainable_parameters(), lr=0.0)
+        labels = torch.zeros(len(x), dtype=torch.long)
+
+        def step() -> None:
+            tail.train()
+            loss = torch.nn.functional.cross_entropy(tail(activations), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        tail_train[cut] = _timed(step) / len(x)
+        tail.eval()
+        with torch.inference_mode():
+            tail_eval[cut] = _timed(lambda: tail(activations)) / len(x)
+    model.load_state_dict(state)  # timing steps must not change the model (BN statistics)
+    model.train(was_training)
+    return SpeedProfile(decode, trunk, tail_train, tail_eval)
