@@ -140,6 +140,16 @@ def _batch_size(n_train: int) -> int:
     return size
 
 
+def epochs_for_remaining(remaining_s: float, planned: int, data: DataProfile, speed: SpeedProfile, cut: str) -> int:
+    """Epochs that fill the budget's rest once caching is done (1 to 2x the planned number).
+
+    Caching time varies most (disk, decode, cache hits); re-deciding the epochs after it is what keeps
+    a budgeted run within a few percent of its budget.
+    """
+    per_epoch = data.n_train * speed.tail_train[cut] + data.n_valid * speed.tail_eval[cut]
+    return int(max(1, min(2 * planned, remaining_s // max(per_epoch, 1e-9))))
+
+
 def choose_img_size(data: DataProfile, native_size: int) -> tuple[int, str]:
     """The input size and why: native, unless the source images are at most half of it."""
     if data.median_side is not None and data.median_side * 2 <= native_size:
@@ -155,8 +165,13 @@ def make_plan(
     overrides: dict | None = None,
     budget_s: float | None = None,
     speed: SpeedProfile | None = None,
+    spent_s: float = 0.0,
 ) -> Plan:
-    """Choose the recipe from the data (and the budget); `overrides` (non-None values) win."""
+    """Choose the recipe from the data (and the budget); `overrides` (non-None values) win.
+
+    `spent_s` is the wall time the command has used already (start-up, profiling); the budget's rest
+    is what the recipe may take.
+    """
     why: dict[str, str] = {}
     n = data.n_train
     finetune_epochs, groups = 0, 0
@@ -181,7 +196,8 @@ def make_plan(
     why.setdefault("cut", "end of the trunk that runs once and is cached (pooled = classifier only)")
     predicted = None
     if budget_s is not None and speed is not None:
-        choice, predicted, reason = choose_for_budget(budget_s, data, speed, cuts)
+        choice, predicted, reason = choose_for_budget(budget_s - spent_s, data, speed, cuts)
+        predicted += spent_s
         recipe = "head" if choice.cut == cuts[0] else "last-blocks"
         finetune_epochs, groups = 0, 0
         why["recipe"] = why["cut"] = why["views"] = why["epochs"] = reason

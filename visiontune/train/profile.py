@@ -117,9 +117,9 @@ def profile_speed(backbone: Backbone, train: Catalog, cuts: list[str], batch: in
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for cut in cuts:
         stem = Trunk(model, cut).eval()
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: the activations feed a backward pass below
             trunk[cut] = _timed(lambda: stem(x)) / len(x)
-            activations = stem(x).clone()
+            activations = stem(x)
         tail = Tail(model, cut)
         optimizer = torch.optim.SGD(tail.trainable_parameters(), lr=0.0)
         labels = torch.zeros(len(x), dtype=torch.long)
