@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow fashion-mnist clean
+.PHONY: install demo test test-slow fashion-mnist bench-speed bench-memory clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,17 @@ test: $(STAMP)
 # Benchmark-style tests (need Fashion-MNIST: `make fashion-mnist`).
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# Benchmarks (bench/README.md): fastai is installed for them only.
+$(VENV)/.bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $@
+
+bench-speed: $(VENV)/.bench fashion-mnist
+	$(BIN)/python bench/fmnist_speed.py
+
+bench-memory: $(VENV)/.bench
+	$(BIN)/python bench/cache_memory.py
 
 fashion-mnist:
 	@test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)

@@ -209,13 +209,19 @@ def run_visiontune(label: str, *extra: str) -> dict:
         "accuracy": meta["metrics"]["accuracy"],
         "wall_seconds": wall,
         "args": " ".join(extra),
-        "plan": {k: plan[k] for k in ("cut", "views", "epochs", "img_size", "precision")},
+        "plan": {k: plan.get(k) for k in ("cut", "views", "epochs", "img_size", "engine")},
     }
     if plan.get("budget_s"):
         result["budget_s"] = plan["budget_s"]
         result["predicted_s"] = plan.get("predicted_s")
     print(f"{label:32s} {json.dumps(result)}", flush=True)
     return result
+
+
+def save(results: dict) -> None:
+    """Write what is measured so far: a failing later row never loses earlier ones."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "fmnist_speed.json").write_text(json.dumps(results, indent=2))
 
 
 def ensure_data() -> None:
@@ -242,19 +248,20 @@ def main() -> None:
     best_name = min(floors, key=lambda n: floors[n]["seconds"])
     results["floors"] = floors
     results["naive_floor_s"], results["best_floor_s"], results["best_floor_engine"] = naive, floors[best_name]["seconds"], best_name
-    peers = {"linear_probe": run_row("linear_probe")}
+    peers = results["peers"] = {"linear_probe": run_row("linear_probe")}
+    save(results)
     if not args.skip_fastai:
         peers["fastai_fine_tune3"] = run_row("fastai_fine_tune3")
+        save(results)
         peers["fastai_lr_find_fine_tune6"] = run_row("fastai_lr_find_fine_tune6")
-    results["peers"] = peers
-    ours = {"visiontune_default": run_visiontune("visiontune_default")}
+        save(results)
+    ours = results["visiontune"] = {"visiontune_default": run_visiontune("visiontune_default")}
     ours["visiontune_112px"] = run_visiontune("visiontune_112px", "--img-size", str(SIZE))
+    save(results)
     for factor in (1.2, 2, 4, 8):
         budget = round(naive * factor)
         ours[f"visiontune_budget_{factor}x"] = run_visiontune(f"visiontune_budget_{factor}x", "--budget", f"{budget}s")
-    results["visiontune"] = ours
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fmnist_speed.json").write_text(json.dumps(results, indent=2))
+        save(results)
     from report import write_markdown_and_plot  # bench/report.py
 
     write_markdown_and_plot(results, RESULTS / "fmnist_speed.md", RESULTS / "fmnist_speed.png")

@@ -107,3 +107,35 @@ def test_cache_info_and_clear(tmp_path):
     info = cache_info(tmp_path)
     assert len(info) == 1 and info[0]["rows"] == 1
     assert clear_cache(tmp_path) > 0 and cache_info(tmp_path) == []
+
+
+def test_sigkilled_cache_build_resumes_without_recomputing_finished_shards(tmp_path):
+    """A real kill (SIGKILL) mid-run: finished shards survive and the rerun computes only the rest."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import write_class_folders
+
+    data = write_class_folders(tmp_path / "data", per_class=30)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "VISIONTUNE_SHARD_SIZE": "8"}
+    command = [sys.executable, "-m", "visiontune.cli", "cache", "build", str(data), "--cache-dir", str(cache),
+               "--img-size", "64", "--engine", "torch"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(cache.glob("features/*/shard-*.json"))) < 2:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.name: p.read_text() for p in cache.glob("features/*/shard-*.json")}
+    assert 2 <= len(finished) < 90 // 8 + 1
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    after = {p.name: p.read_text() for p in cache.glob("features/*/shard-*.json")}
+    assert all(after[name] == text for name, text in finished.items())  # untouched
+    rows = [h for text in after.values() for h in json.loads(text)]
+    assert len(rows) == len(set(rows)) == 90  # every image once, nothing computed twice

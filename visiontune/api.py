@@ -97,7 +97,7 @@ def prepare(
     backbone.preprocessing = backbone.preprocessing.with_size(size)
     budget_s = parse_duration(budget)
     cuts = cut_points(backbone.model)
-    speed = profile_speed(backbone, train_cat, cuts[:3]) if budget_s is not None else None
+    speed = profile_speed(backbone, train_cat, cuts[:4]) if budget_s is not None else None
     overrides = {**overrides, "seed": seed}
     plan = make_plan(data_profile, native, cuts, overrides, budget_s, speed, seconds_since_process_start())
     return Prepared(source, train_cat, valid_cat, backbone, data_profile, speed, plan, overrides)
@@ -107,7 +107,7 @@ def _cached_inputs(prep: Prepared, cache_root: Path, workers: int) -> tuple[list
     """Trunk activations at the plan's cut: train views (plain + augmented) and valid; drops failed files."""
     plan, backbone = prep.plan, prep.backbone
     common = {"cut": plan.cut, "seed": plan.seed, "batch_size": plan.batch_size, "workers": workers,
-              "precision": plan.precision}
+              "engine": plan.engine}
     skipped: list[Skipped] = []
     kept_va, x_va, bad = cached_activations(backbone, prep.valid.paths, cache_root, description="valid", **common)
     skipped += bad
@@ -137,7 +137,7 @@ def fit(
     lr: float | None = None,
     cut: str | None = None,
     views: int | None = None,
-    precision: str | None = None,
+    engine: str | None = None,
     budget: str | float | None = None,
     seed: int = 0,
     cache_dir: str | Path | None = None,
@@ -153,7 +153,7 @@ def fit(
     started = time.perf_counter()
     prep = prepare(
         data, arch, weights, labels, seed, budget, epochs=epochs, finetune_epochs=unfreeze, img_size=img_size,
-        valid_fraction=valid_fraction, batch_size=batch_size, lr=lr, cut=cut, views=views, precision=precision,
+        valid_fraction=valid_fraction, batch_size=batch_size, lr=lr, cut=cut, views=views, engine=engine,
     )
     plan, backbone, classes = prep.plan, prep.backbone, prep.source.classes
     run = RunDir.create(out, Path(data).resolve().name or "data", Path(runs_root))

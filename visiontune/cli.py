@@ -15,6 +15,7 @@ from visiontune.backbones.providers import WeightsError
 from visiontune.classifier import ArtifactError
 from visiontune.data.catalog import DataError
 from visiontune.data.images import is_image_name
+from visiontune.engines import ENGINES, default_engine
 from visiontune.progress import console
 from visiontune.runs import RunExistsError
 
@@ -65,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         cut=args.cut,
         views=args.views,
-        precision=args.precision,
+        engine=args.engine,
         budget=args.budget,
         seed=args.seed,
         cache_dir=args.cache_dir,
@@ -176,10 +177,32 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_build(args: argparse.Namespace, root: Path) -> int:
+    """Warm the cache for a folder of images (no training): every image once through the trunk."""
+    from visiontune.backbones.registry import create_backbone
+    from visiontune.cache.features import cached_activations
+
+    if not args.data:
+        raise DataError("cache build needs a data folder: visiontune cache build DATA")
+    paths = _image_args([args.data])
+    backbone = create_backbone(args.arch, args.weights, num_classes=0, img_size=args.img_size)
+    skipped_total = 0
+    for view in [None, *range(args.views)]:
+        kept, _, skipped = cached_activations(
+            backbone, paths, root, cut=args.cut, view=view, engine=args.engine, load=False,
+            description="caching",
+        )
+        skipped_total += len(skipped)
+    console.print(f"cached {len(kept)} images x {1 + args.views} views at {args.cut} under {root}; {skipped_total} skipped")
+    return 0
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from visiontune.cache.store import cache_info, clear_cache, default_cache_root
 
     root = Path(args.cache_dir) if args.cache_dir else default_cache_root()
+    if args.action == "build":
+        return _cache_build(args, root)
     if args.action == "clear":
         console.print(f"freed {clear_cache(root) / 1e6:.1f} MB under {root}")
         return 0
@@ -196,39 +219,44 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_backbone(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default="tf_efficientnet_lite0", help="timm architecture (default: %(default)s)")
+    parser.add_argument("--weights", default="default", help="default (packaged) | PATH | none | hub (online)")
+
+
+def _add_data_and_backbone(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by `train` and `plan`: what to learn from, with which backbone, which seed."""
+    parser.add_argument("data", help="class folders, train/ + valid/ folders, or images named by --labels")
+    parser.add_argument("--labels", help="CSV with filename,label columns (paths relative to DATA)")
+    _add_backbone(parser)
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visiontune", description=__doc__)
     parser.add_argument("--version", action="version", version=__import__("visiontune").__version__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a classifier on a folder of labelled images")
-    train.add_argument("data", help="class folders, train/ + valid/ folders, or images named by --labels")
-    train.add_argument("--labels", help="CSV with filename,label columns (paths relative to DATA)")
-    train.add_argument("--arch", default="tf_efficientnet_lite0", help="timm architecture (default: %(default)s)")
-    train.add_argument("--weights", default="default", help="default (packaged) | PATH | none | hub (online)")
+    _add_data_and_backbone(train)
     train.add_argument("--out", help="run folder (default: runs/<data>-<time>); never overwritten")
-    train.add_argument("--epochs", type=int, help="head epochs on cached features (default: plan)")
-    train.add_argument("--unfreeze", type=int, help="fine-tune epochs on images after the head (default: plan)")
+    train.add_argument("--epochs", type=int, help="epochs on cached activations (default: plan)")
+    train.add_argument("--unfreeze", type=int, help="fine-tune epochs on images afterwards (default: plan)")
     train.add_argument("--img-size", type=int, help="input size in pixels (default: plan)")
     train.add_argument("--valid", type=float, help="validation fraction when DATA is not split (default 0.2)")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float, help="head learning rate (default: plan)")
     train.add_argument("--cut", help="cached trunk ends here: pooled | blocks.K (default: plan)")
     train.add_argument("--views", type=int, help="augmented cached views per training image (default: plan)")
-    train.add_argument("--precision", choices=["fp32", "bf16"], help="trunk precision when caching (default: plan)")
+    train.add_argument("--engine", choices=ENGINES, help="engine of the cached trunk pass (default: plan)")
     train.add_argument("--budget", help="wall-clock target, e.g. 90s or 5m: the plan picks what fits")
-    train.add_argument("--seed", type=int, default=0)
     train.add_argument("--cache-dir", help="feature cache (default: $VISIONTUNE_CACHE or ~/.cache/visiontune)")
     train.add_argument("--workers", type=int, default=1, help="image-decoding processes")
     train.set_defaults(func=cmd_train)
 
     plan = sub.add_parser("plan", help="print the plan for a data folder without training")
-    plan.add_argument("data")
-    plan.add_argument("--labels")
-    plan.add_argument("--arch", default="tf_efficientnet_lite0")
-    plan.add_argument("--weights", default="default")
+    _add_data_and_backbone(plan)
     plan.add_argument("--budget", help="also time a few batches and fit this wall-clock budget")
-    plan.add_argument("--seed", type=int, default=0)
     plan.set_defaults(func=cmd_plan)
 
     predict = sub.add_parser("predict", help="top-k classes for images or folders")
@@ -260,8 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo_data)
 
     cache = sub.add_parser("cache", help="inspect or clear the feature cache")
-    cache.add_argument("action", choices=["info", "clear"])
+    cache.add_argument("action", choices=["info", "clear", "build"])
+    cache.add_argument("data", nargs="?", help="with build: the images to cache (recursively)")
     cache.add_argument("--cache-dir")
+    _add_backbone(cache)
+    cache.add_argument("--img-size", type=int)
+    cache.add_argument("--cut", default="pooled")
+    cache.add_argument("--views", type=int, default=0)
+    cache.add_argument("--engine", choices=ENGINES, default=default_engine())
     cache.set_defaults(func=cmd_cache)
     return parser
 

@@ -8,6 +8,7 @@ preprocessing, cut point and view skips the trunk entirely. Unlike fast.ai 0.7, 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,12 +18,13 @@ from visiontune.backbones.cuts import POOLED, Trunk
 from visiontune.backbones.registry import Backbone
 from visiontune.cache.store import FeatureStore, content_hash
 from visiontune.data.transforms import train_transform
+from visiontune.engines import compile_forward
 from visiontune.data.catalog import Skipped
 from visiontune.inference import collect_outputs
 from visiontune.progress import track
 
 #: Images per shard: small enough that a killed run loses little, large enough to keep file counts low.
-SHARD_SIZE = 2048
+SHARD_SIZE = int(os.environ.get("VISIONTUNE_SHARD_SIZE", "2048"))
 
 
 def view_name(view: int | None) -> str:
@@ -31,11 +33,11 @@ def view_name(view: int | None) -> str:
 
 
 def feature_key(
-    backbone: Backbone, cut: str = POOLED, view: int | None = None, seed: int = 0, precision: str = "fp32"
+    backbone: Backbone, cut: str = POOLED, view: int | None = None, seed: int = 0, engine: str = "torch"
 ) -> dict:
     """Everything that changes what a stored feature row means."""
     key = {
-        "precision": precision,
+        "engine": engine,
         "arch": backbone.arch,
         "weights": backbone.weights_id,
         "preprocessing": backbone.preprocessing.to_dict(),
@@ -63,15 +65,18 @@ def cached_activations(
     batch_size: int = 64,
     workers: int | None = None,
     description: str = "features",
-    precision: str = "fp32",
-) -> tuple[np.ndarray, np.ndarray, list[Skipped]]:
+    engine: str = "torch",
+    load: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None, list[Skipped]]:
     """(kept positions into `paths`, activations float32 [n_kept, ...], skipped files).
 
     Computes only the images no finished shard holds, one shard at a time, so an interrupted run
-    resumes where it stopped.
+    resumes where it stopped; memory stays flat in the number of images while caching. With
+    `load=False` (warming the cache) the activations are not read back and None is returned.
     """
-    store = FeatureStore(cache_root, feature_key(backbone, cut, view, seed, precision))
+    store = FeatureStore(cache_root, feature_key(backbone, cut, view, seed, engine))
     trunk = Trunk(backbone.model, cut).eval()
+    forward = None  # compiled on first need: a fully cached run never exports or loads an engine
     transform = None if view is None else train_transform(backbone.preprocessing, scale=(0.5, 1.0))
     skipped: list[Skipped] = []
     hashes: list[str | None] = []
@@ -90,8 +95,10 @@ def cached_activations(
     for start in range(0, len(todo), SHARD_SIZE):
         chunk = todo[start : start + SHARD_SIZE]
         chunk_skipped: list[Skipped] = []
+        if forward is None:
+            forward = compile_forward(trunk, engine, backbone.preprocessing.input_size, store.dir / "trunk.onnx")
         done, rows = collect_outputs(
-            trunk,
+            forward,
             [paths[i] for i in chunk],
             backbone.preprocessing,
             batch_size=batch_size,
@@ -100,11 +107,10 @@ def cached_activations(
             transform=transform,
             skipped=chunk_skipped,
             seeds=None if view is None else [_view_seed(hashes[i], view, seed) for i in chunk],
-            precision=precision,
         )
         skipped.extend(chunk_skipped)
         if len(done):
             store.add_shard([hashes[chunk[j]] for j in done], rows)
     index = store.index()
     kept = np.array([i for i in readable if hashes[i] in index], dtype=np.int64)
-    return kept, store.get([hashes[i] for i in kept]), skipped
+    return kept, store.get([hashes[i] for i in kept]) if load else None, skipped
