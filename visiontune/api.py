@@ -1,7 +1,8 @@
 """The Python API used by notebooks and the CLI: `fit`, `load`, `predict`, `evaluate`.
 
-`fit` is the whole playbook read top to bottom: catalog -> split -> backbone -> plan -> cached features ->
-head -> (fine-tune) -> evaluate -> save. Each step lives in its own module; this one only wires them.
+`fit` is the whole playbook read top to bottom: catalog -> split -> backbone -> profile -> plan ->
+cached trunk activations -> tail (classifier, or last blocks + classifier) -> (fine-tune) -> evaluate ->
+save. Each step lives in its own module; this one only wires them.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from visiontune.data.split import split_catalog
 from visiontune.evaluate.metrics import classification_metrics
 from visiontune.progress import console
 from visiontune.runs import RunDir
-from visiontune.train.loop import finetune, predict_cached, train_cached
 from visiontune.clock import seconds_since_process_start
+from visiontune.engines import default_engine
+from visiontune.train.loop import finetune, predict_cached, train_cached
 from visiontune.train.plan import Plan, choose_img_size, epochs_for_remaining, make_plan, parse_duration
 from visiontune.train.profile import DataProfile, SpeedProfile, profile_data, profile_speed
 
@@ -97,7 +99,8 @@ def prepare(
     backbone.preprocessing = backbone.preprocessing.with_size(size)
     budget_s = parse_duration(budget)
     cuts = cut_points(backbone.model)
-    speed = profile_speed(backbone, train_cat, cuts[:4]) if budget_s is not None else None
+    engine = overrides.get("engine") or default_engine()
+    speed = profile_speed(backbone, train_cat, cuts[:4], engine) if budget_s is not None else None
     overrides = {**overrides, "seed": seed}
     plan = make_plan(data_profile, native, cuts, overrides, budget_s, speed, seconds_since_process_start())
     return Prepared(source, train_cat, valid_cat, backbone, data_profile, speed, plan, overrides)

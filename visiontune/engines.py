@@ -21,6 +21,11 @@ ENGINES = ("torch", "torch-bf16", "onnxruntime")
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
+#: Trunk time relative to torch fp32 channels-last, from the floors of bench/results/fmnist_speed.md
+#: (268 / 451 / 473 img/s): lets `--budget` time the trunk once in torch and predict the other engines
+#: without exporting every cut first.
+RELATIVE_TRUNK_TIME = {"torch": 1.0, "onnxruntime": 268 / 451, "torch-bf16": 268 / 473}
+
 
 def onnxruntime_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None

@@ -22,6 +22,7 @@ from visiontune.backbones.registry import Backbone
 from visiontune.data.catalog import Catalog
 from visiontune.data.images import ImageError, load_rgb
 from visiontune.data.transforms import eval_transform
+from visiontune.engines import RELATIVE_TRUNK_TIME
 
 SAMPLE = 32
 
@@ -98,8 +99,13 @@ def _timed(fn, repeats: int = 2) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-def profile_speed(backbone: Backbone, train: Catalog, cuts: list[str], batch: int = 32) -> SpeedProfile:
-    """Time decoding, the trunk to each cut, and each tail's training step, on real sample images."""
+def profile_speed(
+    backbone: Backbone, train: Catalog, cuts: list[str], engine: str = "torch", batch: int = 32
+) -> SpeedProfile:
+    """Time decoding, the trunk to each cut, and each tail's training step, on real sample images.
+
+    The trunk is timed in torch and scaled to `engine` by its measured relative speed.
+    """
     paths = train.paths[:: max(1, len(train) // batch)][:batch]
     transform = eval_transform(backbone.preprocessing)
     started = time.perf_counter()
@@ -118,7 +124,7 @@ def profile_speed(backbone: Backbone, train: Catalog, cuts: list[str], batch: in
     for cut in cuts:
         stem = Trunk(model, cut).eval()
         with torch.no_grad():  # not inference_mode: the activations feed a backward pass below
-            trunk[cut] = _timed(lambda: stem(x)) / len(x)
+            trunk[cut] = _timed(lambda: stem(x)) / len(x) * RELATIVE_TRUNK_TIME[engine]
             activations = stem(x)
         tail = Tail(model, cut)
         optimizer = torch.optim.SGD(tail.trainable_parameters(), lr=0.0)
