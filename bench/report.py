@@ -85,7 +85,7 @@ def write_markdown_and_plot(results: dict, md_path: Path, png_path: Path) -> Non
     ax.set_xlabel("wall-clock seconds (2-core CPU, log scale)")
     ax.set_ylabel("validation accuracy")
     ax.set_title("Fashion-MNIST 2k/2k, tf_efficientnet_lite0, 112 px")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
 
