@@ -60,6 +60,7 @@ def test_predict_reports_unreadable_images(trained_run, tmp_path):
         (["train", "{tmp}/missing"], "no such folder"),
         (["predict", "{tmp}", "{tmp}"], "not a visiontune classifier"),
         (["train", "{tmp}", "--arch", "nope_net"], "unknown architecture"),
+        (["train", "{tmp}", "--budget", "soon"], "cannot read the duration"),
     ],
 )
 def test_errors_are_one_actionable_line(tmp_path, args, message):

@@ -83,7 +83,8 @@ def prepare(
 ) -> Prepared:
     """Catalog and split the data, load the backbone, measure the data (and speed) and choose the plan."""
     seed_everything(seed)
-    arch = resolve_arch(arch)  # a typo in the name fails before any folder is scanned
+    arch = resolve_arch(arch)  # typos in the name or the budget fail before any folder is scanned
+    budget_s = parse_duration(budget)
     source = discover(data, labels=labels)
     if source.valid is None:
         fraction = overrides.get("valid_fraction") or 0.2
@@ -97,7 +98,6 @@ def prepare(
     data_profile = profile_data(backbone, train_cat, len(valid_cat))
     size = overrides.get("img_size") or choose_img_size(data_profile, native)[0]
     backbone.preprocessing = backbone.preprocessing.with_size(size)
-    budget_s = parse_duration(budget)
     cuts = cut_points(backbone.model)
     engine = overrides.get("engine") or default_engine()
     speed = profile_speed(backbone, train_cat, cuts[:4], engine) if budget_s is not None else None

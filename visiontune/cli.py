@@ -16,10 +16,11 @@ from visiontune.classifier import ArtifactError
 from visiontune.data.catalog import DataError
 from visiontune.data.images import is_image_name
 from visiontune.engines import ENGINES, default_engine
+from visiontune.errors import UsageError
 from visiontune.progress import console
 from visiontune.runs import RunExistsError
 
-USER_ERRORS = (DataError, WeightsError, ArtifactError, RunExistsError, FileNotFoundError, ValueError)
+USER_ERRORS = (DataError, WeightsError, ArtifactError, RunExistsError, FileNotFoundError, UsageError)
 
 
 def _metrics_tables(metrics: dict, classes: list[str]) -> list[Table]:

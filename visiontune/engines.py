@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune.errors import UsageError
+
 ENGINES = ("torch", "torch-bf16", "onnxruntime")
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -59,7 +61,7 @@ def export_onnx(module: nn.Module, input_size: int, path: Path) -> Path:
 def compile_forward(module: nn.Module, engine: str, input_size: int, onnx_path: Path | None = None) -> Forward:
     """A function images -> outputs running `module` on `engine` (inputs NCHW float32, any layout)."""
     if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+        raise UsageError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     module = module.eval()
     if engine == "torch":
         return module
@@ -71,7 +73,7 @@ def compile_forward(module: nn.Module, engine: str, input_size: int, onnx_path: 
 
         return bf16
     if not onnxruntime_available():
-        raise ValueError("engine onnxruntime needs `pip install onnx onnxruntime`; or use --engine torch")
+        raise UsageError("engine onnxruntime needs `pip install onnx onnxruntime`; or use --engine torch")
     import onnxruntime as ort
 
     if onnx_path is None:

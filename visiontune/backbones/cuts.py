@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from visiontune.errors import UsageError
+
 POOLED = "pooled"
 
 
@@ -30,7 +32,7 @@ def cut_points(model: nn.Module) -> list[str]:
 
 def _block_index(model: nn.Module, cut: str) -> int:
     if cut not in cut_points(model):
-        raise ValueError(f"unknown cut {cut!r} for {type(model).__name__}; choose from {cut_points(model)}")
+        raise UsageError(f"unknown cut {cut!r} for {type(model).__name__}; choose from {cut_points(model)}")
     return int(cut.split(".")[1])
 
 

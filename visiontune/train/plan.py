@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from visiontune.errors import UsageError
 from visiontune.engines import default_engine
 from visiontune.train.profile import DataProfile, SpeedProfile
 
@@ -83,7 +84,7 @@ def parse_duration(text: str | float | int | None) -> float | None:
         return None if text is None else float(text)
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*", str(text))
     if not match:
-        raise ValueError(f"cannot read the duration {text!r}; use e.g. 90s, 5m or 1h")
+        raise UsageError(f"cannot read the duration {text!r}; use e.g. 90s, 5m or 1h")
     value, unit = float(match.group(1)), (match.group(2) or "s")[0]
     return value * {"s": 1, "m": 60, "h": 3600}[unit]
 
@@ -250,12 +251,12 @@ def make_plan(
         if value is None:
             continue
         if name not in {f.name for f in fields(plan)} or name == "why":
-            raise ValueError(f"unknown plan setting {name!r}")
+            raise UsageError(f"unknown plan setting {name!r}")
         current = getattr(plan, name)
         setattr(plan, name, value if current is None else type(current)(value))
         why[name] = "set by you"
     if plan.cut not in cuts:
-        raise ValueError(f"unknown cut {plan.cut!r}; choose from {', '.join(cuts)}")
+        raise UsageError(f"unknown cut {plan.cut!r}; choose from {', '.join(cuts)}")
     if (overrides or {}).get("finetune_epochs") and plan.recipe != "full":
         plan.recipe = "full"
         plan.unfreeze_groups = -1 if plan.unfreeze_groups == 0 else plan.unfreeze_groups
