@@ -139,3 +139,18 @@ def test_sigkilled_cache_build_resumes_without_recomputing_finished_shards(tmp_p
     assert all(after[name] == text for name, text in finished.items())  # untouched
     rows = [h for text in after.values() for h in json.loads(text)]
     assert len(rows) == len(set(rows)) == 90  # every image once, nothing computed twice
+
+
+def test_cached_rows_read_lazily_across_shards_in_any_order(tmp_path):
+    store = FeatureStore(tmp_path, {"arch": "lazy"})
+    rows = np.arange(5 * 2 * 3 * 3, dtype=np.float32).reshape(5, 2, 3, 3)
+    store.add_shard(["a", "b", "c"], rows[:3])
+    store.add_shard(["d", "e"], rows[3:])
+    lazy = store.rows(["e", "a", "d", "b"])
+    assert len(lazy) == 4 and lazy.shape == (4, 2, 3, 3)
+    np.testing.assert_array_equal(lazy.take([3, 0, 2]), rows[[1, 4, 3]])
+    np.testing.assert_array_equal(np.asarray(lazy), rows[[4, 0, 3, 1]])
+    np.testing.assert_array_equal(lazy[1], rows[0])
+    subset = lazy[np.array([True, False, True, False])]
+    np.testing.assert_array_equal(np.asarray(subset), rows[[4, 3]])
+    np.testing.assert_array_equal(store.get(["c"]), rows[[2]])

@@ -21,7 +21,7 @@ import torch
 from visiontune.backbones.cuts import Tail, cut_points
 from visiontune.backbones.registry import DEFAULT_ARCH, Backbone, create_backbone, resolve_arch
 from visiontune.cache.features import cached_activations
-from visiontune.cache.store import default_cache_root
+from visiontune.cache.store import CachedRows, default_cache_root
 from visiontune.classifier import Classifier, Prediction
 from visiontune.data.catalog import (
     Catalog,
@@ -106,7 +106,7 @@ def prepare(
     return Prepared(source, train_cat, valid_cat, backbone, data_profile, speed, plan, overrides)
 
 
-def _cached_inputs(prep: Prepared, cache_root: Path, workers: int) -> tuple[list[np.ndarray], np.ndarray, list[Skipped]]:
+def _cached_inputs(prep: Prepared, cache_root: Path, workers: int) -> tuple[list[CachedRows], CachedRows, list[Skipped]]:
     """Trunk activations at the plan's cut: train views (plain + augmented) and valid; drops failed files."""
     plan, backbone = prep.plan, prep.backbone
     common = {"cut": plan.cut, "seed": plan.seed, "batch_size": plan.batch_size, "workers": workers,

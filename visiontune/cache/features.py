@@ -16,7 +16,7 @@ import numpy as np
 
 from visiontune.backbones.cuts import POOLED, Trunk
 from visiontune.backbones.registry import Backbone
-from visiontune.cache.store import FeatureStore, content_hash
+from visiontune.cache.store import CachedRows, FeatureStore, content_hash
 from visiontune.data.transforms import train_transform
 from visiontune.engines import compile_forward
 from visiontune.data.catalog import Skipped
@@ -67,8 +67,8 @@ def cached_activations(
     description: str = "features",
     engine: str = "torch",
     load: bool = True,
-) -> tuple[np.ndarray, np.ndarray | None, list[Skipped]]:
-    """(kept positions into `paths`, activations float32 [n_kept, ...], skipped files).
+) -> tuple[np.ndarray, CachedRows | None, list[Skipped]]:
+    """(kept positions into `paths`, activations [n_kept, ...] read lazily from the store, skipped files).
 
     Computes only the images no finished shard holds, one shard at a time, so an interrupted run
     resumes where it stopped; memory stays flat in the number of images while caching. With
@@ -113,4 +113,4 @@ def cached_activations(
             store.add_shard([hashes[chunk[j]] for j in done], rows)
     index = store.index()
     kept = np.array([i for i in readable if hashes[i] in index], dtype=np.int64)
-    return kept, store.get([hashes[i] for i in kept]) if load else None, skipped
+    return kept, store.rows([hashes[i] for i in kept]) if load else None, skipped

@@ -104,19 +104,65 @@ class FeatureStore:
         for row, digest in enumerate(hashes):
             index.setdefault(digest, (shard, row))
 
-    def get(self, hashes: list[str]) -> np.ndarray:
-        """Rows (vectors or activation maps) for `hashes` as float32, from memory-mapped shards."""
+    def rows(self, hashes: list[str]) -> CachedRows:
+        """Rows for `hashes` (all must be present), read lazily from the memory-mapped shards."""
         index = self.index()
-        shards: dict[int, np.ndarray] = {}
-        out = None
-        for i, digest in enumerate(hashes):
-            shard, row = index[digest]
-            if shard not in shards:
-                shards[shard] = np.load(self.dir / f"shard-{shard}.npy", mmap_mode="r")
-            if out is None:
-                out = np.empty((len(hashes), *shards[shard].shape[1:]), dtype=np.float32)
-            out[i] = shards[shard][row]
-        return out if out is not None else np.empty((0, 0), dtype=np.float32)
+        locations = np.array([index[digest] for digest in hashes], dtype=np.int64).reshape(-1, 2)
+        return CachedRows(self.dir, locations)
+
+    def get(self, hashes: list[str]) -> np.ndarray:
+        """Rows (vectors or activation maps) for `hashes` as one float32 array in memory."""
+        return np.asarray(self.rows(hashes))
+
+
+class CachedRows:
+    """Stored rows addressed by position, read on demand from memory-mapped fp16 shards.
+
+    Training gathers one batch at a time through :meth:`take`, so memory stays flat in the number of
+    images however large the cached activations are; `np.asarray(rows)` materialises everything.
+    """
+
+    def __init__(self, directory: Path, locations: np.ndarray):
+        self.directory = Path(directory)
+        self.locations = locations  # [n, 2]: (shard, row)
+        self._shards: dict[int, np.ndarray] = {}
+
+    def _shard(self, shard: int) -> np.ndarray:
+        if shard not in self._shards:
+            self._shards[shard] = np.load(self.directory / f"shard-{shard}.npy", mmap_mode="r")
+        return self._shards[shard]
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if not len(self):
+            return (0,)
+        return (len(self), *self._shard(int(self.locations[0, 0])).shape[1:])
+
+    def take(self, indices) -> np.ndarray:
+        """float32 rows at `indices` (in that order), gathered shard by shard."""
+        picked = self.locations[np.asarray(indices, dtype=np.int64)]
+        out = np.empty((len(picked), *self.shape[1:]), dtype=np.float32)
+        for shard in np.unique(picked[:, 0]):
+            mask = picked[:, 0] == shard
+            rows = picked[mask, 1]
+            order = np.argsort(rows)  # ascending reads from the memory map
+            gathered = np.empty((len(rows), *self.shape[1:]), dtype=np.float32)
+            gathered[order] = self._shard(int(shard))[rows[order]]
+            out[mask] = gathered
+        return out
+
+    def __getitem__(self, key):
+        """An int gives one row (float32); a slice, index array or boolean mask gives a lazy subset."""
+        if isinstance(key, (int, np.integer)):
+            return self.take([int(key)])[0]
+        return CachedRows(self.directory, self.locations[key])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self.take(np.arange(len(self)))
+        return out if dtype is None else out.astype(dtype)
 
 
 def cache_info(root: Path) -> list[dict]:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visiontune.backbones.cuts import Tail
+from visiontune.cache.store import CachedRows
 from visiontune.data.catalog import Catalog, Skipped
 from visiontune.data.loader import ImageFiles, iterate_batches
 from visiontune.data.transforms import Preprocessing, train_transform
@@ -26,6 +27,7 @@ from visiontune.progress import progress_bar, track
 from visiontune.train.plan import Plan
 
 Log = Callable[[dict], None]
+Rows = np.ndarray | CachedRows  # cached activations: in memory, or read batch by batch from the store
 
 
 def _evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -37,9 +39,9 @@ def _evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict:
 
 def train_cached(
     tail: Tail,
-    train_views: list[np.ndarray],
+    train_views: list[Rows],
     train_y: np.ndarray,
-    valid_x: np.ndarray,
+    valid_x: Rows,
     valid_y: np.ndarray,
     plan: Plan,
     log: Log,
@@ -69,9 +71,7 @@ def train_cached(
     for p in tail.trainable_parameters():
         p.requires_grad_(True)
     generator = torch.Generator().manual_seed(plan.seed)
-    views = [torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for v in train_views]
     y = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
-    vx = torch.from_numpy(np.ascontiguousarray(valid_x, dtype=np.float32))
     vy = torch.from_numpy(np.asarray(valid_y, dtype=np.int64))
     n = len(y)
     steps_per_epoch = max(1, -(-n // plan.batch_size))
@@ -87,13 +87,11 @@ def train_cached(
             for bn in tail.batchnorms():
                 bn.eval()
         order = torch.randperm(n, generator=generator)
-        choice = torch.randint(len(views), (n,), generator=generator)
+        choice = torch.randint(len(train_views), (n,), generator=generator)
         total = 0.0
         for start in range(0, n, plan.batch_size):
             batch = order[start : start + plan.batch_size]
-            inputs = torch.stack([views[int(v)][int(i)] for i, v in zip(batch, choice[batch])])
-            if inputs.dim() == 4:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            inputs = _gather_views(train_views, batch.numpy(), choice[batch].numpy())
             loss = F.cross_entropy(tail(inputs), y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -102,25 +100,39 @@ def train_cached(
             total += float(loss.detach()) * len(batch)
         tail.eval()
         record = {"phase": phase, "epoch": epoch + 1, "train_loss": total / n}
-        if len(vx):
-            record.update(_evaluate_logits(predict_cached(tail, vx), vy))
+        if len(vy):
+            record.update(_evaluate_logits(predict_cached(tail, valid_x), vy))
         record["seconds"] = round(time.perf_counter() - started, 3)
         log(record)
         history.append(record)
     return history
 
 
-def predict_cached(tail: Tail, inputs: torch.Tensor | np.ndarray, batch_size: int = 256) -> torch.Tensor:
+def _rows(source: Rows, indices: np.ndarray) -> torch.Tensor:
+    """float32 rows of an in-memory array or of lazily read cached rows, channels-last for maps."""
+    rows = source.take(indices) if isinstance(source, CachedRows) else np.asarray(source[indices], dtype=np.float32)
+    tensor = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+    return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
+
+
+def _gather_views(views: list[Rows], indices: np.ndarray, chosen: np.ndarray) -> torch.Tensor:
+    """One batch: image indices[k] taken from view chosen[k], read view by view (only this batch in RAM)."""
+    parts = {int(v): _rows(views[int(v)], indices[chosen == v]) for v in np.unique(chosen)}
+    sample = next(iter(parts.values()))
+    batch = torch.empty((len(indices), *sample.shape[1:]), dtype=sample.dtype)
+    for v, rows in parts.items():
+        batch[torch.from_numpy(chosen == v)] = rows
+    return batch.contiguous(memory_format=torch.channels_last) if batch.dim() == 4 else batch
+
+
+def predict_cached(tail: Tail, inputs: Rows, batch_size: int = 256) -> torch.Tensor:
     """Logits of a tail on cached activations, in batches, without autograd."""
-    x = torch.as_tensor(np.asarray(inputs, dtype=np.float32)) if isinstance(inputs, np.ndarray) else inputs
     tail.eval()
     with torch.inference_mode():
-        parts = []
-        for start in range(0, len(x), batch_size):
-            chunk = x[start : start + batch_size]
-            if chunk.dim() == 4:
-                chunk = chunk.contiguous(memory_format=torch.channels_last)
-            parts.append(tail(chunk))
+        parts = [
+            tail(_rows(inputs, np.arange(start, min(start + batch_size, len(inputs)))))
+            for start in range(0, len(inputs), batch_size)
+        ]
     return torch.cat(parts) if parts else torch.empty(0)
 
 
