@@ -69,9 +69,3 @@ class RunDir:
     def write_split(self, parts: dict[str, list]) -> None:
         """The exact files of each part (train/valid), so evaluation and reports reuse the same split."""
         (self.path / "split.json").write_text(json.dumps({k: [str(p) for p in v] for k, v in parts.items()}))
-
-    def read_metrics(self) -> list[dict]:
-        path = self.path / "metrics.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

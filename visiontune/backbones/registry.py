@@ -51,13 +51,6 @@ class Backbone:
     def feature_dim(self) -> int:
         return int(self.model.num_features)
 
-    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The input of the classifier: what the head phase trains on (and what the cache stores)."""
-        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
-
-    def classifier(self) -> nn.Module:
-        return self.model.get_classifier()
-
 
 def resolve_arch(name: str) -> str:
     """A timm architecture name from a user's spelling, with a helpful error for unknown names."""
