@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # Benchmark-style tests (need Fashion-MNIST: `make fashion-mnist`).
-test-slow: $(STAMP)
+test-slow: $(STAMP) fashion-mnist
 	$(BIN)/python -m pytest -q -m slow
 
 # Benchmarks (bench/README.md): fastai is installed for them only.
