@@ -87,5 +87,5 @@ def test_finetune_phase_trains_the_body_and_checkpoints(class_folders, tmp_path)
     ft_body = load_file(str(tmp_path / "ft" / "classifier" / "model.safetensors"))
     assert not np.allclose(head_body["conv_stem.weight"].numpy(), ft_body["conv_stem.weight"].numpy())
     assert np.array_equal(head_body["bn1.running_mean"].numpy(), ft_body["bn1.running_mean"].numpy())  # BN frozen
-    assert (tmp_path / "ft" / "checkpoints" / "last.safetensors").exists()
+    assert (tmp_path / "ft" / "checkpoints" / "last.json").exists()
     del before

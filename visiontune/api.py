@@ -32,13 +32,14 @@ from visiontune.data.catalog import (
     catalog_from_folders,
     discover,
 )
-from visiontune.data.split import split_catalog
+from visiontune.data.split import kfold_indices, split_catalog
 from visiontune.evaluate.metrics import classification_metrics
 from visiontune.progress import console
 from visiontune.runs import RunDir
 from visiontune.clock import seconds_since_process_start
 from visiontune.engines import default_engine
-from visiontune.train.loop import finetune, predict_cached, train_cached
+from visiontune.errors import UsageError
+from visiontune.train.phases import cached_phase, finetune, predict_cached, train_cached
 from visiontune.train.plan import Plan, choose_img_size, epochs_for_remaining, make_plan, parse_duration
 from visiontune.train.profile import DataProfile, SpeedProfile, profile_data, profile_speed
 
@@ -79,14 +80,20 @@ def prepare(
     labels: str | Path | None = None,
     seed: int = 0,
     budget: str | float | None = None,
+    fold: tuple[int, int] | None = None,
     **overrides,
 ) -> Prepared:
-    """Catalog and split the data, load the backbone, measure the data (and speed) and choose the plan."""
+    """Catalog and split the data (or take fold `fold` = (k, K) of a K-fold), load the backbone, measure
+    the data (and speed) and choose the plan."""
     seed_everything(seed)
     arch = resolve_arch(arch)  # typos in the name or the budget fail before any folder is scanned
     budget_s = parse_duration(budget)
     source = discover(data, labels=labels)
-    if source.valid is None:
+    if fold is not None:
+        everything = source.train if source.valid is None else _concat(source.train, source.valid)
+        train_idx, valid_idx = kfold_indices(everything.labels, fold[1], fold[0], seed)
+        train_cat, valid_cat = everything.subset(train_idx), everything.subset(valid_idx)
+    elif source.valid is None:
         fraction = overrides.get("valid_fraction") or 0.2
         train_cat, valid_cat = split_catalog(source.train, fraction, seed)
         if len(valid_cat) == 0:
@@ -106,6 +113,10 @@ def prepare(
     return Prepared(source, train_cat, valid_cat, backbone, data_profile, speed, plan, overrides)
 
 
+def _concat(a: Catalog, b: Catalog) -> Catalog:
+    return Catalog(a.paths + b.paths, a.labels + b.labels, a.classes, a.skipped + b.skipped)
+
+
 def _cached_inputs(prep: Prepared, cache_root: Path, workers: int) -> tuple[list[CachedRows], CachedRows, list[Skipped]]:
     """Trunk activations at the plan's cut: train views (plain + augmented) and valid; drops failed files."""
     plan, backbone = prep.plan, prep.backbone
@@ -117,7 +128,9 @@ def _cached_inputs(prep: Prepared, cache_root: Path, workers: int) -> tuple[list
     views = []
     kept_tr = None
     for view in [None, *range(plan.views)]:
-        kept, x, bad = cached_activations(backbone, prep.train.paths, cache_root, view=view, description="train", **common)
+        kept, x, bad = cached_activations(
+            backbone, prep.train.paths, cache_root, view=view, description="train", aug=plan.aug, **common
+        )
         if view is None:
             skipped += bad
             kept_tr = kept
@@ -126,76 +139,185 @@ def _cached_inputs(prep: Prepared, cache_root: Path, workers: int) -> tuple[list
     return views, x_va, skipped
 
 
+#: fit() arguments that are plan settings under another name.
+ALIASES = {"unfreeze": "finetune_epochs"}
+
+
 def fit(
     data: str | Path,
     arch: str = DEFAULT_ARCH,
     weights: str = "default",
     out: str | Path | None = None,
     labels: str | Path | None = None,
-    epochs: int | None = None,
-    unfreeze: int | None = None,
-    img_size: int | None = None,
-    valid_fraction: float | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    cut: str | None = None,
-    views: int | None = None,
-    engine: str | None = None,
     budget: str | float | None = None,
     seed: int = 0,
     cache_dir: str | Path | None = None,
     workers: int = 1,
     runs_root: str | Path = "runs",
+    folds: int = 0,
+    **settings,
 ) -> Classifier:
     """Train a classifier on a folder of labelled images and save it as a run; returns the classifier.
 
-    `epochs` counts epochs on cached activations (head, or last blocks + head with `cut`), `unfreeze`
-    fine-tuning epochs on images afterwards, `budget` ("90s", "5m") a wall-clock target the plan fits;
-    None lets the plan decide from the data.
+    `settings` are plan settings (see :class:`~visiontune.train.plan.Plan`): e.g. `epochs` (on cached
+    activations), `unfreeze` (fine-tuning epochs on images), `cut`, `views`, `lr` (a number or "auto":
+    the LR finder), `batch_size` (a number or "auto"), `schedule`, `loss`, `label_smoothing`, `mixup`,
+    `swa`, `ema`, `early_stop`, `aug`, ...; None lets the plan decide. `budget` ("90s", "5m") is a
+    wall-clock target the plan fits. `folds=K` trains K models on a stratified K-fold and returns their
+    mean-probability ensemble with the folds' mean and spread in `metrics`.
     """
-    started = time.perf_counter()
-    prep = prepare(
-        data, arch, weights, labels, seed, budget, epochs=epochs, finetune_epochs=unfreeze, img_size=img_size,
-        valid_fraction=valid_fraction, batch_size=batch_size, lr=lr, cut=cut, views=views, engine=engine,
-    )
-    plan, backbone, classes = prep.plan, prep.backbone, prep.source.classes
+    settings = {ALIASES.get(k, k): v for k, v in settings.items()}
+    settings["valid_fraction"] = settings.pop("valid_fraction", None)
+    auto = {k for k in ("lr", "batch_size") if settings.get(k) == "auto"}
+    for k in auto:
+        settings[k] = None
+    call = {"data": data, "arch": arch, "weights": weights, "labels": labels, "budget": budget, "seed": seed,
+            "cache_dir": cache_dir, "workers": workers, "auto": sorted(auto)}
+    if folds and folds > 1:
+        return _fit_folds(call, settings, folds, out, Path(runs_root))
+    prep = prepare(data, arch, weights, labels, seed, budget, **settings)
     run = RunDir.create(out, Path(data).resolve().name or "data", Path(runs_root))
-    run.write_config(
-        {
-            "data": str(Path(data).resolve()),
-            "labels": str(labels) if labels else None,
-            "arch": backbone.arch,
-            "weights": backbone.weights,
-            "weights_id": backbone.weights_id,
-            "seed": seed,
-            "budget": budget,
-            "overrides": {k: v for k, v in prep.overrides.items() if v is not None},
-            "cache_dir": str(cache_dir) if cache_dir else None,
-            "workers": workers,
-            "visiontune": __import__("visiontune").__version__,
-            "torch": str(torch.__version__),
-            "python": platform.python_version(),
-        }
+    return _train(prep, run, call)
+
+
+def resume(run_path: str | Path) -> Classifier:
+    """Continue an interrupted run from its last checkpoint (same data, plan and seeds) to the same result
+    as an uninterrupted run."""
+    run = RunDir.open(run_path)
+    config = run.read_config()
+    if run.classifier_dir.exists():
+        raise UsageError(f"{run.path}: this run already finished (classifier/ exists); nothing to resume.")
+    settings = {k: v for k, v in config.get("overrides", {}).items() if k != "seed"}
+    call = {k: config.get(k) for k in ("data", "arch", "weights", "labels", "budget", "seed", "cache_dir", "workers")}
+    call["auto"] = []
+    plan = Plan.from_dict(json.loads((run.path / "plan.json").read_text()))
+    prep = prepare(call["data"], call["arch"], call["weights"], call["labels"], call["seed"], None, **settings)
+    prep.plan = plan
+    split = json.loads((run.path / "split.json").read_text()) if (run.path / "split.json").exists() else None
+    return _train(prep, run, call, resuming=True, expected_split=split)
+
+
+def _fit_folds(call: dict, settings: dict, folds: int, out: str | Path | None, runs_root: Path) -> Classifier:
+    """K models on a stratified K-fold; each fold is a run under the parent run folder."""
+    from visiontune.ensemble import Ensemble
+
+    data = call["data"]
+    parent = RunDir.create(out, Path(data).resolve().name or "data", runs_root)
+    parent.write_config({**_config(call, {**settings, "folds": folds}), "folds": folds})
+    members = []
+    for k in range(folds):
+        console.rule(f"fold {k + 1}/{folds}")
+        prep = prepare(data, call["arch"], call["weights"], call["labels"], call["seed"], call["budget"], fold=(k, folds), **settings)
+        run = RunDir.create(parent.path / f"fold-{k + 1}", "fold", runs_root)
+        members.append(_train(prep, run, call))
+    summary = {"folds": folds}
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "log_loss"):
+        values = [float(m.metrics[key]) for m in members if key in m.metrics]
+        summary[key] = values
+        summary[f"{key}_mean"], summary[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
+    (parent.path / "folds.json").write_text(json.dumps(summary, indent=2))
+    console.print(
+        f"[bold]{folds}-fold validation accuracy {summary['accuracy_mean']:.4f} ± {summary['accuracy_std']:.4f}[/]"
     )
+    ensemble = Ensemble.from_members(members, run_dir=parent.path)
+    ensemble.metrics = summary
+    return ensemble
+
+
+def _config(call: dict, settings: dict) -> dict:
+    return {
+        "data": str(Path(call["data"]).resolve()),
+        "labels": str(call["labels"]) if call["labels"] else None,
+        "arch": call["arch"],
+        "weights": call["weights"],
+        "seed": call["seed"],
+        "budget": call["budget"],
+        "overrides": {k: v for k, v in settings.items() if v is not None},
+        "auto": call.get("auto", []),
+        "cache_dir": str(call["cache_dir"]) if call["cache_dir"] else None,
+        "workers": call["workers"],
+        "visiontune": __import__("visiontune").__version__,
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+    }
+
+
+def _choose_auto(prep: Prepared, call: dict, run: RunDir, train_views, x_va, y_train, y_valid) -> None:
+    """`lr="auto"`: the LR finder on the cached phase; `batch_size="auto"`: the notes' search on it, capped
+    by the memory-fit search when fine-tuning on images follows."""
+    plan = prep.plan
+    if "lr" in call["auto"]:
+        from visiontune.report.plots import plot_lr_find
+        from visiontune.train.lr_find import lr_find
+
+        tail = Tail(prep.backbone.model, plan.cut, dropout=plan.head_dropout)
+        found = lr_find(cached_phase(tail, train_views, y_train, x_va, y_valid, plan), plan)
+        plot_lr_find(found, run.path / "lr_find.png")
+        (run.path / "lr_find.json").write_text(json.dumps(found.to_dict()))
+        plan.lr = round(found.suggestion, 6)
+        plan.why["lr"] = f"LR finder ({found.rule}); plot: lr_find.png"
+        console.print(f"LR finder suggests {plan.lr:.2g} ({found.rule})")
+    if "batch_size" in call["auto"]:
+        from visiontune.train.batch_size import memory_fit_batch_size, search_batch_size
+
+        def score(size: int) -> float:
+            trial = Plan.from_dict({**plan.to_dict(), "batch_size": size, "early_stop": 0, "checkpoint_every": 0, "eval_every": 0})
+            tail = Tail(prep.backbone.model, plan.cut, dropout=plan.head_dropout)
+            saved = {k: v.clone() for k, v in tail.model.state_dict().items()}
+            history = train_cached(tail, train_views, y_train, x_va, y_valid, trial, lambda r: None, "batch-size")
+            tail.model.load_state_dict(saved)
+            return history[-1].get("valid_accuracy", 0.0)
+
+        size, tried = search_batch_size(score, smallest=8, largest=max(8, len(y_train)))
+        reason = "validation accuracy by batch size " + ", ".join(f"{b}: {v:.4f}" for b, v in sorted(tried.items()))
+        if plan.finetune_epochs > 0:
+            fit_size, memory = memory_fit_batch_size(prep.backbone.model, plan.img_size)
+            if fit_size < size:
+                size, reason = fit_size, reason + f"; capped to {fit_size} by memory ({memory['per_image_bytes'] / 1e6:.1f} MB/image)"
+        plan.batch_size = size
+        plan.why["batch_size"] = reason
+        console.print(f"batch size {size} ({reason})")
     plan.save(run.path / "plan.json")
-    (run.path / "profile.json").write_text(
-        json.dumps({"data": prep.data_profile.to_dict(), "speed": prep.speed.to_dict() if prep.speed else None}, indent=2)
-    )
+
+
+def _train(prep: Prepared, run: RunDir, call: dict, resuming: bool = False, expected_split: dict | None = None) -> Classifier:
+    """Cache, train (cached phase, then fine-tuning), evaluate and save one run; resumable."""
+    from visiontune.train.checkpoint import load_checkpoint
+
+    started = time.perf_counter()
+    plan, backbone, classes = prep.plan, prep.backbone, prep.source.classes
+    data = call["data"]
+    checkpoint = load_checkpoint(run.checkpoints) if resuming else None
+    if not resuming:
+        run.write_config(_config(call, {k: v for k, v in prep.overrides.items() if k != "seed"}))
+        plan.save(run.path / "plan.json")
+        (run.path / "profile.json").write_text(
+            json.dumps({"data": prep.data_profile.to_dict(), "speed": prep.speed.to_dict() if prep.speed else None}, indent=2)
+        )
+    else:
+        run.truncate_metrics(checkpoint.position.metrics_lines if checkpoint else 0)
+        where = f"{checkpoint.position.phase} epoch {checkpoint.position.epoch + 1}, step {checkpoint.position.step}" if checkpoint else "the start"
+        console.print(f"resuming {run.path} from {where}")
     console.print(
         f"[bold]{prep.source.layout}[/] layout: {len(prep.train)} train / {len(prep.valid)} valid images, "
         f"{len(classes)} classes; backbone {backbone.arch} ({backbone.weights})"
     )
     console.print(plan.table())
 
-    cache_root = Path(cache_dir) if cache_dir else default_cache_root()
-    train_views, x_va, skipped = _cached_inputs(prep, cache_root, workers)
+    cache_root = Path(call["cache_dir"]) if call["cache_dir"] else default_cache_root()
+    train_views, x_va, skipped = _cached_inputs(prep, cache_root, call["workers"])
     skipped = list(prep.source.skipped) + skipped
+    if expected_split is not None and [str(p) for p in prep.train.paths] != expected_split["train"]:
+        raise DataError(f"{data}: the data changed since {run.path} started (its split.json differs); start a new run.")
     run.write_skipped(skipped)
     run.write_split({"train": prep.train.paths, "valid": prep.valid.paths})
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} unusable files[/] (listed in {run.path / 'skipped.txt'})")
 
-    if plan.budget_s is not None and prep.speed is not None and prep.overrides.get("epochs") is None:
+    y_train, y_valid = np.array(prep.train.labels), np.array(prep.valid.labels)
+    if not resuming:
+        _choose_auto(prep, call, run, train_views, x_va, y_train, y_valid)
+    if plan.budget_s is not None and prep.speed is not None and prep.overrides.get("epochs") is None and not resuming:
         remaining = plan.budget_s - seconds_since_process_start() - FINAL_OVERHEAD_S
         planned = plan.epochs
         plan.epochs = epochs_for_remaining(remaining, planned, prep.data_profile, prep.speed, plan.cut)
@@ -203,14 +325,19 @@ def fit(
         plan.save(run.path / "plan.json")
         console.print(f"budget: {remaining:.0f}s left after caching -> {plan.epochs} epochs (planned {planned})")
     model = backbone.model
-    y_train, y_valid = np.array(prep.train.labels), np.array(prep.valid.labels)
     tail = Tail(model, plan.cut, dropout=plan.head_dropout)
-    train_cached(tail, train_views, y_train, x_va, y_valid, plan, run.log_metrics, phase=f"cached:{plan.cut}")
+    in_finetune = checkpoint is not None and checkpoint.position.phase == "finetune"
+    logger = run.logger()
+    if not in_finetune:
+        train_cached(
+            tail, train_views, y_train, x_va, y_valid, plan, logger, phase=f"cached:{plan.cut}",
+            checkpoints=run.checkpoints, resume=checkpoint, metrics_lines=run.metrics_lines,
+        )
     classifier = Classifier(model.eval(), backbone.arch, classes, backbone.preprocessing, run_dir=run.path)
     if plan.finetune_epochs > 0:
         finetune(
-            model, prep.train, prep.valid, backbone.preprocessing, plan, run.log_metrics, run.checkpoints, skipped,
-            workers,
+            model, prep.train, prep.valid, backbone.preprocessing, plan, logger, run.checkpoints, skipped,
+            call["workers"], resume=checkpoint if in_finetune else None, metrics_lines=run.metrics_lines,
         )
         run.write_skipped(skipped)
         kept, probs = classifier.probabilities(prep.valid.paths, plan.batch_size)
@@ -226,15 +353,38 @@ def fit(
             f"time since start: predicted {plan.predicted_s:.1f}s, actual {metrics['wall_seconds']:.1f}s "
             f"(budget {plan.budget_s:.0f}s)"
         )
-    run.log_metrics({"phase": "final", **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}})
+    logger({"phase": "final", **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}})
+    logger.close()
     classifier.metrics = {k: v for k, v in metrics.items() if k != "confusion_matrix"}
     classifier.extra = {"weights": backbone.weights, "trained_on": str(Path(data).resolve())}
     classifier.save(run.classifier_dir)
     return classifier
 
 
+def find_lr(
+    data: str | Path, arch: str = DEFAULT_ARCH, weights: str = "default", labels: str | Path | None = None,
+    seed: int = 0, out: str | Path = "lr_find.png", cache_dir: str | Path | None = None, workers: int = 1, **settings,
+):
+    """The LR range test on the cached phase the plan would train; returns (result, PNG path)."""
+    from visiontune.report.plots import plot_lr_find
+    from visiontune.train.lr_find import lr_find
+
+    prep = prepare(data, arch, weights, labels, seed, None, **settings)
+    cache_root = Path(cache_dir) if cache_dir else default_cache_root()
+    train_views, x_va, _ = _cached_inputs(prep, cache_root, workers)
+    plan = prep.plan
+    tail = Tail(prep.backbone.model, plan.cut, dropout=plan.head_dropout)
+    phase = cached_phase(tail, train_views, np.array(prep.train.labels), x_va, np.array(prep.valid.labels), plan)
+    found = lr_find(phase, plan)
+    return found, plot_lr_find(found, Path(out))
+
+
 def load(path: str | Path) -> Classifier:
-    """Load a classifier from a run folder or a classifier folder."""
+    """Load a classifier from a run folder or a classifier folder (a --folds run: the folds' ensemble)."""
+    if list(Path(path).glob("fold-*/classifier")) and not (Path(path) / "classifier").exists():
+        from visiontune.ensemble import Ensemble
+
+        return Ensemble.load_folds(path)
     return Classifier.load(path)
 
 
@@ -276,4 +426,4 @@ def evaluate(
     return metrics
 
 
-__all__ = ["fit", "load", "predict", "evaluate", "Classifier", "Prediction", "Plan"]
+__all__ = ["fit", "resume", "find_lr", "load", "predict", "evaluate", "Classifier", "Prediction", "Plan"]

@@ -15,6 +15,7 @@ from visiontune.backbones.providers import WeightsError
 from visiontune.classifier import ArtifactError
 from visiontune.data.catalog import DataError
 from visiontune.data.images import is_image_name
+from visiontune.data.transforms import AUGMENTATIONS
 from visiontune.engines import ENGINES, default_engine
 from visiontune.errors import UsageError
 from visiontune.progress import console
@@ -50,35 +51,74 @@ def _metrics_tables(metrics: dict, classes: list[str]) -> list[Table]:
     return tables
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from visiontune.api import fit
+#: `train` flags that are plan settings, passed through to fit() when given.
+PLAN_FLAGS = (
+    "epochs", "unfreeze", "img_size", "batch_size", "lr", "lr_mult", "cut", "views", "engine", "optimizer",
+    "weight_decay", "schedule", "warmup_epochs", "sgdr_cycle", "sgdr_mult", "loss", "label_smoothing",
+    "focal_gamma", "class_weights", "sampler", "aug", "mixup", "cutmix", "swa", "swa_start", "swa_lr", "ema",
+    "early_stop", "monitor", "eval_every", "checkpoint_every", "amp", "freeze_to", "gradual", "bn_freeze",
+    "head_dropout",
+)
 
-    clf = fit(
-        args.data,
-        arch=args.arch,
-        weights=args.weights,
-        out=args.out,
-        labels=args.labels,
-        epochs=args.epochs,
-        unfreeze=args.unfreeze,
-        img_size=args.img_size,
-        valid_fraction=args.valid,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        cut=args.cut,
-        views=args.views,
-        engine=args.engine,
-        budget=args.budget,
-        seed=args.seed,
-        cache_dir=args.cache_dir,
-        workers=args.workers,
-    )
-    for table in _metrics_tables(clf.metrics, clf.classes):
-        console.print(table)
-    console.print(f"[bold green]validation accuracy {clf.metrics['accuracy']:.4f}[/] in {clf.metrics['seconds']} s")
-    console.print(f"run: {clf.run_dir}   classifier: {clf.run_dir / 'classifier'}")
-    console.print(f"metrics per epoch: {clf.run_dir / 'metrics.jsonl'}")
+
+def _number_or_auto(kind):
+    def parse(text: str):
+        return "auto" if text == "auto" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from visiontune.api import fit, resume
+
+    if args.resume:
+        clf = resume(args.resume)
+    else:
+        if not args.data:
+            raise UsageError("train needs a data folder (or --resume runs/NAME)")
+        settings = {name: getattr(args, name) for name in PLAN_FLAGS if getattr(args, name) is not None}
+        clf = fit(
+            args.data, arch=args.arch, weights=args.weights, out=args.out, labels=args.labels, budget=args.budget,
+            seed=args.seed, cache_dir=args.cache_dir, workers=args.workers, folds=args.folds,
+            valid_fraction=args.valid, **settings,
+        )
+    if "per_class" in clf.metrics:
+        for table in _metrics_tables(clf.metrics, clf.classes):
+            console.print(table)
+        console.print(f"[bold green]validation accuracy {clf.metrics['accuracy']:.4f}[/] in {clf.metrics['seconds']} s")
+        console.print(f"metrics per epoch: {clf.run_dir / 'metrics.jsonl'}")
+    console.print(f"run: {clf.run_dir}")
     return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from visiontune.api import find_lr
+
+    found, png = find_lr(args.data, arch=args.arch, weights=args.weights, labels=args.labels, seed=args.seed,
+                         out=args.out, cut=args.cut, img_size=args.img_size)
+    console.print(f"suggested learning rate: [bold]{found.suggestion:.3g}[/] ({found.rule})")
+    console.print(f"plot: {png}")
+    print(f"{found.suggestion:.6g}")
+    return 0
+
+
+def cmd_augment_preview(args: argparse.Namespace) -> int:
+    from visiontune.doctor import augment_preview
+
+    out = augment_preview(args.data, args.out, args.aug, args.images, args.samples, args.img_size, args.seed)
+    console.print(f"wrote {out}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from visiontune.doctor import doctor
+
+    report = doctor(args.data, labels=args.labels, arch=args.arch, weights=args.weights, seed=args.seed)
+    Console().print(report.table())
+    for line in report.advice:
+        console.print(f"[yellow]•[/] {line}")
+    return 0 if report.healthy else 1
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -225,12 +265,59 @@ def _add_backbone(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default="default", help="default (packaged) | PATH | none | hub (online)")
 
 
-def _add_data_and_backbone(parser: argparse.ArgumentParser) -> None:
+def _add_data_and_backbone(parser: argparse.ArgumentParser, optional: bool = False) -> None:
     """Arguments shared by `train` and `plan`: what to learn from, with which backbone, which seed."""
-    parser.add_argument("data", help="class folders, train/ + valid/ folders, or images named by --labels")
+    parser.add_argument(
+        "data", nargs="?" if optional else None, help="class folders, train/ + valid/ folders, or images named by --labels"
+    )
     parser.add_argument("--labels", help="CSV with filename,label columns (paths relative to DATA)")
     _add_backbone(parser)
     parser.add_argument("--seed", type=int, default=0)
+
+
+def _add_playbook(train: argparse.ArgumentParser) -> None:
+    """The training playbook's flags; each maps to one plan setting (None: the plan decides)."""
+    g = train.add_argument_group("recipe (default: the plan)")
+    g.add_argument("--epochs", type=int, help="epochs on cached activations")
+    g.add_argument("--unfreeze", type=int, help="fine-tuning epochs on images afterwards")
+    g.add_argument("--img-size", type=int, help="input size in pixels")
+    g.add_argument("--cut", help="cached trunk ends here: pooled | blocks.K")
+    g.add_argument("--views", type=int, help="augmented cached views per training image")
+    g.add_argument("--engine", choices=ENGINES, help="engine of the cached trunk pass")
+    g = train.add_argument_group("optimisation")
+    g.add_argument("--lr", type=_number_or_auto(float), help="head learning rate, or auto (LR finder)")
+    g.add_argument("--lr-mult", type=float, help="each layer group down learns this many times slower (10)")
+    g.add_argument("--batch-size", type=_number_or_auto(int), help="a number, or auto (validation + memory search)")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"])
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--schedule", choices=["onecycle", "cosine", "sgdr", "constant"])
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up (cosine/sgdr/constant)")
+    g.add_argument("--sgdr-cycle", type=int, help="epochs of SGDR's first cycle")
+    g.add_argument("--sgdr-mult", type=int, help="SGDR cycle length multiplier")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast")
+    g = train.add_argument_group("freezing")
+    g.add_argument("--freeze-to", help="fine-tune from this layer group up, e.g. blocks.4")
+    g.add_argument("--gradual", action=argparse.BooleanOptionalAction, default=None, help="gradual unfreezing")
+    g.add_argument("--bn-freeze", action=argparse.BooleanOptionalAction, default=None, help="keep BatchNorm statistics fixed")
+    g = train.add_argument_group("loss and regularisation")
+    g.add_argument("--loss", choices=["ce", "focal"])
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--focal-gamma", type=float)
+    g.add_argument("--class-weights", choices=["none", "balanced"])
+    g.add_argument("--sampler", choices=["random", "balanced"])
+    g.add_argument("--head-dropout", type=float)
+    g.add_argument("--aug", choices=AUGMENTATIONS, help="augmentation preset (images and cached views)")
+    g.add_argument("--mixup", type=float, help="mixup alpha (0.2-0.4 typical)")
+    g.add_argument("--cutmix", type=float, help="cutmix alpha (1.0 typical)")
+    g.add_argument("--swa", action=argparse.BooleanOptionalAction, default=None, help="stochastic weight averaging")
+    g.add_argument("--swa-start", type=float, help="fraction of the epochs before SWA starts (0.75)")
+    g.add_argument("--swa-lr", type=float)
+    g.add_argument("--ema", type=float, help="EMA decay of the weights, e.g. 0.999")
+    g.add_argument("--early-stop", type=int, metavar="PATIENCE", help="stop after this many epochs without improvement")
+    g.add_argument("--monitor", choices=["valid_loss", "valid_accuracy"])
+    g = train.add_argument_group("monitoring")
+    g.add_argument("--eval-every", type=int, metavar="STEPS", help="also validate every N steps (metrics.jsonl, tb/)")
+    g.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also checkpoint every N steps")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,21 +326,37 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a classifier on a folder of labelled images")
-    _add_data_and_backbone(train)
+    _add_data_and_backbone(train, optional=True)
     train.add_argument("--out", help="run folder (default: runs/<data>-<time>); never overwritten")
-    train.add_argument("--epochs", type=int, help="epochs on cached activations (default: plan)")
-    train.add_argument("--unfreeze", type=int, help="fine-tune epochs on images afterwards (default: plan)")
-    train.add_argument("--img-size", type=int, help="input size in pixels (default: plan)")
-    train.add_argument("--valid", type=float, help="validation fraction when DATA is not split (default 0.2)")
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--lr", type=float, help="head learning rate (default: plan)")
-    train.add_argument("--cut", help="cached trunk ends here: pooled | blocks.K (default: plan)")
-    train.add_argument("--views", type=int, help="augmented cached views per training image (default: plan)")
-    train.add_argument("--engine", choices=ENGINES, help="engine of the cached trunk pass (default: plan)")
+    train.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    train.add_argument("--folds", type=int, default=0, help="K-fold cross-validation: K models, mean ± std")
     train.add_argument("--budget", help="wall-clock target, e.g. 90s or 5m: the plan picks what fits")
+    train.add_argument("--valid", type=float, help="validation fraction when DATA is not split (default 0.2)")
     train.add_argument("--cache-dir", help="feature cache (default: $VISIONTUNE_CACHE or ~/.cache/visiontune)")
     train.add_argument("--workers", type=int, default=1, help="image-decoding processes")
+    _add_playbook(train)
     train.set_defaults(func=cmd_train)
+
+    lr_find = sub.add_parser("lr-find", help="learning-rate range test on the cached phase: plot + suggestion")
+    _add_data_and_backbone(lr_find)
+    lr_find.add_argument("--out", default="lr_find.png", help="PNG of loss vs learning rate")
+    lr_find.add_argument("--cut", help="pooled | blocks.K (default: plan)")
+    lr_find.add_argument("--img-size", type=int)
+    lr_find.set_defaults(func=cmd_lr_find)
+
+    preview = sub.add_parser("augment-preview", help="image grid of an augmentation preset on your images")
+    preview.add_argument("data", help="folder of images (searched recursively)")
+    preview.add_argument("--aug", default="standard", choices=AUGMENTATIONS)
+    preview.add_argument("--out", default="augment-preview.png")
+    preview.add_argument("--images", type=int, default=4, help="rows: source images")
+    preview.add_argument("--samples", type=int, default=6, help="columns: augmented samples per image")
+    preview.add_argument("--img-size", type=int, default=224)
+    preview.add_argument("--seed", type=int, default=0)
+    preview.set_defaults(func=cmd_augment_preview)
+
+    doctor = sub.add_parser("doctor", help="check data and pipeline: balance, duplicates, mean/std, overfit a tiny subset")
+    _add_data_and_backbone(doctor)
+    doctor.set_defaults(func=cmd_doctor)
 
     plan = sub.add_parser("plan", help="print the plan for a data folder without training")
     _add_data_and_backbone(plan)

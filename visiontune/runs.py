@@ -46,6 +46,32 @@ class RunDir:
         (path / "checkpoints").mkdir(parents=True, exist_ok=True)
         return cls(path)
 
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        """An existing run folder (for --resume)."""
+        path = Path(path)
+        if not (path / "config.yaml").exists() or not (path / "plan.json").exists():
+            raise FileNotFoundError(f"{path}: not a run folder (no config.yaml/plan.json); give the folder `train` created")
+        (path / "checkpoints").mkdir(exist_ok=True)
+        return cls(path)
+
+    def read_config(self) -> dict:
+        return yaml.safe_load((self.path / "config.yaml").read_text())
+
+    def metrics_lines(self) -> int:
+        path = self.path / "metrics.jsonl"
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    def truncate_metrics(self, lines: int) -> None:
+        """Keep the first `lines` records: what the checkpoint being resumed had seen."""
+        path = self.path / "metrics.jsonl"
+        if path.exists():
+            kept = path.read_text().splitlines()[:lines]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def logger(self) -> MetricsLogger:
+        return MetricsLogger(self)
+
     @property
     def classifier_dir(self) -> Path:
         return self.path / "classifier"
@@ -69,3 +95,34 @@ class RunDir:
     def write_split(self, parts: dict[str, list]) -> None:
         """The exact files of each part (train/valid), so evaluation and reports reuse the same split."""
         (self.path / "split.json").write_text(json.dumps({k: [str(p) for p in v] for k, v in parts.items()}))
+
+
+class MetricsLogger:
+    """Callable log of training records: metrics.jsonl, and TensorBoard scalars under ``tb/``.
+
+    TensorBoard tags are ``<phase>/<metric>`` over the phase's optimizer step, so per-step evaluations
+    (``--eval-every``) and per-epoch records share one axis.
+    """
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run.path / "tb"))
+        except ImportError:  # tensorboard is a dependency; a trimmed install still trains
+            self.writer = None
+
+    def __call__(self, record: dict) -> None:
+        self.run.log_metrics(record)
+        if self.writer is None or "step" not in record:
+            return
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch"):
+                self.writer.add_scalar(f"{record['phase']}/{key}", value, record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

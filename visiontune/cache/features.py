@@ -17,7 +17,7 @@ import numpy as np
 from visiontune.backbones.cuts import POOLED, Trunk
 from visiontune.backbones.registry import Backbone
 from visiontune.cache.store import CachedRows, FeatureStore, content_hash
-from visiontune.data.transforms import train_transform
+from visiontune.data.transforms import augmentation
 from visiontune.engines import compile_forward
 from visiontune.data.catalog import Skipped
 from visiontune.inference import collect_outputs
@@ -32,8 +32,13 @@ def view_name(view: int | None) -> str:
     return "eval" if view is None else f"aug{view}"
 
 
+#: Cached views crop at least this fraction of the image: a few fixed views should each keep the object.
+VIEW_MIN_SCALE = 0.5
+
+
 def feature_key(
-    backbone: Backbone, cut: str = POOLED, view: int | None = None, seed: int = 0, engine: str = "torch"
+    backbone: Backbone, cut: str = POOLED, view: int | None = None, seed: int = 0, engine: str = "torch",
+    aug: str = "light",
 ) -> dict:
     """Everything that changes what a stored feature row means."""
     key = {
@@ -46,7 +51,7 @@ def feature_key(
         "dtype": "float16",
     }
     if view is not None:
-        key["augmentation"] = {"preset": "views-v1", "seed": seed}
+        key["augmentation"] = {"preset": aug, "min_scale": VIEW_MIN_SCALE, "seed": seed}
     return key
 
 
@@ -67,6 +72,7 @@ def cached_activations(
     description: str = "features",
     engine: str = "torch",
     load: bool = True,
+    aug: str = "light",
 ) -> tuple[np.ndarray, CachedRows | None, list[Skipped]]:
     """(kept positions into `paths`, activations [n_kept, ...] read lazily from the store, skipped files).
 
@@ -74,10 +80,10 @@ def cached_activations(
     resumes where it stopped; memory stays flat in the number of images while caching. With
     `load=False` (warming the cache) the activations are not read back and None is returned.
     """
-    store = FeatureStore(cache_root, feature_key(backbone, cut, view, seed, engine))
+    store = FeatureStore(cache_root, feature_key(backbone, cut, view, seed, engine, aug))
     trunk = Trunk(backbone.model, cut).eval()
     forward = None  # compiled on first need: a fully cached run never exports or loads an engine
-    transform = None if view is None else train_transform(backbone.preprocessing, scale=(0.5, 1.0))
+    transform = None if view is None else augmentation(backbone.preprocessing, aug, VIEW_MIN_SCALE)
     skipped: list[Skipped] = []
     hashes: list[str | None] = []
     for path in track(paths, f"hashing {description}"):

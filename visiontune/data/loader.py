@@ -81,13 +81,16 @@ def iterate_batches(
     shuffle: bool = False,
     seed: int = 0,
     workers: int = 1,
+    order: Sequence[int] | None = None,
 ) -> BatchIterator:
-    """Batches in order (or shuffled with `seed`), decoded in `workers` background processes."""
+    """Batches in order (or shuffled with `seed`, or in the explicit `order` of item indices, which is how
+    a resumed epoch starts mid-way), decoded in `workers` background processes."""
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and order is None,
+        sampler=list(order) if order is not None else None,
         num_workers=workers,
         collate_fn=_collate,
         worker_init_fn=_seed_worker,

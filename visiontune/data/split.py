@@ -14,6 +14,21 @@ import numpy as np
 from visiontune.data.catalog import Catalog, DataError
 
 
+def kfold_indices(labels: list[int], folds: int, fold: int, seed: int) -> tuple[list[int], list[int]]:
+    """(train, valid) indices of fold `fold` of a stratified, shuffled K-fold (scikit-learn): every image is
+    in exactly one validation fold."""
+    from sklearn.model_selection import StratifiedKFold
+
+    if folds < 2:
+        raise DataError(f"--folds needs at least 2 folds (got {folds})")
+    counts = np.bincount(np.asarray(labels))
+    if counts[counts > 0].min() < folds:
+        raise DataError(f"--folds {folds}: the smallest class has only {counts[counts > 0].min()} images; use fewer folds")
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    train_idx, valid_idx = list(splitter.split(np.zeros(len(labels)), labels))[fold]
+    return sorted(train_idx.tolist()), sorted(valid_idx.tolist())
+
+
 def stratified_split(labels: list[int], valid_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Indices (train, valid): each class contributes round(n * fraction) images to valid.
 

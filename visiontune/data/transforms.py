@@ -80,17 +80,61 @@ def eval_transform(pre: Preprocessing) -> T.Compose:
     )
 
 
-def train_transform(pre: Preprocessing, scale: tuple[float, float] = (0.35, 1.0)) -> T.Compose:
-    """Light augmentation: random resized crop (area fraction in `scale`) and horizontal flip.
+class PCALighting(torch.nn.Module):
+    """AlexNet's lighting noise: add multiples of the principal components of ImageNet's RGB pixels,
+    scaled by their eigenvalues and a N(0, alphastd) draw, so the colour shifts follow natural lighting.
+    Acts on float images in [0, 1] (before normalisation)."""
 
-    Used for fine-tuning on images and, with a milder `scale`, for cached augmented views.
-    The full augmentation presets (issue C) extend this.
+    EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+    EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+
+    def __init__(self, alphastd: float = 0.1):
+        super().__init__()
+        self.alphastd = alphastd
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        alpha = torch.randn(3) * self.alphastd
+        shift = self.EIGVEC @ (alpha * self.EIGVAL)
+        return (image + shift.view(3, 1, 1)).clamp(0, 1)
+
+
+AUGMENTATIONS = ("none", "light", "standard", "strong", "aerial")
+
+
+def augmentation(pre: Preprocessing, preset: str = "light", min_scale: float | None = None) -> T.Compose:
+    """The training transform of an augmentation preset (torchvision v2), ending normalised.
+
+    none: as evaluation. light: random resized crop + horizontal flip. standard: + small rotation, colour
+    jitter, PCA lighting. strong: wider crops, rotation, stronger jitter, blur, gaussian noise, random
+    erasing. aerial: for top-down images (satellite, microscopy): horizontal + vertical flips and
+    right-angle rotations, mild jitter. `min_scale` raises the crop's smallest area (cached views).
     """
+    if preset not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation preset {preset!r}; choose from {', '.join(AUGMENTATIONS)}")
+    if preset == "none":
+        return eval_transform(pre)
     interp = _INTERPOLATION.get(pre.interpolation, InterpolationMode.BICUBIC)
-    return T.Compose(
-        [
-            T.RandomResizedCrop(pre.input_size, scale=scale, interpolation=interp, antialias=True),
-            T.RandomHorizontalFlip(),
+    low = {"light": 0.35, "standard": 0.25, "strong": 0.08, "aerial": 0.35}[preset]
+    low = max(low, min_scale or 0.0)
+    crop = T.RandomResizedCrop(pre.input_size, scale=(low, 1.0), interpolation=interp, antialias=True)
+    geometry: list = [crop, T.RandomHorizontalFlip()]
+    colour: list = []
+    after: list = []
+    if preset == "standard":
+        geometry.append(T.RandomRotation(10, interpolation=InterpolationMode.BILINEAR))
+        colour = [T.ColorJitter(0.2, 0.2, 0.2), PCALighting(0.1)]
+    elif preset == "strong":
+        geometry.append(T.RandomRotation(20, interpolation=InterpolationMode.BILINEAR))
+        colour = [
+            T.ColorJitter(0.4, 0.4, 0.4, 0.05), PCALighting(0.1),
+            T.RandomApply([T.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.2),
+            T.RandomApply([T.GaussianNoise(sigma=0.05)], p=0.3),
         ]
-        + _to_normalised_tensor(pre)
+        after = [T.RandomErasing(p=0.25, value=0)]
+    elif preset == "aerial":
+        geometry += [T.RandomVerticalFlip(), T.RandomChoice([T.RandomRotation((a, a)) for a in (0, 90, 180, 270)])]
+        colour = [T.ColorJitter(0.1, 0.1, 0.1)]
+    return T.Compose(
+        geometry + [T.ToImage(), T.ToDtype(torch.float32, scale=True)] + colour
+        + [T.Normalize(mean=pre.mean, std=pre.std)] + after
     )

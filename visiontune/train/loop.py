@@ -1,233 +1,204 @@
-"""The epoch loops: a head phase on cached features, and a fine-tune phase on images.
+"""The epoch loop, shared by the cached phase (tail on stored activations) and fine-tuning on images.
 
-Both report one record per epoch to `log` (the run's metrics.jsonl) and take their settings from the
-:class:`~visiontune.train.plan.Plan`. The head phase trains exactly the classifier that sits on the
-backbone, so after it the full model predicts what the cached-feature head predicted.
+A :class:`Phase` says what trains and on which batches; :func:`run_phase` is the loop with the playbook's
+hooks: optimizer and schedule (schedules.py), loss, mixup/cutmix and class weights (losses.py), weight
+averaging (averaging.py), bf16 autocast, validation every epoch and every N steps, early stopping with
+the best weights restored, and exact-resume checkpoints (checkpoint.py). Every epoch's batch order is a
+pure function of (seed, epoch), so a resumed run can start in the middle of one.
 """
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visiontune.backbones.cuts import Tail
-from visiontune.cache.store import CachedRows
-from visiontune.data.catalog import Catalog, Skipped
-from visiontune.data.loader import ImageFiles, iterate_batches
-from visiontune.data.transforms import Preprocessing, train_transform
-from visiontune.inference import collect_outputs
-from visiontune.progress import progress_bar, track
+from visiontune.train.averaging import Averager
+from visiontune.train.checkpoint import Checkpoint, Position, save_checkpoint
+from visiontune.train.losses import class_weights, make_loss, mix_batch
 from visiontune.train.plan import Plan
+from visiontune.train.schedules import make_optimizer, make_schedule
+from visiontune.progress import progress_bar
 
 Log = Callable[[dict], None]
-Rows = np.ndarray | CachedRows  # cached activations: in memory, or read batch by batch from the store
+Batches = Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
-def _evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+@dataclass
+class Phase:
+    """What one phase trains and on what; the loop in :func:`run_phase` does the rest."""
+
+    name: str
+    module: nn.Module  # inputs -> logits
+    groups: list[dict]  # optimizer parameter groups (per-layer-group learning rates)
+    epochs: int
+    labels: np.ndarray  # training labels (class weights, balanced sampling, steps per epoch)
+    n_classes: int
+    batches: Batches  # (epoch, first step) -> (inputs, labels), in the epoch's fixed order
+    validate: Callable[[nn.Module], dict]  # {"valid_loss", "valid_accuracy"} of a module
+    prepare_epoch: Callable[[int], None]  # after module.train(): frozen BatchNorm, gradual unfreezing
+    batchnorms: Callable[[nn.Module], list[nn.Module]]  # the trained BN layers (SWA recomputes them)
+    bn_batches: Callable[[], Iterable[torch.Tensor]] | None = None  # training inputs for that
+    batch_size: int = 64
+    pct_start: float = 0.3  # one-cycle warm-up fraction
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, -(-len(self.labels) // self.batch_size))
+
+
+def epoch_order(n: int, seed: int, epoch: int, sample_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Generator]:
+    """The epoch's item order (a permutation, or a class-balanced draw) and the generator it came from."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    if sample_weights is None:
+        return torch.randperm(n, generator=generator), generator
+    return torch.multinomial(sample_weights, n, replacement=True, generator=generator), generator
+
+
+def balanced_sample_weights(labels: np.ndarray) -> torch.Tensor:
+    """Per-item weights 1 / count(class): every class is drawn equally often (the balanced sampler)."""
+    counts = np.bincount(labels)
+    return torch.from_numpy(1.0 / counts[labels]).double()
+
+
+def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     return {
-        "valid_loss": float(F.cross_entropy(logits, labels)),
+        "valid_loss": float(F.cross_entropy(logits.float(), labels)),
         "valid_accuracy": float((logits.argmax(1) == labels).float().mean()),
     }
 
 
-def train_cached(
-    tail: Tail,
-    train_views: list[Rows],
-    train_y: np.ndarray,
-    valid_x: Rows,
-    valid_y: np.ndarray,
+def _better(monitor: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if monitor == "valid_loss" else value > best
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def run_phase(
+    phase: Phase,
     plan: Plan,
     log: Log,
-    phase: str = "head",
+    checkpoints: Path | None = None,
+    resume: Checkpoint | None = None,
+    metrics_lines: Callable[[], int] = lambda: 0,
 ) -> list[dict]:
-    """Train a tail (classifier, or last blocks + classifier) in place on cached activations.
-
-    `train_views` holds one array per cached view of the training images (row i = image i in every
-    view); each epoch draws, per image, one view at random, so augmentation survives caching. The
-    classifier starts at zero (uniform predictions, loss = log(classes)): timm's default init is scaled
-    for its own features and starts a fresh head with huge logits, which measurably cost accuracy
-    (digits: 0.894 vs 0.942 at the same epochs). Blocks in the tail learn `plan.lr_mult` times slower
-    than the classifier (differential learning rates), and their BatchNorm statistics stay fixed with
-    `plan.bn_freeze`.
-    """
-    classifier = tail.model.get_classifier()
-    nn.init.zeros_(classifier.weight)
-    nn.init.zeros_(classifier.bias)
-    for p in tail.trainable_parameters():
-        p.requires_grad_(True)
-    groups = _param_groups(tail.trainable_parameters(), classifier, plan.lr, plan.lr_mult)
-    generator = torch.Generator().manual_seed(plan.seed)
-    y = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
-    vy = torch.from_numpy(np.asarray(valid_y, dtype=np.int64))
-    n = len(y)
-    steps_per_epoch = max(1, -(-n // plan.batch_size))
-    optimizer = torch.optim.AdamW(groups, weight_decay=plan.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in groups], total_steps=plan.epochs * steps_per_epoch
+    """Train `phase.module` in place for `phase.epochs` epochs; returns the per-epoch records."""
+    module, steps = phase.module, phase.steps_per_epoch
+    optimizer = make_optimizer(phase.groups, plan.optimizer, plan.weight_decay)
+    schedule = make_schedule(
+        optimizer, plan.schedule, phase.epochs, steps, plan.warmup_epochs, plan.sgdr_cycle, plan.sgdr_mult, phase.pct_start
     )
-    history = []
-    for epoch in track(range(plan.epochs), f"training {phase}"):
+    weight = class_weights(phase.labels, phase.n_classes, plan.class_weights)
+    loss_fn = make_loss(plan.loss, plan.label_smoothing, plan.focal_gamma, weight)
+    swa_start = min(phase.epochs - 1, int(plan.swa_start * phase.epochs))
+    averager = Averager(module, plan.ema, plan.swa, swa_start)
+    position = Position(phase.name)
+    best: dict[str, torch.Tensor] | None = None
+    extra = {"best_value": None, "bad_epochs": 0, "stopped": False, "swa_schedule": False}
+    swa_lrs = [plan.swa_lr or g["lr"] * 0.1 for g in optimizer.param_groups]
+
+    def switch_to_swa() -> None:
+        nonlocal schedule
+        schedule = averager.swa_schedule(optimizer, swa_lrs, steps)
+        extra["swa_schedule"] = True
+
+    if resume is not None:
+        position = resume.position
+        extra.update(position.extra)
+        module.load_state_dict(resume.model)
+        if extra["swa_schedule"]:
+            switch_to_swa()
+        optimizer.load_state_dict(resume.optimizer)
+        schedule.load_state_dict(resume.scheduler)
+        if resume.averaged is not None and averager.model is not None:
+            averager.model.load_state_dict(resume.averaged)
+        best = resume.best
+        resume.restore_rng()
+
+    def checkpoint() -> None:
+        if checkpoints is not None:
+            position.extra = dict(extra)
+            position.metrics_lines = metrics_lines()
+            save_checkpoint(checkpoints, position, module, optimizer, schedule, averager.model, best)
+
+    def record_validation(kind: dict) -> dict:
+        record = {"phase": phase.name, **kind, "step": position.global_step}
+        record.update(phase.validate(averager.evaluated(module)))
+        record["lr"] = optimizer.param_groups[-1]["lr"]
+        return record
+
+    while position.epoch < phase.epochs and not extra["stopped"]:
+        epoch = position.epoch
+        if averager.swa_active(epoch) and not extra["swa_schedule"]:
+            switch_to_swa()
         started = time.perf_counter()
-        tail.train()
-        if plan.bn_freeze:
-            for bn in tail.batchnorms():
-                bn.eval()
-        order = torch.randperm(n, generator=generator)
-        choice = torch.randint(len(train_views), (n,), generator=generator)
-        total = 0.0
-        for start in range(0, n, plan.batch_size):
-            batch = order[start : start + plan.batch_size]
-            inputs = _gather_views(train_views, batch.numpy(), choice[batch].numpy())
-            loss = F.cross_entropy(tail(inputs), y[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += float(loss.detach()) * len(batch)
-        tail.eval()
-        record = {"phase": phase, "epoch": epoch + 1, "train_loss": total / n}
-        if len(vy):
-            record.update(_evaluate_logits(predict_cached(tail, valid_x), vy))
-        record["seconds"] = round(time.perf_counter() - started, 3)
-        log(record)
-        history.append(record)
-    return history
-
-
-def _rows(source: Rows, indices: np.ndarray) -> torch.Tensor:
-    """float32 rows of an in-memory array or of lazily read cached rows, channels-last for maps."""
-    rows = source.take(indices) if isinstance(source, CachedRows) else np.asarray(source[indices], dtype=np.float32)
-    tensor = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
-    return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
-
-
-def _gather_views(views: list[Rows], indices: np.ndarray, chosen: np.ndarray) -> torch.Tensor:
-    """One batch: image indices[k] taken from view chosen[k], read view by view (only this batch in RAM)."""
-    parts = {int(v): _rows(views[int(v)], indices[chosen == v]) for v in np.unique(chosen)}
-    sample = next(iter(parts.values()))
-    batch = torch.empty((len(indices), *sample.shape[1:]), dtype=sample.dtype)
-    for v, rows in parts.items():
-        batch[torch.from_numpy(chosen == v)] = rows
-    return batch.contiguous(memory_format=torch.channels_last) if batch.dim() == 4 else batch
-
-
-def predict_cached(tail: Tail, inputs: Rows, batch_size: int = 256) -> torch.Tensor:
-    """Logits of a tail on cached activations, in batches, without autograd."""
-    tail.eval()
-    with torch.inference_mode():
-        parts = [
-            tail(_rows(inputs, np.arange(start, min(start + batch_size, len(inputs)))))
-            for start in range(0, len(inputs), batch_size)
-        ]
-    return torch.cat(parts) if parts else torch.empty(0)
-
-
-def _set_trainable(model: nn.Module, unfreeze_groups: int) -> list[nn.Module]:
-    """Freeze all but the top `unfreeze_groups` layer groups (timm's group_matcher; -1 = all).
-
-    Returns the frozen modules so their BatchNorm layers can be kept in eval mode (stats not updated).
-    """
-    groups = timm.models.group_modules(model, model.group_matcher(coarse=True))
-    order = sorted(groups)
-    classifier = {name for name, _ in model.get_classifier().named_modules(prefix="classifier")}
-    trainable_ids = order if unfreeze_groups < 0 else order[len(order) - unfreeze_groups :]
-    trainable = {name for gid in trainable_ids for name in groups[gid]} | classifier
-    frozen = []
-    for name, module in model.named_modules():
-        if not name or any(name == t or name.startswith(t + ".") for t in trainable):
-            continue
-        if not list(module.children()):
-            for param in module.parameters(recurse=False):
-                param.requires_grad_(False)
-            frozen.append(module)
-    return frozen
-
-
-def _param_groups(params, classifier: nn.Module, lr: float, lr_mult: float) -> list[dict]:
-    """Differential learning rates: the classifier at `lr`, every other trained parameter at `lr / lr_mult`."""
-    head = {id(p) for p in classifier.parameters()}
-    params = list(params)
-    groups = [
-        {"params": [p for p in params if id(p) in head], "lr": lr},
-        {"params": [p for p in params if id(p) not in head], "lr": lr / lr_mult},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-def finetune(
-    model: nn.Module,
-    train: Catalog,
-    valid: Catalog,
-    preprocessing: Preprocessing,
-    plan: Plan,
-    log: Log,
-    checkpoints: Path,
-    skipped: list[Skipped],
-    workers: int = 1,
-) -> list[dict]:
-    """Fine-tune the top `plan.unfreeze_groups` groups on augmented images; BN of frozen parts stays fixed."""
-    from safetensors.torch import save_file
-
-    frozen = _set_trainable(model, plan.unfreeze_groups)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    groups = _param_groups(trained, model.get_classifier(), plan.finetune_lr, plan.lr_mult)
-    optimizer = torch.optim.AdamW(groups, weight_decay=plan.weight_decay)
-    dataset = ImageFiles(train.paths, train.labels, train_transform(preprocessing), preprocessing.input_size)
-    steps_per_epoch = max(1, -(-len(dataset) // plan.batch_size))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=[g["lr"] for g in optimizer.param_groups],
-        total_steps=plan.finetune_epochs * steps_per_epoch,
-        pct_start=0.2,
-    )
-    model.to(memory_format=torch.channels_last)
-    history = []
-    seen_failures: set[str] = set()
-    for epoch in range(plan.finetune_epochs):
-        started = time.perf_counter()
-        model.train()
-        for module in frozen:
-            module.eval()
-        if plan.bn_freeze:
-            for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-        total, count = 0.0, 0
-        batches = iterate_batches(dataset, plan.batch_size, shuffle=True, seed=plan.seed + epoch, workers=workers)
+        module.train()
+        phase.prepare_epoch(epoch)
+        total = position.extra.get("loss_sum", 0.0) if position.step else 0.0
+        count = position.extra.get("loss_count", 0) if position.step else 0
         with progress_bar() as bar:
-            task = bar.add_task(f"fine-tune epoch {epoch + 1}/{plan.finetune_epochs}", total=len(dataset))
-            for batch in batches:
-                for _, path, reason in batch.failed:
-                    if path not in seen_failures:
-                        seen_failures.add(path)
-                        skipped.append(Skipped(path, reason))
-                bar.advance(task, len(batch.indices) + len(batch.failed))
-                if len(batch.indices) == 0:
+            task = bar.add_task(f"{phase.name} epoch {epoch + 1}/{phase.epochs}", total=steps, completed=position.step)
+            for inputs, labels in phase.batches(epoch, position.step):
+                if len(labels) == 0:
                     continue
-                images = batch.images.contiguous(memory_format=torch.channels_last)
-                loss = F.cross_entropy(model(images), batch.labels)
+                inputs, targets = mix_batch(inputs, labels, phase.n_classes, plan.mixup, plan.cutmix)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=plan.amp):
+                    logits = module(inputs)
+                loss = loss_fn(logits, targets if (plan.mixup or plan.cutmix) else labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-                total += float(loss.detach()) * len(batch.indices)
-                count += len(batch.indices)
-        model.eval()
-        kept, logits = collect_outputs(model, valid.paths, preprocessing, plan.batch_size, workers, "validating")
-        record = {"phase": "finetune", "epoch": epoch + 1, "train_loss": total / max(count, 1)}
-        record.update(_evaluate_logits(torch.from_numpy(logits), torch.tensor(valid.labels)[kept]))
+                averager.after_step(module)
+                total += float(loss.detach()) * len(labels)
+                count += len(labels)
+                position.step += 1
+                position.global_step += 1
+                bar.advance(task)
+                if plan.eval_every and position.global_step % plan.eval_every == 0:
+                    log(record_validation({"epoch": round(epoch + position.step / steps, 3), "kind": "step"}))
+                    module.train()
+                    phase.prepare_epoch(epoch)
+                if plan.checkpoint_every and position.global_step % plan.checkpoint_every == 0:
+                    extra["loss_sum"], extra["loss_count"] = total, count
+                    checkpoint()
+        averager.after_epoch(module, epoch)
+        record = record_validation({"epoch": epoch + 1})
+        record["train_loss"] = total / max(count, 1)
         record["seconds"] = round(time.perf_counter() - started, 3)
+        if plan.early_stop:
+            value = record[plan.monitor]
+            if _better(plan.monitor, value, extra["best_value"]):
+                extra["best_value"], extra["bad_epochs"] = value, 0
+                best = _state(averager.evaluated(module))
+            else:
+                extra["bad_epochs"] += 1
+                if extra["bad_epochs"] >= plan.early_stop:
+                    extra["stopped"] = True
+                    record["stopped_early"] = f"no better {plan.monitor} for {plan.early_stop} epochs"
         log(record)
-        history.append(record)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(checkpoints / "last.safetensors"), metadata={"epoch": str(epoch + 1)})
-    for param in model.parameters():
-        param.requires_grad_(True)
-    return history
+        position.history.append(record)
+        position.epoch, position.step = epoch + 1, 0
+        checkpoint()
+    if averager.finish(module, phase.bn_batches, phase.batchnorms):
+        log(record_validation({"epoch": position.epoch, "kind": "averaged", "averaging": "ema" if plan.ema else "swa"}))
+    if best is not None:
+        module.load_state_dict(best)
+        log({"phase": phase.name, "kind": "restored-best", "step": position.global_step, plan.monitor: extra["best_value"]})
+    return position.history
+
+
+def copy_module(module: nn.Module) -> nn.Module:
+    """A detached copy (used by the LR finder to leave the real weights untouched)."""
+    return copy.deepcopy(module)

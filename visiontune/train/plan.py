@@ -52,6 +52,32 @@ class Plan:
     seed: int
     budget_s: float | None = None
     predicted_s: float | None = None
+    # The training playbook (one flag each); the defaults are the measured recipe, "off" where a trick
+    # did not pay on the bench.
+    optimizer: str = "adamw"  # adamw | sgd (Nesterov momentum 0.9)
+    schedule: str = "onecycle"  # onecycle | cosine | sgdr | constant
+    warmup_epochs: float = 0.0  # linear warm-up for cosine / sgdr / constant (one-cycle warms up itself)
+    sgdr_cycle: int = 0  # epochs of SGDR's first cycle (0: a third of the epochs)
+    sgdr_mult: int = 2  # each SGDR cycle this many times longer than the last
+    loss: str = "ce"  # ce | focal
+    label_smoothing: float = 0.0
+    focal_gamma: float = 2.0
+    class_weights: str = "none"  # none | balanced
+    sampler: str = "random"  # random | balanced (classes drawn equally often)
+    aug: str = "light"  # none | light | standard | strong | aerial (images and cached views)
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 = off
+    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix (spatial inputs only); 0 = off
+    swa: bool = False  # stochastic weight averaging over the last (1 - swa_start) of the epochs
+    swa_start: float = 0.75
+    swa_lr: float = 0.0  # constant SWA rate; 0: a tenth of each group's peak
+    ema: float = 0.0  # decay of an exponential moving average of the weights; 0 = off
+    early_stop: int = 0  # patience in epochs without improvement of `monitor`; 0 = off
+    monitor: str = "valid_loss"  # valid_loss | valid_accuracy
+    eval_every: int = 0  # also validate every N optimizer steps (0: only per epoch)
+    checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: only per epoch)
+    amp: bool = False  # bf16 autocast on CPU
+    freeze_to: str = ""  # fine-tune from this layer group up (e.g. blocks.4); "" = unfreeze_groups decides
+    gradual: bool = False  # gradual unfreezing: one more layer group per fine-tuning epoch
     why: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -166,6 +192,29 @@ def choose_img_size(data: DataProfile, native_size: int) -> tuple[int, str]:
     return native_size, "the backbone's native input size"
 
 
+CHOICES = {
+    "optimizer": ("adamw", "sgd"),
+    "schedule": ("onecycle", "cosine", "sgdr", "constant"),
+    "loss": ("ce", "focal"),
+    "class_weights": ("none", "balanced"),
+    "sampler": ("random", "balanced"),
+    "aug": ("none", "light", "standard", "strong", "aerial"),
+    "monitor": ("valid_loss", "valid_accuracy"),
+}
+
+
+def _check_choices(plan: Plan) -> None:
+    for name, allowed in CHOICES.items():
+        if getattr(plan, name) not in allowed:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(plan, name)!r}: choose from {', '.join(allowed)}")
+    if not 0 <= plan.label_smoothing < 1:
+        raise UsageError("--label-smoothing must be in [0, 1)")
+    if not 0 <= plan.ema < 1:
+        raise UsageError("--ema is a decay in [0, 1), e.g. 0.999")
+    if plan.swa and plan.ema:
+        raise UsageError("--swa and --ema both average the weights; choose one")
+
+
 def make_plan(
     data: DataProfile,
     native_size: int,
@@ -255,6 +304,7 @@ def make_plan(
         current = getattr(plan, name)
         setattr(plan, name, value if current is None else type(current)(value))
         why[name] = "set by you"
+    _check_choices(plan)
     if plan.cut not in cuts:
         raise UsageError(f"unknown cut {plan.cut!r}; choose from {', '.join(cuts)}")
     if (overrides or {}).get("finetune_epochs") and plan.recipe != "full":

@@ -1,0 +1,132 @@
+"""Exact-resume checkpoints: model, optimizer, scheduler, averaged weights, early-stopping best, RNG
+state and the position in the epoch — without pickle.
+
+Tensors go to ``checkpoints/last.safetensors``, everything else (counters, optimizer hyper-parameters,
+scheduler state, history) to ``checkpoints/last.json``. Both are written to temporary names and renamed,
+the JSON last and naming the tensor file's id, so a kill at any moment leaves the previous consistent
+pair or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+@dataclass
+class Position:
+    """Where a phase stands: `epoch` epochs done and `step` optimizer steps into the next one."""
+
+    phase: str
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    metrics_lines: int = 0  # lines of metrics.jsonl written when this checkpoint was taken
+    history: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # early stopping counters, SWA count, ...
+
+
+def _flat_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{name}"] = value.detach().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _nested_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    folder: Path,
+    position: Position,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    averaged: nn.Module | None = None,
+    best: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write the pair atomically (see module docstring)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    opt_tensors, opt_meta = _flat_optimizer(optimizer.state_dict())
+    tensors.update(opt_tensors)
+    if averaged is not None:
+        tensors.update({f"averaged.{k}": v.detach().contiguous().clone() for k, v in averaged.state_dict().items()})
+    for k, v in (best or {}).items():
+        tensors[f"best.{k}"] = v.detach().contiguous().clone()
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensor_id = uuid.uuid4().hex
+    tmp = folder / f".last-{tensor_id}.safetensors"
+    save_file(tensors, str(tmp), metadata={"id": tensor_id})
+    meta = {
+        "id": tensor_id,
+        "position": asdict(position),
+        "optimizer": opt_meta,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "has_averaged": averaged is not None,
+        "has_best": bool(best),
+    }
+    tmp_json = folder / ".last.json.tmp"
+    tmp_json.write_text(json.dumps(meta))
+    old = {p for p in folder.glob("last-*.safetensors")}
+    final = folder / f"last-{tensor_id}.safetensors"
+    os.replace(tmp, final)
+    os.replace(tmp_json, folder / "last.json")
+    for path in old:
+        path.unlink(missing_ok=True)
+
+
+@dataclass
+class Checkpoint:
+    position: Position
+    model: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict | None
+    averaged: dict[str, torch.Tensor] | None
+    best: dict[str, torch.Tensor] | None
+    rng: torch.Tensor
+
+    def restore_rng(self) -> None:
+        torch.set_rng_state(self.rng)
+
+
+def load_checkpoint(folder: Path) -> Checkpoint | None:
+    """The last consistent checkpoint in `folder`, or None when there is none (read as tensors only)."""
+    meta_path = folder / "last.json"
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    tensors = load_file(str(folder / f"last-{meta['id']}.safetensors"))
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    return Checkpoint(
+        position=Position(**meta["position"]),
+        model=part("model."),
+        optimizer=_nested_optimizer(tensors, meta["optimizer"]),
+        scheduler=meta["scheduler"],
+        averaged=part("averaged.") if meta["has_averaged"] else None,
+        best=part("best.") if meta["has_best"] else None,
+        rng=tensors["rng.torch"],
+    )
