@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow fashion-mnist bench-speed bench-memory clean
+.PHONY: install demo test test-slow fashion-mnist bench-speed bench-memory bench-playbook clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ $(VENV)/.bench: $(STAMP)
 
 bench-speed: $(VENV)/.bench fashion-mnist
 	$(BIN)/python bench/fmnist_speed.py
+
+bench-playbook: $(STAMP) fashion-mnist
+	$(BIN)/python bench/playbook.py
+	$(BIN)/python bench/compile_check.py
 
 bench-memory: $(VENV)/.bench
 	$(BIN)/python bench/cache_memory.py

@@ -348,3 +348,9 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_an_uninterrupted_run(model, 
     _, history, _ = pooled_run(model, plan, resume=checkpoint)
     assert torch.equal(model.get_classifier().weight.detach(), expected)
     assert history[-1]["valid_loss"] == full_records[-1]["valid_loss"]
+
+
+def test_torch_compile_trains_the_same_model(model):
+    _, eager, _ = pooled_run(model, make_plan(epochs=2))
+    _, compiled, _ = pooled_run(model, make_plan(epochs=2, compile=True))
+    assert compiled[-1]["valid_loss"] == pytest.approx(eager[-1]["valid_loss"], rel=1e-3, abs=1e-5)

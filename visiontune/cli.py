@@ -56,7 +56,7 @@ PLAN_FLAGS = (
     "epochs", "unfreeze", "img_size", "batch_size", "lr", "lr_mult", "cut", "views", "engine", "optimizer",
     "weight_decay", "schedule", "warmup_epochs", "sgdr_cycle", "sgdr_mult", "loss", "label_smoothing",
     "focal_gamma", "class_weights", "sampler", "aug", "mixup", "cutmix", "swa", "swa_start", "swa_lr", "ema",
-    "early_stop", "monitor", "eval_every", "checkpoint_every", "amp", "freeze_to", "gradual", "bn_freeze",
+    "early_stop", "monitor", "eval_every", "checkpoint_every", "amp", "compile", "freeze_to", "gradual", "bn_freeze",
     "head_dropout",
 )
 
@@ -295,6 +295,7 @@ def _add_playbook(train: argparse.ArgumentParser) -> None:
     g.add_argument("--sgdr-cycle", type=int, help="epochs of SGDR's first cycle")
     g.add_argument("--sgdr-mult", type=int, help="SGDR cycle length multiplier")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the training step")
     g = train.add_argument_group("freezing")
     g.add_argument("--freeze-to", help="fine-tune from this layer group up, e.g. blocks.4")
     g.add_argument("--gradual", action=argparse.BooleanOptionalAction, default=None, help="gradual unfreezing")

@@ -95,6 +95,7 @@ def run_phase(
 ) -> list[dict]:
     """Train `phase.module` in place for `phase.epochs` epochs; returns the per-epoch records."""
     module, steps = phase.module, phase.steps_per_epoch
+    forward = torch.compile(module) if plan.compile else module  # shares the parameters; state stays uncompiled
     optimizer = make_optimizer(phase.groups, plan.optimizer, plan.weight_decay)
     schedule = make_schedule(
         optimizer, plan.schedule, phase.epochs, steps, plan.warmup_epochs, plan.sgdr_cycle, plan.sgdr_mult, phase.pct_start
@@ -154,7 +155,7 @@ def run_phase(
                     continue
                 inputs, targets = mix_batch(inputs, labels, phase.n_classes, plan.mixup, plan.cutmix)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=plan.amp):
-                    logits = module(inputs)
+                    logits = forward(inputs)
                 loss = loss_fn(logits, targets if (plan.mixup or plan.cutmix) else labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -76,6 +76,7 @@ class Plan:
     eval_every: int = 0  # also validate every N optimizer steps (0: only per epoch)
     checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: only per epoch)
     amp: bool = False  # bf16 autocast on CPU
+    compile: bool = False  # torch.compile the training forward (pays only for long fine-tuning; see README)
     freeze_to: str = ""  # fine-tune from this layer group up (e.g. blocks.4); "" = unfreeze_groups decides
     gradual: bool = False  # gradual unfreezing: one more layer group per fine-tuning epoch
     why: dict[str, str] = field(default_factory=dict)
@@ -92,16 +93,25 @@ class Plan:
         path.write_text(json.dumps(self.to_dict(), indent=2))
 
     def table(self) -> Table:
-        """The plan as a rich table with a 'why' column, printed before training."""
+        """The plan as a rich table with a 'why' column, printed before training. Playbook settings
+        appear when chosen (by you or a search); the rest stay at their documented defaults."""
         table = Table(title="plan")
         table.add_column("setting")
         table.add_column("value", justify="right")
         table.add_column("why")
         for f in fields(self):
-            if f.name == "why":
+            if f.name == "why" or (f.name in PLAYBOOK_SETTINGS and f.name not in self.why):
                 continue
             table.add_row(f.name, str(getattr(self, f.name)), self.why.get(f.name, ""))
         return table
+
+
+#: Settings of the training playbook (issue C), after the recipe's own fields.
+PLAYBOOK_SETTINGS = {f.name for f in fields(Plan)} - {
+    "recipe", "cut", "views", "img_size", "batch_size", "epochs", "lr", "head_dropout", "weight_decay",
+    "finetune_epochs", "finetune_lr", "unfreeze_groups", "bn_freeze", "lr_mult", "engine", "valid_fraction", "seed",
+    "budget_s", "predicted_s", "why",
+}
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
