@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow fashion-mnist bench-speed bench-memory bench-playbook clean
+.PHONY: install demo test browser test-slow fashion-mnist bench-speed bench-memory bench-playbook clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,12 @@ demo: $(STAMP)
 	@test -d data/digits || $(BIN)/visiontune demo-data digits data/digits
 	$(BIN)/visiontune train data/digits
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(STAMP) browser
+	VISIONTUNE_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q
+
+# Headless Chromium for the report/page tests (Debian packages; needs root or sudo).
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 
 # Benchmark-style tests (need Fashion-MNIST: `make fashion-mnist`).
 test-slow: $(STAMP) fashion-mnist

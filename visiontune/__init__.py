@@ -2,6 +2,18 @@
 
 __version__ = "0.1.0"
 
-from visiontune.api import Classifier, Plan, Prediction, evaluate, fit, load, predict  # noqa: E402
+from visiontune.api import (  # noqa: E402
+    Classifier,
+    Plan,
+    Prediction,
+    ensemble_runs,
+    evaluate,
+    find_lr,
+    fit,
+    load,
+    predict,
+    resume,
+)
 
-__all__ = ["fit", "load", "predict", "evaluate", "Classifier", "Prediction", "Plan", "__version__"]
+__all__ = ["fit", "resume", "find_lr", "load", "predict", "evaluate", "ensemble_runs", "Classifier", "Prediction", "Plan",
+           "__version__"]

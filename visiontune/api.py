@@ -35,7 +35,7 @@ from visiontune.data.catalog import (
 from visiontune.data.split import kfold_indices, split_catalog
 from visiontune.evaluate.metrics import classification_metrics
 from visiontune.progress import console
-from visiontune.runs import RunDir
+from visiontune.runs import RunDir, save_predictions
 from visiontune.clock import seconds_since_process_start
 from visiontune.engines import default_engine
 from visiontune.errors import UsageError
@@ -155,6 +155,7 @@ def fit(
     workers: int = 1,
     runs_root: str | Path = "runs",
     folds: int = 0,
+    report: bool = True,
     **settings,
 ) -> Classifier:
     """Train a classifier on a folder of labelled images and save it as a run; returns the classifier.
@@ -172,7 +173,7 @@ def fit(
     for k in auto:
         settings[k] = None
     call = {"data": data, "arch": arch, "weights": weights, "labels": labels, "budget": budget, "seed": seed,
-            "cache_dir": cache_dir, "workers": workers, "auto": sorted(auto)}
+            "cache_dir": cache_dir, "workers": workers, "auto": sorted(auto), "report": report}
     if folds and folds > 1:
         return _fit_folds(call, settings, folds, out, Path(runs_root))
     prep = prepare(data, arch, weights, labels, seed, budget, **settings)
@@ -310,7 +311,8 @@ def _train(prep: Prepared, run: RunDir, call: dict, resuming: bool = False, expe
     if expected_split is not None and [str(p) for p in prep.train.paths] != expected_split["train"]:
         raise DataError(f"{data}: the data changed since {run.path} started (its split.json differs); start a new run.")
     run.write_skipped(skipped)
-    run.write_split({"train": prep.train.paths, "valid": prep.valid.paths})
+    run.write_split({"train": prep.train.paths, "valid": prep.valid.paths},
+                    {"train": prep.train.labels, "valid": prep.valid.labels}, classes)
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} unusable files[/] (listed in {run.path / 'skipped.txt'})")
 
@@ -332,6 +334,7 @@ def _train(prep: Prepared, run: RunDir, call: dict, resuming: bool = False, expe
         train_cached(
             tail, train_views, y_train, x_va, y_valid, plan, logger, phase=f"cached:{plan.cut}",
             checkpoints=run.checkpoints, resume=checkpoint, metrics_lines=run.metrics_lines,
+            train_paths=prep.train.paths,
         )
     classifier = Classifier(model.eval(), backbone.arch, classes, backbone.preprocessing, run_dir=run.path)
     if plan.finetune_epochs > 0:
@@ -343,6 +346,7 @@ def _train(prep: Prepared, run: RunDir, call: dict, resuming: bool = False, expe
         kept, probs = classifier.probabilities(prep.valid.paths, plan.batch_size)
         y_valid = y_valid[kept]
     else:
+        kept = np.arange(len(y_valid))
         probs = predict_cached(tail, x_va).softmax(-1).numpy()
     metrics = classification_metrics(y_valid, probs, classes)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
@@ -355,9 +359,15 @@ def _train(prep: Prepared, run: RunDir, call: dict, resuming: bool = False, expe
         )
     logger({"phase": "final", **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}})
     logger.close()
-    classifier.metrics = {k: v for k, v in metrics.items() if k != "confusion_matrix"}
+    classifier.metrics = {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "confusion_matrix_normalized")}
     classifier.extra = {"weights": backbone.weights, "trained_on": str(Path(data).resolve())}
     classifier.save(run.classifier_dir)
+    save_predictions(run.path, kept, probs, y_valid)
+    if call.get("report", True):
+        from visiontune.report.html import build_report
+
+        report_started = time.perf_counter()
+        console.print(f"report: {build_report(run.path)} ({time.perf_counter() - report_started:.1f}s)")
     return classifier
 
 
@@ -381,6 +391,10 @@ def find_lr(
 
 def load(path: str | Path) -> Classifier:
     """Load a classifier from a run folder or a classifier folder (a --folds run: the folds' ensemble)."""
+    if (Path(path) / "ensemble.json").exists():
+        from visiontune.ensemble import Ensemble
+
+        return Ensemble.load_ensemble(Path(path))
     if list(Path(path).glob("fold-*/classifier")) and not (Path(path) / "classifier").exists():
         from visiontune.ensemble import Ensemble
 
@@ -388,10 +402,62 @@ def load(path: str | Path) -> Classifier:
     return Classifier.load(path)
 
 
-def predict(classifier: Classifier | str | Path, images: str | Path | Sequence[str | Path], topk: int = 5):
+def predict(
+    classifier: Classifier | str | Path, images: str | Path | Sequence[str | Path], topk: int = 5, tta: str = "none"
+):
     """Top-k predictions; `classifier` may be a loaded Classifier or a run/classifier folder."""
     clf = classifier if isinstance(classifier, Classifier) else load(classifier)
-    return clf.predict(images, topk=topk)
+    return clf.predict(images, topk=topk, tta=tta)
+
+
+def ensemble_runs(
+    runs: Sequence[str | Path], data: str | Path, labels: str | Path | None = None, method: str = "mean",
+    out: str | Path | None = None, batch_size: int = 64, engine: str = "auto",
+) -> dict:
+    """Evaluate runs and their ensemble on labelled data: each member's accuracy, the pairwise correlation
+    of their errors (low correlation = an ensemble gains), the ensemble's metrics; saves it with `out`.
+
+    `weighted` sets each member's weight proportional to 1 / its log loss on `data` — fitted on the
+    data it is evaluated on, so judge it on held-out data.
+    """
+    from visiontune.ensemble import METHODS, Ensemble
+
+    if method not in METHODS:
+        raise UsageError(f"unknown ensemble method {method!r}; choose from {', '.join(METHODS)}")
+    members = [load(r) for r in runs]
+    catalog = evaluation_catalog(data, members[0].classes, labels)
+    y = np.array(catalog.labels)
+    member_probs, kept_sets = [], []
+    for member in members:
+        kept, probs = member.probabilities(catalog.paths, batch_size, engine=engine)
+        member_probs.append((kept, probs))
+        kept_sets.append(set(kept.tolist()))
+    common = np.array(sorted(set.intersection(*kept_sets)))
+    aligned = [probs[np.searchsorted(kept, common)] for kept, probs in member_probs]
+    yc = y[common]
+    per_member = [classification_metrics(yc, p, members[0].classes) for p in aligned]
+    errors = np.stack([p.argmax(1) != yc for p in aligned]).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        correlation = np.corrcoef(errors) if len(members) > 1 else np.ones((1, 1))
+    weights = [1.0 / max(m["log_loss"], 1e-6) for m in per_member] if method == "weighted" else None
+    combined = Ensemble.from_members(members, method=method, weights=weights)
+    stacked = torch.from_numpy(np.stack(aligned)).float()
+    w = combined.model.weights.view(-1, 1, 1)
+    probs = (stacked * w).sum(0)
+    if method == "vote":
+        votes = torch.nn.functional.one_hot(stacked.argmax(-1), stacked.shape[-1]).float().mean(0)
+        probs = (votes + 1e-3 * probs) / (1 + 1e-3)
+    metrics = classification_metrics(yc, probs.numpy(), members[0].classes)
+    result = {
+        "members": [{"run": str(r), "accuracy": m["accuracy"], "log_loss": m["log_loss"]} for r, m in zip(runs, per_member)],
+        "error_correlation": np.round(np.nan_to_num(correlation, nan=0.0), 4).tolist(),
+        "method": method, "weights": combined.model.weights.tolist(),
+        "accuracy": metrics["accuracy"], "log_loss": metrics["log_loss"], "n": int(len(yc)),
+    }
+    if out is not None:
+        combined.metrics = {k: v for k, v in result.items() if k != "members"}
+        combined.save_ensemble(Path(out))
+    return result
 
 
 def evaluation_catalog(data: str | Path, classes: list[str], labels: str | Path | None = None) -> Catalog:
@@ -414,16 +480,18 @@ def evaluation_catalog(data: str | Path, classes: list[str], labels: str | Path 
 
 
 def evaluate(
-    classifier: Classifier | str | Path, data: str | Path, labels: str | Path | None = None, batch_size: int = 64
+    classifier: Classifier | str | Path, data: str | Path, labels: str | Path | None = None, batch_size: int = 64,
+    tta: str = "none", combine: str = "mean",
 ) -> dict:
-    """Metrics of a classifier on labelled images (class folders, split folders or a labels CSV)."""
+    """Metrics of a classifier on labelled images (class folders, split folders or a labels CSV), with
+    optional test-time augmentation (`tta`: flip | flips | 5crop | 10crop | scale)."""
     clf = classifier if isinstance(classifier, Classifier) else load(classifier)
     catalog = evaluation_catalog(data, clf.classes, labels)
     skipped: list[Skipped] = list(catalog.skipped)
-    kept, probs = clf.probabilities(catalog.paths, batch_size, skipped=skipped)
+    kept, probs = clf.probabilities(catalog.paths, batch_size, skipped=skipped, tta=tta, combine=combine)
     metrics = classification_metrics(np.array(catalog.labels)[kept], probs, clf.classes)
     metrics["skipped"] = [{"path": s.path, "reason": s.reason} for s in skipped]
     return metrics
 
 
-__all__ = ["fit", "resume", "find_lr", "load", "predict", "evaluate", "Classifier", "Prediction", "Plan"]
+__all__ = ["fit", "resume", "find_lr", "ensemble_runs", "load", "predict", "evaluate", "Classifier", "Prediction", "Plan"]

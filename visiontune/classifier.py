@@ -21,7 +21,7 @@ from torch import nn
 
 from visiontune.data.catalog import Skipped
 from visiontune.data.transforms import Preprocessing
-from visiontune.inference import collect_outputs, stream_outputs
+from visiontune.inference import stream_outputs
 
 ARTIFACT_FORMAT = 1
 
@@ -54,27 +54,73 @@ class Classifier:
     metrics: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     run_dir: Path | None = None
+    directory: Path | None = None  # the classifier folder it was saved to / loaded from
+    _engines: dict = field(default_factory=dict, repr=False)
 
-    def probabilities(
-        self, paths: Sequence[str | Path], batch_size: int = 64, skipped: list[Skipped] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(kept positions, softmax probabilities) for image files; unreadable files go to `skipped`."""
+    def engine_forward(self, engine: str = "torch"):
+        """images -> logits on `engine`: torch, or onnxruntime ("onnx"; "auto" = onnxruntime when installed).
+
+        The ONNX file is exported once per weights file into the feature cache's engines/ folder, never
+        into the classifier folder."""
+        from visiontune.engines import compile_forward, default_engine
+
+        engine = {"auto": default_engine(), "onnx": "onnxruntime"}.get(engine, engine)
+        if engine not in self._engines:
+            path = None
+            if engine == "onnxruntime" and self.directory is not None:
+                from visiontune.cache.store import content_hash, default_cache_root
+
+                digest = content_hash(self.directory / "model.safetensors")
+                path = default_cache_root() / "engines" / f"{self.arch}-{self.preprocessing.input_size}-{digest[:20]}.onnx"
+            model = self.model.eval().to(memory_format=torch.contiguous_format) if engine == "onnxruntime" else self.model.eval()
+            self._engines[engine] = compile_forward(model, engine, self.preprocessing.input_size, path)
+            self.model.to(memory_format=torch.channels_last)
+        return self._engines[engine]
+
+    def stream_probabilities(
+        self, paths: Sequence[str | Path], batch_size: int = 64, skipped: list[Skipped] | None = None,
+        tta: str = "none", combine: str = "mean", engine: str = "torch",
+    ):
+        """Yield (positions, probabilities) batch by batch; `tta` adds test-time augmentation views
+        (see :mod:`visiontune.evaluate.tta`); unreadable files go to `skipped`."""
+        from visiontune.evaluate.tta import tta_forward, tta_transform, tta_views
+
         self.model.eval()
-        return collect_outputs(
-            self._softmax, [Path(p) for p in paths], self.preprocessing, batch_size, description="predicting",
-            skipped=skipped,
+        forward = self.engine_forward(engine)
+        paths = [Path(p) for p in paths]
+        if tta == "none":
+            yield from stream_outputs(
+                lambda x: forward(x).float().softmax(-1), paths, self.preprocessing, batch_size, description="predicting",
+                skipped=skipped,
+            )
+            return
+        views = tta_views(tta)
+        yield from stream_outputs(
+            tta_forward(forward, combine), paths, self.preprocessing, max(1, batch_size // views),
+            description=f"predicting (TTA {tta})", transform=tta_transform(self.preprocessing, tta), skipped=skipped,
+            views=views,
         )
 
+    def probabilities(
+        self, paths: Sequence[str | Path], batch_size: int = 64, skipped: list[Skipped] | None = None,
+        tta: str = "none", combine: str = "mean", engine: str = "torch",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(kept positions, probabilities) for image files, in input order."""
+        parts = list(self.stream_probabilities(paths, batch_size, skipped, tta, combine, engine))
+        if not parts:
+            return np.empty(0, dtype=np.int64), np.empty((0, len(self.classes)), dtype=np.float32)
+        indices = np.concatenate([p[0] for p in parts])
+        order = np.argsort(indices, kind="stable")
+        return indices[order], np.concatenate([p[1] for p in parts])[order]
+
     def iter_predictions(
-        self, paths: Sequence[str | Path], topk: int = 5, batch_size: int = 64, skipped: list[Skipped] | None = None
+        self, paths: Sequence[str | Path], topk: int = 5, batch_size: int = 64, skipped: list[Skipped] | None = None,
+        tta: str = "none", combine: str = "mean", engine: str = "torch",
     ):
         """Stream :class:`Prediction` objects batch by batch: memory stays flat for any folder size."""
-        self.model.eval()
         paths = [Path(p) for p in paths]
         k = min(topk, len(self.classes))
-        for indices, probs in stream_outputs(
-            self._softmax, paths, self.preprocessing, batch_size, description="predicting", skipped=skipped
-        ):
+        for indices, probs in self.stream_probabilities(paths, batch_size, skipped, tta, combine, engine):
             top = np.argsort(-probs, axis=1)[:, :k]
             for row, index in enumerate(indices):
                 yield Prediction(
@@ -83,18 +129,17 @@ class Classifier:
                     [float(probs[row, j]) for j in top[row]],
                 )
 
-    def predict(self, images: str | Path | Sequence[str | Path], topk: int = 5) -> Prediction | list[Prediction]:
+    def predict(
+        self, images: str | Path | Sequence[str | Path], topk: int = 5, tta: str = "none"
+    ) -> Prediction | list[Prediction]:
         """Top-k predictions for one image path (returns one) or several (returns a list)."""
         single = isinstance(images, (str, Path))
-        results = list(self.iter_predictions([images] if single else images, topk=topk))
+        results = list(self.iter_predictions([images] if single else images, topk=topk, tta=tta))
         if single:
             if not results:
                 raise ArtifactError(f"{images}: could not be read as an image")
             return results[0]
         return results
-
-    def _softmax(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images).softmax(dim=-1)
 
     def save(self, directory: str | Path) -> Path:
         """Write `model.safetensors` + `classifier.json` into `directory` (created if needed)."""
@@ -116,6 +161,7 @@ class Classifier:
             **self.extra,
         }
         (directory / "classifier.json").write_text(json.dumps(meta, indent=2))
+        self.directory = directory
         return directory
 
     @classmethod
@@ -151,4 +197,5 @@ class Classifier:
             metrics=meta.get("metrics", {}),
             extra={k: v for k, v in meta.items() if k not in known},
             run_dir=run_dir,
+            directory=directory,
         )

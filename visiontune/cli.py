@@ -56,7 +56,8 @@ PLAN_FLAGS = (
     "epochs", "unfreeze", "img_size", "batch_size", "lr", "lr_mult", "cut", "views", "engine", "optimizer",
     "weight_decay", "schedule", "warmup_epochs", "sgdr_cycle", "sgdr_mult", "loss", "label_smoothing",
     "focal_gamma", "class_weights", "sampler", "aug", "mixup", "cutmix", "swa", "swa_start", "swa_lr", "ema",
-    "early_stop", "monitor", "eval_every", "checkpoint_every", "amp", "compile", "freeze_to", "gradual", "bn_freeze",
+    "early_stop", "monitor", "eval_every", "checkpoint_every", "amp", "compile", "freeze_to", "upweight",
+    "upweight_factor", "gradual", "bn_freeze",
     "head_dropout",
 )
 
@@ -81,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         clf = fit(
             args.data, arch=args.arch, weights=args.weights, out=args.out, labels=args.labels, budget=args.budget,
             seed=args.seed, cache_dir=args.cache_dir, workers=args.workers, folds=args.folds,
-            valid_fraction=args.valid, **settings,
+            valid_fraction=args.valid, report=args.report, **settings,
         )
     if "per_class" in clf.metrics:
         for table in _metrics_tables(clf.metrics, clf.classes):
@@ -108,6 +109,109 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
 
     out = augment_preview(args.data, args.out, args.aug, args.images, args.samples, args.img_size, args.seed)
     console.print(f"wrote {out}")
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from visiontune.api import ensemble_runs
+
+    result = ensemble_runs(args.runs, args.data, args.labels, args.method, args.out, args.batch_size)
+    table = Table(title=f"ensemble ({args.method}) on {result['n']} images")
+    for column in ("model", "accuracy", "log loss", "weight"):
+        table.add_column(column)
+    for member, weight in zip(result["members"], result["weights"]):
+        table.add_row(member["run"], f"{member['accuracy']:.4f}", f"{member['log_loss']:.4f}", f"{weight:.3f}")
+    table.add_row("[bold]ensemble[/]", f"[bold]{result['accuracy']:.4f}[/]", f"{result['log_loss']:.4f}", "")
+    Console().print(table)
+    corr = Table(title="correlation of the members' errors")
+    corr.add_column("")
+    for k in range(len(args.runs)):
+        corr.add_column(str(k + 1), justify="right")
+    for k, row in enumerate(result["error_correlation"]):
+        corr.add_row(str(k + 1), *[f"{v:.2f}" for v in row])
+    Console().print(corr)
+    if args.out:
+        console.print(f"saved the ensemble to {args.out} (load it like a run: visiontune predict {args.out} ...)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from visiontune.api import load
+    from visiontune.export.formats import export, parity, quantize_int8
+
+    run = Path(args.run)
+    clf = load(run)
+    suffix = ".onnx" if args.format == "onnx" else ".pt"
+    out = Path(args.out) if args.out else run / "export" / f"model{suffix}"
+    split = json.loads((run / "split.json").read_text()) if (run / "split.json").exists() else {}
+    images = (split.get("valid") or split.get("train") or [])[: args.parity_images]
+    export(clf, args.format, out)
+    console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    if images:
+        check = parity(clf, out, images)
+        console.print(f"parity on {check['images']} real images: max |Δprob| = {check['max_abs_prob_diff']:.2e} "
+                      f"(tolerance {check['tolerance']:.0e}) -> {'OK' if check['ok'] else 'FAILED'}")
+        if not check["ok"]:
+            return 1
+    if args.quantize == "int8":
+        if args.format != "onnx":
+            raise UsageError("--quantize int8 needs --format onnx")
+        quantized = quantize_int8(clf, out, out.with_name(out.stem + "-int8.onnx"), images[:64])
+        console.print(f"wrote {quantized} ({quantized.stat().st_size / 1e6:.1f} MB)")
+        if split.get("valid_labels"):
+            from visiontune.export.formats import exported_accuracy
+
+            labels = split["valid_labels"]
+            fp32, int8 = exported_accuracy(out, split["valid"], labels), exported_accuracy(quantized, split["valid"], labels)
+            console.print(f"validation accuracy: fp32 {fp32:.4f} -> int8 {int8:.4f} ({int8 - fp32:+.4f})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from visiontune.serve.app import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]serving on {args.host}: reachable from other machines[/]")
+    serve(args.run, args.host, args.port, max_upload_bytes=args.max_upload_mb * 1024 * 1024, max_pixels=args.max_pixels,
+          max_concurrent=args.max_concurrent)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from visiontune.report.html import build_report
+
+    out = build_report(args.run)
+    console.print(f"wrote {out}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from visiontune.report.show import show
+
+    show(args.run, mistakes=args.mistakes, limit=args.limit)
+    return 0
+
+
+def cmd_hard_examples(args: argparse.Namespace) -> int:
+    from visiontune.api import load
+    from visiontune.evaluate.hard_examples import mine_hard_examples, write_hard_examples
+
+    run = Path(args.run)
+    split = json.loads((run / "split.json").read_text())
+    if "train_labels" not in split:
+        raise UsageError(f"{run}: split.json has no labels (a run from an older visiontune); retrain it")
+    clf = load(run)
+    found = mine_hard_examples(clf, split["train"], split["train_labels"], args.margin, args.confident, args.batch_size)
+    out = write_hard_examples(found, Path(args.out) if args.out else run / "hard_examples.csv")
+    kinds = {k: sum(h.kind == k for h in found) for k in ("likely-label-error", "wrong", "barely-right")}
+    console.print(f"{len(split['train'])} training images: " + ", ".join(f"{v} {k}" for k, v in kinds.items()))
+    table = Table(title="hardest training images")
+    for column in ("path", "label", "predicted", "p(label)", "kind"):
+        table.add_column(column)
+    for h in found[: args.limit]:
+        table.add_row(h.path, h.label, h.predicted, f"{h.p_label:.3f}", h.kind)
+    Console().print(table)
+    console.print(f"wrote {out}; retrain with: visiontune train DATA --upweight {out}")
     return 0
 
 
@@ -156,8 +260,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     clf = load(args.classifier)
     paths = _image_args(args.images)
+    if args.submission:
+        from visiontune.submission import write_submission
+
+        out = Path(args.csv or "submission.csv")
+        done = write_submission(clf, Path(args.submission), paths, out, args.batch_size, args.tta, args.engine)
+        console.print(f"wrote {out}: {done['rows']} rows ({done['format']} format of {args.submission}); "
+                      f"{done['unreadable']} unreadable images got uniform probabilities")
+        return 0
     skipped: list[Skipped] = []
-    predictions = clf.iter_predictions(paths, topk=args.topk, batch_size=args.batch_size, skipped=skipped)
+    predictions = clf.iter_predictions(
+        paths, topk=args.topk, batch_size=args.batch_size, skipped=skipped, tta=args.tta, combine=args.combine,
+        engine=args.engine,
+    )
     count = 0
     if args.csv:
         out = Path(args.csv)
@@ -189,7 +304,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from visiontune.api import evaluate, load
 
     clf = load(args.classifier)
-    metrics = evaluate(clf, args.data, labels=args.labels, batch_size=args.batch_size)
+    metrics = evaluate(clf, args.data, labels=args.labels, batch_size=args.batch_size, tta=args.tta, combine=args.combine)
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2))
     for table in _metrics_tables(metrics, clf.classes):
@@ -275,6 +390,13 @@ def _add_data_and_backbone(parser: argparse.ArgumentParser, optional: bool = Fal
     parser.add_argument("--seed", type=int, default=0)
 
 
+def _add_tta(parser: argparse.ArgumentParser) -> None:
+    from visiontune.evaluate.tta import COMBINE, TTA_MODES
+
+    parser.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation views")
+    parser.add_argument("--combine", choices=COMBINE, default="mean", help="how TTA probabilities are combined")
+
+
 def _add_playbook(train: argparse.ArgumentParser) -> None:
     """The training playbook's flags; each maps to one plan setting (None: the plan decides)."""
     g = train.add_argument_group("recipe (default: the plan)")
@@ -316,6 +438,8 @@ def _add_playbook(train: argparse.ArgumentParser) -> None:
     g.add_argument("--ema", type=float, help="EMA decay of the weights, e.g. 0.999")
     g.add_argument("--early-stop", type=int, metavar="PATIENCE", help="stop after this many epochs without improvement")
     g.add_argument("--monitor", choices=["valid_loss", "valid_accuracy"])
+    g.add_argument("--upweight", metavar="CSV", help="draw the images of a hard-examples CSV more often")
+    g.add_argument("--upweight-factor", type=float, help="how much more often (3)")
     g = train.add_argument_group("monitoring")
     g.add_argument("--eval-every", type=int, metavar="STEPS", help="also validate every N steps (metrics.jsonl, tb/)")
     g.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also checkpoint every N steps")
@@ -335,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--valid", type=float, help="validation fraction when DATA is not split (default 0.2)")
     train.add_argument("--cache-dir", help="feature cache (default: $VISIONTUNE_CACHE or ~/.cache/visiontune)")
     train.add_argument("--workers", type=int, default=1, help="image-decoding processes")
+    train.add_argument("--report", action=argparse.BooleanOptionalAction, default=True, help="write report.html (default)")
     _add_playbook(train)
     train.set_defaults(func=cmd_train)
 
@@ -355,6 +480,51 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--seed", type=int, default=0)
     preview.set_defaults(func=cmd_augment_preview)
 
+    ens = sub.add_parser("ensemble", help="evaluate runs and their ensemble; error correlation; save it")
+    ens.add_argument("runs", nargs="+", help="run folders (same classes and preprocessing)")
+    ens.add_argument("--data", required=True, help="labelled images to evaluate on (class folders or split folder)")
+    ens.add_argument("--labels", help="CSV with filename,label columns")
+    ens.add_argument("--method", choices=["mean", "vote", "weighted"], default="mean")
+    ens.add_argument("--out", help="save the ensemble here")
+    ens.add_argument("--batch-size", type=int, default=64)
+    ens.set_defaults(func=cmd_ensemble)
+
+    export = sub.add_parser("export", help="ONNX or TorchScript file with a parity check (and int8 quantization)")
+    export.add_argument("run")
+    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    export.add_argument("--out", help="file to write (default: RUN/export/model.onnx|.pt); never overwritten")
+    export.add_argument("--quantize", choices=["int8"], help="also write a static int8 ONNX model")
+    export.add_argument("--parity-images", type=int, default=64, help="validation images for the parity check")
+    export.set_defaults(func=cmd_export)
+
+    serve = sub.add_parser("serve", help="HTTP API + web page for a classifier (FastAPI + uvicorn)")
+    serve.add_argument("run")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-upload-mb", type=int, default=10)
+    serve.add_argument("--max-pixels", type=int, default=40_000_000)
+    serve.add_argument("--max-concurrent", type=int, default=4)
+    serve.set_defaults(func=cmd_serve)
+
+    report = sub.add_parser("report", help="(re)build the run's self-contained report.html")
+    report.add_argument("run")
+    report.set_defaults(func=cmd_report)
+
+    show = sub.add_parser("show", help="a run's mistakes in the terminal (inline images in iTerm2/kitty)")
+    show.add_argument("run")
+    show.add_argument("--mistakes", action="store_true", help="the most confident mistakes (default: summary)")
+    show.add_argument("--limit", type=int, default=12)
+    show.set_defaults(func=cmd_show)
+
+    hard = sub.add_parser("hard-examples", help="training images the model gets wrong or barely right -> CSV")
+    hard.add_argument("run")
+    hard.add_argument("--out", help="CSV path (default: RUN/hard_examples.csv)")
+    hard.add_argument("--margin", type=float, default=0.2, help="barely right: top-2 margin below this")
+    hard.add_argument("--confident", type=float, default=0.9, help="likely label error: wrong with p >= this")
+    hard.add_argument("--batch-size", type=int, default=64)
+    hard.add_argument("--limit", type=int, default=15)
+    hard.set_defaults(func=cmd_hard_examples)
+
     doctor = sub.add_parser("doctor", help="check data and pipeline: balance, duplicates, mean/std, overfit a tiny subset")
     _add_data_and_backbone(doctor)
     doctor.set_defaults(func=cmd_doctor)
@@ -370,6 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--csv", help="write predictions to this CSV instead of a table")
     predict.add_argument("--topk", type=int, default=3)
     predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto",
+                         help="auto: onnxruntime when installed (fastest here)")
+    predict.add_argument("--submission", metavar="SAMPLE_CSV", help="write a Kaggle submission in this sample's format")
+    _add_tta(predict)
     predict.set_defaults(func=cmd_predict)
 
     evaluate = sub.add_parser("evaluate", help="accuracy, per-class P/R/F1 and confusion matrix on labelled data")
@@ -378,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--labels", help="CSV with filename,label columns")
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
     evaluate.add_argument("--batch-size", type=int, default=64)
+    _add_tta(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
     split = sub.add_parser("split", help="make train/ and valid/ folders as links, without copying")

@@ -15,16 +15,28 @@ from torch import nn
 from visiontune.classifier import ArtifactError, Classifier
 
 
-class MeanProbabilities(nn.Module):
-    """Log of the members' mean probability: a softmax on top gives the mean back."""
+METHODS = ("mean", "vote", "weighted")
 
-    def __init__(self, models: list[nn.Module]):
+
+class MeanProbabilities(nn.Module):
+    """Log of the members' combined probability (a softmax on top gives it back): the (weighted) mean
+    of their probabilities, or for `vote` the share of members voting for each class (ties broken by
+    the mean probability)."""
+
+    def __init__(self, models: list[nn.Module], weights: list[float] | None = None, method: str = "mean"):
         super().__init__()
         self.members = nn.ModuleList(models)
+        self.method = method
+        w = torch.tensor(weights if weights is not None else [1.0] * len(models), dtype=torch.float32)
+        self.register_buffer("weights", w / w.sum())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([m(images).softmax(-1) for m in self.members]).mean(0)
-        return probs.clamp_min(1e-12).log()
+        probs = torch.stack([m(images).float().softmax(-1) for m in self.members])
+        mean = (probs * self.weights.view(-1, 1, 1)).sum(0)
+        if self.method == "vote":
+            votes = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).float().mean(0)
+            mean = (votes + 1e-3 * mean) / (1 + 1e-3)
+        return mean.clamp_min(1e-12).log()
 
 
 class Ensemble(Classifier):
@@ -33,16 +45,43 @@ class Ensemble(Classifier):
     members: list[Classifier]
 
     @classmethod
-    def from_members(cls, members: list[Classifier], run_dir: Path | None = None) -> Ensemble:
+    def from_members(
+        cls, members: list[Classifier], run_dir: Path | None = None, method: str = "mean", weights: list[float] | None = None
+    ) -> Ensemble:
         first = members[0]
         for other in members[1:]:
             if other.classes != first.classes or other.preprocessing != first.preprocessing:
-                raise ArtifactError("ensemble members must share class names and preprocessing")
+                raise ArtifactError("ensemble members must share class names and preprocessing (input size, mean/std)")
         ensemble = cls(
-            MeanProbabilities([m.model for m in members]).eval(), first.arch, first.classes, first.preprocessing,
-            run_dir=run_dir,
+            MeanProbabilities([m.model for m in members], weights, method).eval(), first.arch, first.classes,
+            first.preprocessing, run_dir=run_dir,
         )
         ensemble.members = members
+        ensemble.method = method
+        return ensemble
+
+    def save_ensemble(self, directory: Path) -> Path:
+        """ensemble.json naming the members' classifier folders (not copied), method, weights, metrics."""
+        import json
+
+        directory.mkdir(parents=True, exist_ok=True)
+        if (directory / "ensemble.json").exists():
+            raise ArtifactError(f"{directory}: already holds an ensemble; nothing was overwritten")
+        members = [str(m.directory.resolve()) for m in self.members]
+        (directory / "ensemble.json").write_text(json.dumps({
+            "method": self.method, "weights": self.model.weights.tolist(), "members": members,
+            "classes": self.classes, "metrics": self.metrics,
+        }, indent=2))
+        return directory
+
+    @classmethod
+    def load_ensemble(cls, directory: Path) -> Ensemble:
+        import json
+
+        meta = json.loads((directory / "ensemble.json").read_text())
+        members = [Classifier.load(p) for p in meta["members"]]
+        ensemble = cls.from_members(members, directory, meta["method"], meta["weights"])
+        ensemble.metrics = meta.get("metrics", {})
         return ensemble
 
     @classmethod

@@ -33,13 +33,15 @@ def stream_outputs(
     transform: Callable | None = None,
     skipped: list[Skipped] | None = None,
     seeds: Sequence[int] | None = None,
+    views: int = 1,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (indices into `paths`, outputs as float32 numpy) per batch; failed files go to `skipped`.
 
     `transform` defaults to the deterministic eval preset; `seeds` seed a random one per image.
-    `forward` may be any engine's function (see :mod:`visiontune.engines`).
+    `forward` may be any engine's function (see :mod:`visiontune.engines`). With `views` > 1 the
+    transform returns several views per image (TTA) and `forward` takes [batch, views, 3, H, W].
     """
-    dataset = ImageFiles(paths, None, transform or eval_transform(preprocessing), preprocessing.input_size, seeds)
+    dataset = ImageFiles(paths, None, transform or eval_transform(preprocessing), preprocessing.input_size, seeds, views)
     batches = iterate_batches(dataset, batch_size, workers=default_workers() if workers is None else workers)
     with progress_bar() as bar, torch.inference_mode():
         task = bar.add_task(description, total=len(paths))
@@ -49,7 +51,9 @@ def stream_outputs(
                 skipped.extend(Skipped(path, reason) for _, path, reason in batch.failed)
             if len(batch.indices) == 0:
                 continue
-            images = batch.images.contiguous(memory_format=torch.channels_last)
+            images = batch.images
+            if images.dim() == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
             yield batch.indices.numpy(), forward(images).float().numpy()
 
 

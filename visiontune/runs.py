@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from visiontune.data.catalog import Skipped
@@ -92,9 +93,14 @@ class RunDir:
         lines = [f"{s.path}\t{s.reason}" for s in skipped]
         (self.path / "skipped.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
 
-    def write_split(self, parts: dict[str, list]) -> None:
-        """The exact files of each part (train/valid), so evaluation and reports reuse the same split."""
-        (self.path / "split.json").write_text(json.dumps({k: [str(p) for p in v] for k, v in parts.items()}))
+    def write_split(self, parts: dict[str, list], labels: dict[str, list[int]] | None = None, classes: list[str] | None = None) -> None:
+        """The exact files (and labels) of each part, so evaluation and reports reuse the same split."""
+        data: dict = {k: [str(p) for p in v] for k, v in parts.items()}
+        for part, values in (labels or {}).items():
+            data[f"{part}_labels"] = [int(v) for v in values]
+        if classes is not None:
+            data["classes"] = list(classes)
+        (self.path / "split.json").write_text(json.dumps(data))
 
 
 class MetricsLogger:
@@ -126,3 +132,9 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def save_predictions(run_dir: Path, positions: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> None:
+    """Validation probabilities by position in split.json's valid list (predictions.npz: numbers only)."""
+    np.savez_compressed(run_dir / "predictions.npz", positions=np.asarray(positions, dtype=np.int64),
+                        probs=np.asarray(probs, dtype=np.float32), labels=np.asarray(labels, dtype=np.int64))

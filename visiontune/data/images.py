@@ -9,10 +9,12 @@ reason the user can act on. Pillow's decompression-bomb guard stays on: an image
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -38,14 +40,17 @@ def is_image_name(path: str | Path) -> bool:
 
 
 @contextmanager
-def _opened(path: Path) -> Iterator[Image.Image]:
-    """Open an image with the bomb guard on; every failure inside becomes an :class:`ImageError`."""
+def _opened(path: Path, source: BinaryIO | None = None, max_pixels: int | None = None) -> Iterator[Image.Image]:
+    """Open an image (a file, or `source` bytes named `path`) with the bomb guard on and, with
+    `max_pixels`, a stricter pixel limit checked from the header; every failure becomes an :class:`ImageError`."""
     try:
-        if path.stat().st_size == 0:
+        if source is None and path.stat().st_size == 0:
             raise ImageError(path, "empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source if source is not None else path) as img:
+                if max_pixels is not None and img.size[0] * img.size[1] > max_pixels:
+                    raise ImageError(path, f"{img.size[0]}x{img.size[1]} pixels is over the limit of {max_pixels:,}")
                 yield img
     except ImageError:
         raise
@@ -84,6 +89,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def decode_rgb(data: bytes, name: str = "upload", max_pixels: int | None = None) -> Image.Image:
+    """:func:`load_rgb` for bytes already in memory (uploads), with an optional pixel limit."""
+    if not data:
+        raise ImageError(name, "empty file (0 bytes)")
+    with _opened(Path(name), io.BytesIO(data), max_pixels) as img:
+        img.load()
+        return _to_rgb(ImageOps.exif_transpose(img)).copy()
 
 
 def load_rgb(path: str | Path) -> Image.Image:

@@ -43,7 +43,9 @@ class ImageFiles(Dataset):
         transform: Callable,
         size: int,
         seeds: Sequence[int] | None = None,
+        views: int = 1,
     ):
+        self.views = views  # > 1: the transform returns [views, 3, H, W] (test-time augmentation)
         self.paths = list(paths)
         self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
         self.transform = transform
@@ -60,7 +62,8 @@ class ImageFiles(Dataset):
             image = self.transform(load_rgb(self.paths[index]))
             return image, self.labels[index], index, None
         except ImageError as err:
-            return torch.zeros(3, self.size, self.size), self.labels[index], index, err.reason
+            shape = (3, self.size, self.size) if self.views == 1 else (self.views, 3, self.size, self.size)
+            return torch.zeros(shape), self.labels[index], index, err.reason
 
 
 def _collate(items: list) -> tuple:

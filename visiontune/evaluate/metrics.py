@@ -1,10 +1,18 @@
-"""Classification metrics from labels and probabilities, computed by scikit-learn (not hand-rolled)."""
+"""Classification metrics from labels and probabilities, computed by scikit-learn (not hand-rolled).
+
+Only the expected calibration error is computed here: scikit-learn's calibration_curve is binary-only,
+and the top-label ECE is a ten-line histogram.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn.metrics import (
     accuracy_score,
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
     balanced_accuracy_score,
     confusion_matrix,
     log_loss,
@@ -43,7 +51,59 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
             for i, name in enumerate(classes)
         },
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "confusion_matrix_normalized": np.round(
+            confusion_matrix(y_true, y_pred, labels=labels, normalize="true"), 4
+        ).tolist(),
     }
+    for average in ("macro", "micro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=average, zero_division=0)
+        result[f"{average}_precision"], result[f"{average}_recall"], result[f"{average}_f1"] = float(p), float(r), float(f)
     if k >= 2:
         result[f"top{k}_accuracy"] = float(top_k_accuracy_score(y_true, probs, k=k, labels=labels))
+    present = np.unique(y_true)
+    if len(present) >= 2:
+        if len(classes) == 2:
+            result["roc_auc"] = float(roc_auc_score(y_true, probs[:, 1]))
+        elif len(present) == len(classes):
+            result["roc_auc"] = float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=labels))
+        onehot = np.eye(len(classes))[y_true][:, present]
+        result["average_precision"] = float(average_precision_score(onehot, probs[:, present], average="macro"))
+    result.update(calibration(y_true, probs))
+    return result
+
+
+def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict:
+    """Top-label expected calibration error and the reliability diagram's bins.
+
+    ECE = sum over confidence bins of (share of images) x |accuracy - mean confidence|.
+    """
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y_true
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    acc = np.bincount(which, weights=correct, minlength=bins) / np.maximum(counts, 1)
+    conf = np.bincount(which, weights=confidence, minlength=bins) / np.maximum(counts, 1)
+    ece = float(np.sum(counts / max(len(y_true), 1) * np.abs(acc - conf)))
+    return {
+        "ece": ece,
+        "reliability": {"edges": edges.tolist(), "accuracy": acc.tolist(), "confidence": conf.tolist(), "count": counts.tolist()},
+    }
+
+
+def curves(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    """One-vs-rest ROC and precision-recall curves per class present (binary: the positive class only)."""
+    y_true = np.asarray(y_true)
+    result: dict = {"roc": {}, "pr": {}}
+    indices = [1] if len(classes) == 2 else range(len(classes))
+    for i in indices:
+        positive = y_true == i
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, _ = roc_curve(positive, probs[:, i])
+        precision, recall, _ = precision_recall_curve(positive, probs[:, i])
+        result["roc"][classes[i]] = {"fpr": fpr, "tpr": tpr, "auc": float(roc_auc_score(positive, probs[:, i]))}
+        result["pr"][classes[i]] = {
+            "precision": precision, "recall": recall, "ap": float(average_precision_score(positive, probs[:, i]))
+        }
     return result

@@ -60,8 +60,17 @@ def predict_cached(tail: nn.Module, inputs: Rows, batch_size: int = 256) -> torc
     return torch.cat(parts) if parts else torch.empty(0)
 
 
-def _sample_weights(plan: Plan, labels: np.ndarray) -> torch.Tensor | None:
-    return balanced_sample_weights(labels) if plan.sampler == "balanced" else None
+def _sample_weights(plan: Plan, labels: np.ndarray, paths=None) -> torch.Tensor | None:
+    """Per-image draw weights: class-balanced (--sampler balanced) and/or hard examples `upweight_factor`
+    times as often (--upweight hard.csv from `visiontune hard-examples`); None = a plain permutation."""
+    weights = balanced_sample_weights(labels) if plan.sampler == "balanced" else None
+    if plan.upweight and paths is not None:
+        from visiontune.evaluate.hard_examples import read_upweighted
+
+        hard = read_upweighted(plan.upweight)
+        boost = torch.tensor([plan.upweight_factor if str(Path(p).resolve()) in hard else 1.0 for p in paths], dtype=torch.float64)
+        weights = boost if weights is None else weights * boost
+    return weights
 
 
 def _freeze_batchnorm(modules) -> None:
@@ -73,7 +82,7 @@ def _freeze_batchnorm(modules) -> None:
 
 def cached_phase(
     tail: Tail, train_views: list[Rows], train_y: np.ndarray, valid_x: Rows, valid_y: np.ndarray, plan: Plan,
-    name: str = "head",
+    name: str = "head", train_paths=None,
 ) -> Phase:
     """The tail on cached activations. The classifier starts at zero (uniform predictions): timm's init is
     scaled for its own features and starts a fresh head with huge logits, which measurably cost accuracy
@@ -90,7 +99,7 @@ def cached_phase(
     labels = np.asarray(train_y, dtype=np.int64)
     y = torch.from_numpy(labels)
     vy = torch.from_numpy(np.asarray(valid_y, dtype=np.int64))
-    weights = _sample_weights(plan, labels)
+    weights = _sample_weights(plan, labels, train_paths)
 
     def batches(epoch: int, first_step: int):
         order, generator = epoch_order(len(y), plan.seed, epoch, weights)
@@ -119,10 +128,10 @@ def cached_phase(
 def train_cached(
     tail: Tail, train_views: list[Rows], train_y: np.ndarray, valid_x: Rows, valid_y: np.ndarray, plan: Plan,
     log: Log, phase: str = "head", checkpoints: Path | None = None, resume: Checkpoint | None = None,
-    metrics_lines=lambda: 0,
+    metrics_lines=lambda: 0, train_paths=None,
 ) -> list[dict]:
     """Train a tail in place on cached activations (see :func:`cached_phase`)."""
-    setup = cached_phase(tail, train_views, train_y, valid_x, valid_y, plan, phase)
+    setup = cached_phase(tail, train_views, train_y, valid_x, valid_y, plan, phase, train_paths)
     return run_phase(setup, plan, log, checkpoints, resume, metrics_lines)
 
 
@@ -151,7 +160,7 @@ def finetune_phase(
     groups = param_groups(model, plan.finetune_lr, plan.lr_mult, trainable=trainable)
     modules = dict(model.named_modules())
     labels = np.asarray(train.labels, dtype=np.int64)
-    weights = _sample_weights(plan, labels)
+    weights = _sample_weights(plan, labels, train.paths)
     transform = augmentation(preprocessing, plan.aug)
     seen_failures: set[str] = set()
     model.to(memory_format=torch.channels_last)

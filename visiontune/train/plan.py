@@ -79,6 +79,8 @@ class Plan:
     compile: bool = False  # torch.compile the training forward (pays only for long fine-tuning; see README)
     freeze_to: str = ""  # fine-tune from this layer group up (e.g. blocks.4); "" = unfreeze_groups decides
     gradual: bool = False  # gradual unfreezing: one more layer group per fine-tuning epoch
+    upweight: str = ""  # CSV of hard examples (visiontune hard-examples) drawn upweight_factor times as often
+    upweight_factor: float = 3.0
     why: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:

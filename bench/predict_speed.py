@@ -1,0 +1,209 @@
+"""CPU predict throughput and latency, and a load test of the server — lite0 at 224 px on 2 cores.
+
+Rows, all on the same 2,000 Fashion-MNIST PNG files and the same weights (lite0 with a 10-class head):
+* visiontune default `predict` path (engine auto = onnxruntime), decode included, batch 32 and batch 1;
+* visiontune's PyTorch path (engine torch);
+* plain onnxruntime on the file `visiontune export` writes: model only, and with in-process PIL decode;
+* fastai `get_preds` and `learn.predict` on a Learner holding the same model.
+Then 500 requests, 8 concurrent, to `visiontune serve` on loopback: p50/p99 latency, errors.
+
+    .venv/bin/python bench/predict_speed.py     # ~6 min; writes bench/results/predict_speed.json/.md
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fmnist_speed import DATA, RESULTS, ensure_data  # noqa: E402
+
+SIZE = 224
+N_BATCH = 640  # images for the batch-32 throughput rows
+N_SINGLE = 100  # images for single-image latency
+
+
+def make_classifier(tmp: Path):
+    from visiontune.backbones.registry import create_backbone
+    from visiontune.classifier import Classifier
+
+    backbone = create_backbone("tf_efficientnet_lite0", num_classes=10, img_size=SIZE)
+    classes = sorted(p.name for p in (DATA / "valid").iterdir())
+    clf = Classifier(backbone.model.eval(), backbone.arch, classes, backbone.preprocessing)
+    clf.save(tmp / "classifier")
+    return Classifier.load(tmp / "classifier")
+
+
+def throughput(fn, items, batch) -> float:
+    fn(items[:batch])  # warm
+    started = time.perf_counter()
+    for start in range(0, len(items), batch):
+        fn(items[start : start + batch])
+    return len(items) / (time.perf_counter() - started)
+
+
+def latency_ms(fn, items) -> float:
+    for item in items[:5]:
+        fn([item])
+    times = []
+    for item in items:
+        started = time.perf_counter()
+        fn([item])
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    ensure_data()
+    RESULTS.mkdir(exist_ok=True)
+    torch.set_num_threads(2)
+    paths = sorted((DATA / "valid").rglob("*.png"))
+    rng = np.random.default_rng(0)
+    paths = [paths[i] for i in rng.permutation(len(paths))]
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        clf = make_classifier(tmp)
+        for engine in ("auto", "torch"):
+            name = f"visiontune predict (engine {engine})"
+            results[name] = {
+                "batch32_img_per_s": throughput(lambda b: clf.probabilities(b, batch_size=32, engine=engine), paths[:N_BATCH], 32),
+                "batch1_ms": latency_ms(lambda b: clf.probabilities(b, batch_size=1, engine=engine), paths[:N_SINGLE]),
+            }
+            print(name, results[name], flush=True)
+
+        from visiontune.export.formats import export, load_exported
+        from visiontune.data.images import load_rgb
+        from visiontune.data.transforms import eval_transform
+
+        onnx_path = export(clf, "onnx", tmp / "model.onnx")
+        run, _ = load_exported(onnx_path)
+        transform = eval_transform(clf.preprocessing)
+        tensors = torch.stack([transform(load_rgb(p)) for p in paths[:N_BATCH]]).numpy()
+        results["plain onnxruntime (model only)"] = {
+            "batch32_img_per_s": throughput(lambda b: run(b), tensors, 32),
+            "batch1_ms": latency_ms(lambda b: run(np.stack(b)), list(tensors[:N_SINGLE])),
+        }
+        decode = lambda b: run(torch.stack([transform(load_rgb(p)) for p in b]).numpy())  # noqa: E731
+        results["plain onnxruntime (PIL decode in process)"] = {
+            "batch32_img_per_s": throughput(decode, paths[:N_BATCH], 32),
+            "batch1_ms": latency_ms(decode, paths[:N_SINGLE]),
+        }
+        print(results, flush=True)
+        results.update(fastai_rows(clf, paths))
+        results["server load test"] = load_test(tmp, paths)
+    (RESULTS / "predict_speed.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / "predict_speed.md").write_text(report(results))
+    print(report(results))
+
+
+def fastai_rows(clf, paths) -> dict:
+    from fastai.vision.all import ImageDataLoaders, Learner, Resize, CrossEntropyLossFlat, Normalize
+
+    out = {}
+    dls = ImageDataLoaders.from_folder(DATA, train="train", valid="valid", item_tfms=Resize(SIZE), bs=32, num_workers=1,
+                                       batch_tfms=Normalize.from_stats(clf.preprocessing.mean, clf.preprocessing.std))
+    learn = Learner(dls, clf.model.to(memory_format=torch.contiguous_format), loss_func=CrossEntropyLossFlat())
+    test = dls.test_dl(paths[:N_BATCH], bs=32)
+    learn.get_preds(dl=dls.test_dl(paths[:32], bs=32))  # warm
+    started = time.perf_counter()
+    learn.get_preds(dl=test)
+    out["fastai get_preds"] = {"batch32_img_per_s": N_BATCH / (time.perf_counter() - started)}
+    with learn.no_bar():
+        for p in paths[:5]:
+            learn.predict(p)
+        times = []
+        for p in paths[:N_SINGLE]:
+            started = time.perf_counter()
+            learn.predict(p)
+            times.append(time.perf_counter() - started)
+    out["fastai learn.predict"] = {"batch1_ms": 1000 * statistics.median(times)}
+    clf.model.to(memory_format=torch.channels_last)
+    print(out, flush=True)
+    return out
+
+
+def load_test(tmp: Path, paths, requests: int = 500, concurrency: int = 8) -> dict:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "visiontune.cli", "serve", str(tmp / "classifier"), "--port", str(port),
+                               "--max-concurrent", str(concurrency)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    bodies = []
+    for p in paths[:50]:
+        boundary = "visiontunebench"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{p.name}\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode() + p.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        bodies.append(body)
+    latencies, errors = [], []
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def worker():
+        for i in counter:
+            request = urllib.request.Request(url + "/predict", data=bodies[i % len(bodies)], method="POST",
+                                             headers={"Content-Type": "multipart/form-data; boundary=visiontunebench"})
+            started = time.perf_counter()
+            reason = ""
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    if response.status != 200 or not json.loads(response.read())["predictions"]:
+                        reason = f"status {response.status}"
+            except Exception as exc:  # every failure is counted, whatever its kind
+                reason = str(exc)
+            with lock:
+                latencies.append(time.perf_counter() - started)
+                if reason:
+                    errors.append(reason)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    server.terminate()
+    server.wait(timeout=30)
+    ms = sorted(1000 * x for x in latencies)
+    return {"requests": requests, "concurrency": concurrency, "p50_ms": ms[len(ms) // 2], "p99_ms": ms[int(len(ms) * 0.99) - 1],
+            "errors": len(errors), "first_errors": errors[:3], "requests_per_s": requests / wall}
+
+
+def report(results: dict) -> str:
+    lines = ["| path | batch 32 (img/s) | batch 1 (ms) |", "|---|---|---|"]
+    for name, row in results.items():
+        if name == "server load test":
+            continue
+        b32 = f"{row['batch32_img_per_s']:.1f}" if "batch32_img_per_s" in row else ""
+        b1 = f"{row['batch1_ms']:.1f}" if "batch1_ms" in row else ""
+        lines.append(f"| {name} | {b32} | {b1} |")
+    load = results.get("server load test")
+    if load:
+        lines.append("")
+        lines.append(f"Server: {load['requests']} requests, {load['concurrency']} concurrent: p50 {load['p50_ms']:.1f} ms, "
+                     f"p99 {load['p99_ms']:.1f} ms, {load['errors']} errors, {load['requests_per_s']:.1f} requests/s.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

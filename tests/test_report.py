@@ -1,0 +1,121 @@
+"""The run's report.html (in a real headless Chromium), and the report/show/hard-examples/TTA commands."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import visiontune as vt
+from visiontune.report.html import SECTIONS
+
+FAST = {"img_size": 64, "epochs": 6}
+CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "visiontune.cli", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from conftest import write_class_folders
+
+    root = tmp_path_factory.mktemp("report")
+    data = write_class_folders(root / "data", per_class=14)
+    os.environ["VISIONTUNE_CACHE"] = str(root / "cache")
+    vt.fit(data, out=root / "run", **FAST)
+    return root / "run"
+
+
+def test_report_is_self_contained_with_every_section(run):
+    page = (run / "report.html").read_text()
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in page, section
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from a network
+    images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', page)
+    assert len(images) >= 14
+    interpretation = json.loads((run / "interpretation.json").read_text())
+    assert {"most_incorrect", "most_correct", "most_uncertain", "top_losses", "most_confused"} <= set(interpretation)
+
+
+@pytest.mark.skipif(
+    not (Path(CHROMIUM).exists() and Path(DRIVER).exists()) and not os.environ.get("VISIONTUNE_REQUIRE_BROWSER"),
+    reason="Debian chromium + chromium-driver not installed (make test installs them)",
+)
+def test_report_renders_in_headless_chromium(run):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+                 "--no-first-run", "--disable-component-update", "--disable-sync", "--window-size=1200,2400"):
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={run / '.chromium'}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    try:
+        driver.get((run / "report.html").as_uri())
+        ids = [s.get_attribute("id") for s in driver.find_elements(By.CSS_SELECTOR, "section[id]")]
+        assert ids == list(SECTIONS)
+        images = driver.execute_script("return Array.from(document.images).map(i => [i.complete, i.naturalWidth]);")
+        assert images and all(done and width > 0 for done, width in images)
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        assert not errors, errors
+        assert driver.save_screenshot(str(run / "report.png"))
+    finally:
+        driver.quit()
+        shutil.rmtree(run / ".chromium", ignore_errors=True)
+    assert (run / "report.png").stat().st_size > 20_000
+
+
+def test_report_command_rebuilds_it(run):
+    (run / "report.html").unlink()
+    result = cli("report", str(run))
+    assert result.returncode == 0, result.stderr
+    assert '<section id="interpretation">' in (run / "report.html").read_text()
+
+
+def test_show_mistakes_prints_a_table(run):
+    result = cli("show", str(run), "--mistakes")
+    assert result.returncode == 0, result.stderr
+    assert "validation accuracy" in result.stdout and "most confident mistakes" in result.stdout
+
+
+def test_hard_examples_and_upweighted_retraining(run, tmp_path):
+    out = tmp_path / "hard.csv"
+    result = cli("hard-examples", str(run), "--out", str(out), "--margin", "1.01")  # every image counts as hard
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert rows and {"path", "label", "predicted", "p_label", "kind"} <= set(rows[0])
+    from visiontune.train.phases import _sample_weights
+    from visiontune.train.plan import Plan
+
+    split = json.loads((run / "split.json").read_text())
+    plan = Plan.from_dict({**json.loads((run / "plan.json").read_text()), "upweight": str(out), "upweight_factor": 4.0})
+    weights = _sample_weights(plan, __import__("numpy").array(split["train_labels"]), split["train"])
+    hard = {str(Path(r["path"]).resolve()) for r in rows}
+    for path, weight in zip(split["train"], weights.tolist()):
+        assert weight == (4.0 if str(Path(path).resolve()) in hard else 1.0)
+
+
+def test_evaluate_and_predict_with_tta(run):
+    data = json.loads((run / "split.json").read_text())["valid"][0]
+    folder = str(Path(data).parent.parent)
+    plain = cli("evaluate", str(run), folder, "--json", str(run / "plain.json"))
+    flipped = cli("evaluate", str(run), folder, "--tta", "flips", "--json", str(run / "tta.json"))
+    assert plain.returncode == 0 and flipped.returncode == 0, flipped.stderr
+    a, b = json.loads((run / "plain.json").read_text()), json.loads((run / "tta.json").read_text())
+    assert a["n"] == b["n"] and a["log_loss"] != b["log_loss"]
+    predicted = cli("predict", str(run), data, "--tta", "10crop", "--topk", "2")
+    assert predicted.returncode == 0, predicted.stderr

@@ -1,0 +1,240 @@
+"""Shipping: export with parity, the README's onnxruntime snippet, int8, engines, Kaggle submissions,
+ensembles, the HTTP server (API limits and the page in headless Chromium)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import visiontune as vt
+
+FAST = {"img_size": 64, "epochs": 6}
+README = Path(__file__).resolve().parent.parent / "README.md"
+CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "visiontune.cli", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from conftest import write_class_folders
+
+    root = tmp_path_factory.mktemp("ship")
+    data = write_class_folders(root / "data", per_class=14)
+    os.environ["VISIONTUNE_CACHE"] = str(root / "cache")
+    vt.fit(data, out=root / "a", report=False, seed=0, **FAST)
+    vt.fit(data, out=root / "b", report=False, seed=1, cut="pooled", **FAST)
+    return root
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_passes_the_parity_check_and_carries_metadata(runs, fmt):
+    result = cli("export", str(runs / "a"), "--format", fmt)
+    assert result.returncode == 0, result.stderr
+    diff = float(re.search(r"max \|Δprob\| = ([0-9.e+-]+)", result.stderr).group(1))
+    assert diff <= 1e-4 and "OK" in result.stderr
+    from visiontune.export.formats import load_exported
+
+    path = runs / "a" / "export" / ("model.onnx" if fmt == "onnx" else "model.pt")
+    run, meta = load_exported(path)
+    assert json.loads(meta["classes"]) == ["blue", "green", "red"]
+    assert json.loads(meta["preprocessing"])["input_size"] == 64
+    again = cli("export", str(runs / "a"), "--format", fmt)
+    assert again.returncode == 2 and "nothing was overwritten" in again.stderr
+
+
+def test_readme_onnxruntime_snippet_runs_without_visiontune(runs):
+    if not (runs / "a" / "export" / "model.onnx").exists():
+        assert cli("export", str(runs / "a")).returncode == 0
+    snippet = re.search(r"```python\n(# plain onnxruntime.*?)```", README.read_text(), re.S).group(1)
+    image = next((runs / "data" / "red").glob("*.png"))
+    namespace = {"MODEL": str(runs / "a" / "export" / "model.onnx"), "IMAGE": str(image)}
+    exec(compile(snippet, "README snippet", "exec"), namespace)  # noqa: S102 - our own README's code
+    assert namespace["label"] == "red"
+    clf = vt.load(runs / "a")
+    expected = clf.predict(str(image), topk=3)
+    assert namespace["probs"].max() == pytest.approx(expected.probs[0], abs=2e-3)  # PIL vs torchvision resize
+
+
+def test_int8_quantization_prints_the_accuracy_change(runs, tmp_path):
+    out = tmp_path / "m.onnx"
+    result = cli("export", str(runs / "a"), "--out", str(out), "--quantize", "int8")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "m-int8.onnx").exists()
+    assert re.search(r"validation accuracy: fp32 [0-9.]+ -> int8 [0-9.]+ \([+-][0-9.]+\)", result.stderr)
+
+
+def test_onnx_engine_predicts_what_torch_predicts(runs):
+    clf = vt.load(runs / "a")
+    images = sorted((runs / "data").rglob("*.png"))[:10]
+    _, torch_probs = clf.probabilities(images, engine="torch")
+    _, onnx_probs = clf.probabilities(images, engine="onnx")
+    assert np.abs(torch_probs - onnx_probs).max() < 1e-4
+
+
+def test_kaggle_submission_follows_the_sample(runs, tmp_path):
+    test_dir = tmp_path / "test"
+    test_dir.mkdir()
+    images = sorted((runs / "data").rglob("*.png"))[::5]
+    for i, path in enumerate(images):
+        (test_dir / f"img{i:03d}.png").write_bytes(path.read_bytes())
+    ids = [f"img{i:03d}" for i in range(len(images))][::-1]  # the sample's own order
+    label_sample = tmp_path / "sample_label.csv"
+    label_sample.write_text("id,label\n" + "".join(f"{i},x\n" for i in ids))
+    out = tmp_path / "sub_label.csv"
+    result = cli("predict", str(runs / "a"), str(test_dir), "--submission", str(label_sample), "--csv", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["id", "label"] and [r[0] for r in rows[1:]] == ids
+    truth = {f"img{i:03d}": p.parent.name for i, p in enumerate(images)}
+    assert np.mean([truth[r[0]] == r[1] for r in rows[1:]]) >= 0.8
+    prob_sample = tmp_path / "sample_probs.csv"
+    prob_sample.write_text("image_id,red,blue,green\n" + "".join(f"{i},0,0,0\n" for i in ids))
+    out = tmp_path / "sub_probs.csv"
+    assert cli("predict", str(runs / "a"), str(test_dir), "--submission", str(prob_sample), "--csv", str(out)).returncode == 0
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["image_id", "red", "blue", "green"]
+    assert all(abs(sum(float(v) for v in r[1:]) - 1) < 1e-4 for r in rows[1:])
+    missing = tmp_path / "sample_missing.csv"
+    missing.write_text("id,label\nnope,x\n")
+    bad = cli("predict", str(runs / "a"), str(test_dir), "--submission", str(missing), "--csv", str(tmp_path / "z.csv"))
+    assert bad.returncode == 2 and "no image" in bad.stderr
+
+
+@pytest.mark.parametrize("method", ["mean", "vote", "weighted"])
+def test_ensemble_reports_members_correlation_and_saves(runs, tmp_path, method):
+    out = tmp_path / f"ens-{method}"
+    result = cli("ensemble", str(runs / "a"), str(runs / "b"), "--data", str(runs / "data"), "--method", method, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "correlation" in result.stdout and "ensemble" in result.stdout
+    ensemble = vt.load(out)
+    assert len(ensemble.members) == 2 and ensemble.method == method
+    red = sorted((runs / "data" / "red").glob("*.png"))[:3]
+    assert [p.label for p in ensemble.predict(red)] == ["red"] * 3
+    result = vt.ensemble_runs([runs / "a", runs / "b"], runs / "data", method=method)
+    assert len(result["error_correlation"]) == 2 and result["n"] == 42
+
+
+# -- the HTTP server --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(runs):
+    from fastapi.testclient import TestClient
+
+    from visiontune.serve.app import create_app
+
+    return TestClient(create_app(vt.load(runs / "a"), max_upload_bytes=200_000, max_pixels=500 * 500, max_images=3))
+
+
+def png_bytes(colour=(200, 40, 40), size=(48, 48)) -> bytes:
+    """An image like the training ones (colour + noise + a bright square), PNG-encoded."""
+    from conftest import make_image
+
+    image = make_image(colour, np.random.default_rng(7), size=max(size))
+    buffer = io.BytesIO()
+    image.resize(size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_api_predicts_from_multipart_and_json(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    model = client.get("/model").json()
+    assert model["classes"] == ["blue", "green", "red"] and "accuracy" in model["metrics"]
+    answer = client.post("/predict", files={"file": ("red.png", png_bytes(), "image/png")}).json()
+    assert answer["predictions"][0]["label"] == "red" and len(answer["predictions"][0]["top"]) == 3
+    batch = {"images": [base64.b64encode(png_bytes(c)).decode() for c in ((200, 40, 40), (40, 60, 200))]}
+    labels = [p["label"] for p in client.post("/predict", json=batch).json()["predictions"]]
+    assert labels == ["red", "blue"]
+    assert "<input id=\"file\"" in client.get("/").text
+
+
+def test_api_limits_answer_json_errors(client):
+    too_big = client.post("/predict", content=b"x" * 300_000, headers={"content-type": "application/json"})
+    assert too_big.status_code == 413 and "limit" in too_big.json()["error"]
+    flat = io.BytesIO()
+    Image.new("RGB", (800, 800), (200, 40, 40)).save(flat, format="PNG")  # small file, too many pixels
+    huge = client.post("/predict", files={"file": ("big.png", flat.getvalue(), "image/png")})
+    assert huge.status_code == 413 and "pixels" in huge.json()["error"]
+    broken = client.post("/predict", files={"file": ("bad.png", b"\x89PNG garbage", "image/png")})
+    assert broken.status_code == 422 and "bad.png" in broken.json()["error"]
+    assert client.post("/predict", content=b"hello", headers={"content-type": "text/plain"}).status_code == 415
+    many = {"images": [base64.b64encode(png_bytes()).decode()] * 4}
+    assert client.post("/predict", json=many).status_code == 413
+    assert client.post("/predict", json={"wrong": 1}).status_code == 422
+
+
+def test_api_refuses_work_beyond_its_concurrency(runs):
+    from fastapi.testclient import TestClient
+
+    from visiontune.serve.app import create_app
+
+    busy = TestClient(create_app(vt.load(runs / "a"), max_concurrent=0))
+    response = busy.post("/predict", files={"file": ("red.png", png_bytes(), "image/png")})
+    assert response.status_code == 503 and "busy" in response.json()["error"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(
+    not (Path(CHROMIUM).exists() and Path(DRIVER).exists()) and not os.environ.get("VISIONTUNE_REQUIRE_BROWSER"),
+    reason="Debian chromium + chromium-driver not installed (make test installs them)",
+)
+def test_page_in_headless_chromium_shows_the_predicted_class(runs, tmp_path):
+    import uvicorn
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from visiontune.serve.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(vt.load(runs / "a")), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    image = tmp_path / "mine.png"
+    image.write_bytes(png_bytes((40, 60, 200)))
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+                 "--no-first-run", "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chrome'}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    try:
+        driver.get(f"http://127.0.0.1:{port}/")
+        driver.find_element(By.ID, "file").send_keys(str(image))
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "label").text != "")
+        assert driver.find_element(By.ID, "label").text == "blue"
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 3
+        assert "3 classes" in driver.find_element(By.ID, "model").text
+        assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        driver.save_screenshot(str(runs / "serve-page.png"))
+    finally:
+        driver.quit()
+        server.should_exit = True
+        thread.join(timeout=10)

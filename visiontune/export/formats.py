@@ -1,0 +1,166 @@
+"""Export a trained classifier to ONNX or TorchScript, with a parity check on real images.
+
+The exported graph takes normalised NCHW float32 images and returns class *probabilities* (softmax
+inside), and carries its own metadata — class names, preprocessing (input size, resize, crop, mean,
+std), architecture, visiontune version — so it runs without visiontune (see the README's onnxruntime
+snippet). ONNX metadata lives in the model's ``metadata_props``; TorchScript's in the archive's
+``visiontune.json`` extra file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from visiontune.classifier import Classifier
+from visiontune.engines import export_onnx
+from visiontune.errors import UsageError
+
+FORMATS = ("onnx", "torchscript")
+PARITY_TOLERANCE = 1e-4
+
+
+class Probabilities(nn.Module):
+    """model + softmax: what an exported classifier computes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images).softmax(-1)
+
+
+def metadata(classifier: Classifier) -> dict[str, str]:
+    from visiontune import __version__
+
+    pre = classifier.preprocessing
+    return {
+        "classes": json.dumps(classifier.classes),
+        "preprocessing": json.dumps({**pre.to_dict(), "resize_size": pre.resize_size}),
+        "arch": classifier.arch,
+        "visiontune_version": __version__,
+        "input": "float32 NCHW RGB, resized (shorter side = resize_size, bicubic), centre-cropped to input_size, "
+                 "scaled to [0, 1], normalised with mean/std",
+        "output": "class probabilities (softmax)",
+    }
+
+
+def export(classifier: Classifier, fmt: str, out: Path) -> Path:
+    """Write the classifier as `fmt` to `out` (never overwriting an existing file)."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if out.exists():
+        raise UsageError(f"{out} exists; nothing was overwritten. Choose another --out or delete it yourself.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    module = Probabilities(classifier.model).eval().to(memory_format=torch.contiguous_format)
+    size = classifier.preprocessing.input_size
+    if fmt == "onnx":
+        import onnx
+
+        tmp = out.with_name(out.name + ".plain")
+        export_onnx(module, size, tmp)
+        graph = onnx.load(str(tmp))
+        for key, value in metadata(classifier).items():
+            entry = graph.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(graph, str(out))
+        os.remove(tmp)
+        return out
+    with torch.no_grad():
+        traced = torch.jit.trace(module, torch.zeros(1, 3, size, size))
+    torch.jit.save(traced, str(out), _extra_files={"visiontune.json": json.dumps(metadata(classifier))})
+    return out
+
+
+def load_exported(path: Path):
+    """(callable numpy images -> numpy probabilities, metadata) for an exported file."""
+    if path.suffix == ".onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        name = session.get_inputs()[0].name
+        return (lambda x: session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]), meta
+    extra = {"visiontune.json": ""}
+    module = torch.jit.load(str(path), _extra_files=extra)
+    module.eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+    return run, json.loads(extra["visiontune.json"])
+
+
+def parity(classifier: Classifier, path: Path, images: Sequence[str | Path], batch_size: int = 16) -> dict:
+    """max |probability difference| between PyTorch and the exported file on real images."""
+    from visiontune.inference import stream_outputs
+
+    run, _ = load_exported(path)
+    worst, count = 0.0, 0
+    model = Probabilities(classifier.model).eval()
+    for _, probs in stream_outputs(
+        lambda x: torch.from_numpy(np.concatenate([model(x).numpy(), run(x.contiguous().numpy())], axis=1)),
+        [Path(p) for p in images], classifier.preprocessing, batch_size, description="parity check",
+    ):
+        k = len(classifier.classes)
+        worst = max(worst, float(np.abs(probs[:, :k] - probs[:, k:]).max()))
+        count += len(probs)
+    return {"images": count, "max_abs_prob_diff": worst, "tolerance": PARITY_TOLERANCE, "ok": worst <= PARITY_TOLERANCE}
+
+
+def quantize_int8(classifier: Classifier, onnx_path: Path, out: Path, calibration: Sequence[str | Path]) -> Path:
+    """Static int8 quantization (QDQ, per-channel weights) calibrated on real images — what helps a CNN
+    on a CPU; dynamic quantization only touches MatMul/Gemm and leaves the convolutions in fp32."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from visiontune.inference import stream_outputs
+
+    batches = [x for _, x in stream_outputs(lambda x: x, [Path(p) for p in calibration], classifier.preprocessing, 16,
+                                            description="calibrating")]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"images": b} for b in batches])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    prepared = out.with_name(out.name + ".pre.onnx")
+    quant_pre_process(str(onnx_path), str(prepared))
+    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    os.remove(prepared)
+    import onnx
+
+    graph = onnx.load(str(out))
+    source = onnx.load(str(onnx_path))
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(source.metadata_props)
+    onnx.save(graph, str(out))
+    return out
+
+
+def exported_accuracy(path: Path, images: Sequence[str | Path], labels: Sequence[int], batch_size: int = 32) -> float:
+    """Top-1 accuracy of an exported file on labelled images (preprocessing read from its metadata)."""
+    from visiontune.data.transforms import Preprocessing
+    from visiontune.inference import stream_outputs
+
+    run, meta = load_exported(path)
+    pre = Preprocessing.from_dict(json.loads(meta["preprocessing"]))
+    right = total = 0
+    for positions, probs in stream_outputs(lambda x: torch.from_numpy(run(x.contiguous().numpy())), [Path(p) for p in images],
+                                           pre, batch_size, description=f"evaluating {path.name}"):
+        right += int((probs.argmax(1) == np.asarray(labels)[positions]).sum())
+        total += len(positions)
+    return right / max(total, 1)

@@ -1,0 +1,216 @@
+"""One self-contained HTML report per run: every figure inlined as a PNG data URI, no script, no network.
+
+Built from what the run saved (plan.json, metrics.jsonl, split.json, predictions.npz and the classifier),
+so `visiontune report RUN` can rebuild it at any time; only the few images it shows are decoded.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visiontune.classifier import Classifier
+from visiontune.data.images import ImageError, load_rgb
+from visiontune.data.transforms import eval_transform
+from visiontune.evaluate.interpret import interpret
+from visiontune.evaluate.metrics import classification_metrics, curves
+from visiontune.evaluate.visualize import dead_activation_fractions, feature_maps, grad_cam, kernel_tiles, overlay
+from visiontune.report import plots
+from visiontune.runs import save_predictions
+from visiontune.train.plan import PLAYBOOK_SETTINGS
+
+SECTIONS = {
+    "summary": "Summary",
+    "plan": "Plan",
+    "data": "Data",
+    "training": "Training curves",
+    "metrics": "Metrics",
+    "confusion": "Confusion",
+    "curves": "ROC and precision-recall",
+    "calibration": "Calibration",
+    "interpretation": "Interpretation",
+    "gradcam": "Grad-CAM",
+    "network": "Inside the network",
+}
+
+
+def _figure(draw, *args, **kwargs) -> str:
+    """Render a plots.* function into an inline <img>."""
+    buffer = io.BytesIO()
+    draw(*args, path=buffer, **kwargs)
+    alt = html.escape(draw.__name__.replace("_", " "))
+    return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _thumb(path: str, size: int = 96) -> np.ndarray:
+    try:
+        return np.asarray(load_rgb(path).convert("RGB").resize((size, size)))
+    except ImageError:
+        return np.zeros((size, size, 3), dtype=np.uint8)
+
+
+def valid_predictions(run_dir: Path, classifier: Classifier | None = None) -> dict:
+    """The run's validation probabilities (predictions.npz), computed and saved when missing."""
+    split = json.loads((run_dir / "split.json").read_text())
+    store = run_dir / "predictions.npz"
+    if not store.exists():
+        classifier = classifier or Classifier.load(run_dir)
+        kept, probs = classifier.probabilities(split["valid"])
+        save_predictions(run_dir, kept, probs, np.asarray(split["valid_labels"])[kept])
+    data = np.load(store)
+    paths = [split["valid"][i] for i in data["positions"]]
+    return {"paths": paths, "probs": data["probs"], "labels": data["labels"], "split": split}
+
+
+def _examples_grid(examples: list[dict], paths: list[str], classes: list[str], title: str) -> str:
+    if not examples:
+        return f"<p class='empty'>{html.escape(title)}: none</p>"
+    tiles = [_thumb(paths[e["index"]]) for e in examples]
+    titles = [f"{classes[e['true']]} → {classes[e['pred']]}\np={e['p_pred']:.2f} loss={e['loss']:.2f}" for e in examples]
+    per_row = 8
+    rows = [tiles[i : i + per_row] for i in range(0, len(tiles), per_row)]
+    names = [titles[i : i + per_row] for i in range(0, len(titles), per_row)]
+    return f"<h3>{html.escape(title)}</h3>" + _figure(plots.image_grid, rows, tile_titles=names)
+
+
+def build_report(run_dir: str | Path, screenshot: bool = False) -> Path:
+    """Write runs/NAME/report.html (and interpretation.json) from the run's saved outputs."""
+    run_dir = Path(run_dir)
+    classifier = Classifier.load(run_dir)
+    classes = classifier.classes
+    data = valid_predictions(run_dir, classifier)
+    probs, labels, paths = data["probs"], data["labels"], data["paths"]
+    metrics = classification_metrics(labels, probs, classes)
+    roc_pr = curves(labels, probs, classes)
+    lists = interpret(probs, labels, k=8)
+    (run_dir / "interpretation.json").write_text(json.dumps({"paths": paths, "classes": classes, **lists}))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    plan = json.loads((run_dir / "plan.json").read_text())
+    split = data["split"]
+
+    body: dict[str, str] = {}
+    summary = [
+        ["validation images", metrics["n"]], ["accuracy", f"{metrics['accuracy']:.4f}"],
+        ["balanced accuracy", f"{metrics['balanced_accuracy']:.4f}"], ["macro F1", f"{metrics['macro_f1']:.4f}"],
+        ["log loss", f"{metrics['log_loss']:.4f}"], ["expected calibration error", f"{metrics['ece']:.4f}"],
+    ]
+    if "roc_auc" in metrics:
+        summary.append(["ROC AUC (one-vs-rest, macro)", f"{metrics['roc_auc']:.4f}"])
+    final = next((r for r in reversed(records) if r.get("phase") == "final"), {})
+    summary += [["architecture", classifier.arch], ["classes", len(classes)], ["training seconds", final.get("seconds", "")]]
+    body["summary"] = _table(["", ""], summary)
+    why = plan.get("why", {})
+    body["plan"] = _table(["setting", "value", "why"], [
+        [k, v, why.get(k, "")] for k, v in plan.items() if k != "why" and (k not in PLAYBOOK_SETTINGS or k in why)
+    ]) + "<p>Playbook settings not listed are at their defaults (README, Recipes).</p>"
+    counts = {part: {c: 0 for c in classes} for part in ("train", "valid")}
+    for part in counts:
+        for label in split.get(f"{part}_labels", []):
+            counts[part][classes[label]] += 1
+    body["data"] = _figure(plots.plot_class_distribution, counts)
+    body["training"] = _figure(plots.plot_curves, records) + _figure(plots.plot_lr_schedule, records)
+    per_class = [[c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", v["support"]] for c, v in metrics["per_class"].items()]
+    averages = [[f"{a} average", f"{metrics[f'{a}_precision']:.3f}", f"{metrics[f'{a}_recall']:.3f}", f"{metrics[f'{a}_f1']:.3f}", metrics["n"]]
+                for a in ("macro", "micro", "weighted")]
+    topk = [k for k in metrics if k.startswith("top") and k.endswith("_accuracy")]
+    body["metrics"] = _table(["class", "precision", "recall", "F1", "support"], per_class + averages) + (
+        f"<p>{html.escape(topk[0])}: {metrics[topk[0]]:.4f}</p>" if topk else "")
+    confused = [[classes[t], classes[p], n] for t, p, n in lists["most_confused"]]
+    body["confusion"] = (
+        _figure(plots.plot_confusion, metrics["confusion_matrix"], classes)
+        + _figure(plots.plot_confusion, metrics["confusion_matrix_normalized"], classes, normalized=True)
+        + "<h3>most confused pairs</h3>" + _table(["true", "predicted", "images"], confused)
+    )
+    body["curves"] = _figure(plots.plot_roc_pr, roc_pr) if roc_pr["roc"] else "<p>needs two classes present</p>"
+    body["calibration"] = _figure(plots.plot_reliability, metrics["reliability"], metrics["ece"])
+    most_incorrect = sorted((e for c in lists["most_incorrect"].values() for e in c), key=lambda e: -e["p_pred"])[:16]
+    most_correct = [e for c in lists["most_correct"].values() for e in c[:2]]
+    body["interpretation"] = "".join([
+        _examples_grid(lists["random_correct"], paths, classes, "a few correct, at random"),
+        _examples_grid(lists["random_incorrect"], paths, classes, "a few incorrect, at random"),
+        _examples_grid(most_correct, paths, classes, "most correct per class (highest probability of the true class)"),
+        _examples_grid(most_incorrect, paths, classes, "most incorrect (highest-probability mistakes)"),
+        _examples_grid(lists["most_uncertain"], paths, classes, "most uncertain (top-2 probabilities closest)"),
+        _examples_grid(lists["top_losses"], paths, classes, "top losses"),
+    ])
+    body["gradcam"] = _gradcam_section(classifier, paths, classes, lists["top_losses"][:4] + most_correct[:4])
+    body["network"] = _network_section(classifier, paths)
+
+    nav = " · ".join(f'<a href="#{k}">{v}</a>' for k, v in SECTIONS.items())
+    sections = "".join(f'<section id="{k}"><h2>{v}</h2>{body[k]}</section>' for k, v in SECTIONS.items())
+    title = f"visiontune report — {run_dir.name}"
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<link rel="icon" href="data:,">
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
+img {{ max-width: 100%; display: block; margin: 0.5em 0; }}
+section {{ border-top: 1px solid #ddd; padding-top: 0.5em; }}
+nav {{ font-size: 0.9em; }}
+</style></head>
+<body><h1>{html.escape(title)}</h1><nav>{nav}</nav>{sections}</body></html>
+"""
+    out = run_dir / "report.html"
+    out.write_text(page)
+    return out
+
+
+def _preprocessed(classifier: Classifier, path: str) -> tuple[torch.Tensor, np.ndarray] | None:
+    try:
+        image = load_rgb(path)
+    except ImageError:
+        return None
+    x = eval_transform(classifier.preprocessing)(image)
+    pre = classifier.preprocessing
+    shown = (x * torch.tensor(pre.std).view(3, 1, 1) + torch.tensor(pre.mean).view(3, 1, 1)).clamp(0, 1)
+    return x, (shown.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+
+
+def _gradcam_section(classifier: Classifier, paths: list[str], classes: list[str], examples: list[dict]) -> str:
+    tiles, titles = [], []
+    for e in examples:
+        prepared = _preprocessed(classifier, paths[e["index"]])
+        if prepared is None:
+            continue
+        x, shown = prepared
+        heat, index = grad_cam(classifier.model, x)
+        tiles += [shown, overlay(shown, heat)]
+        titles += [f"true {classes[e['true']]}", f"why {classes[index]}"]
+    if not tiles:
+        return "<p>no images</p>"
+    rows = [tiles[i : i + 8] for i in range(0, len(tiles), 8)]
+    names = [titles[i : i + 8] for i in range(0, len(titles), 8)]
+    return "<p>Top losses, then most correct: each image, then where the predicted class's evidence is.</p>" + _figure(
+        plots.image_grid, rows, tile_titles=names)
+
+
+def _network_section(classifier: Classifier, paths: list[str]) -> str:
+    model = classifier.model
+    kernels = kernel_tiles(model)
+    rows = [kernels[i : i + 16] for i in range(0, len(kernels), 16)]
+    parts = ["<h3>first-layer convolution kernels</h3>", _figure(plots.image_grid, rows)]
+    batch = [p for p in (_preprocessed(classifier, path) for path in paths[:16]) if p is not None]
+    if batch:
+        layer = "blocks.2" if "blocks.2" in dict(model.named_modules()) else next(iter(dict(model.named_modules())))
+        maps = feature_maps(model, batch[0][0], layer)
+        parts += [f"<h3>feature maps of {layer} for one image</h3>",
+                  _figure(plots.image_grid, [[batch[0][1]] + list(maps[:7]), list(maps[7:15])], cmap="viridis")]
+        fractions = dead_activation_fractions(model, torch.stack([x for x, _ in batch]))
+        if fractions:
+            parts += ["<h3>dead activations: fraction of exact zeros per activation layer (16 images)</h3>",
+                      _figure(plots.plot_bars, fractions, title="zero activations", xlabel="fraction of outputs = 0")]
+    return "".join(parts)

@@ -1,0 +1,77 @@
+"""`visiontune show RUN --mistakes`: the model's most confident mistakes in the terminal.
+
+A rich table always; the images themselves inline where the terminal can draw them (iTerm2's OSC 1337
+protocol, kitty's graphics protocol — the notes' imgcat), else their paths.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from visiontune.data.images import ImageError, load_rgb
+
+
+def inline_image_protocol(env: dict | None = None) -> str | None:
+    """'iterm2', 'kitty' or None, from the terminal's environment variables."""
+    env = os.environ if env is None else env
+    if env.get("TERM_PROGRAM") == "iTerm.app" or env.get("LC_TERMINAL") == "iTerm2":
+        return "iterm2"
+    if env.get("TERM") == "xterm-kitty" or "KITTY_WINDOW_ID" in env:
+        return "kitty"
+    return None
+
+
+def inline_image(path: str, protocol: str, size: int = 96) -> str:
+    """Escape sequence drawing the image at `path` (thumbnail PNG) in the terminal."""
+    buffer = io.BytesIO()
+    load_rgb(path).resize((size, size)).save(buffer, format="PNG")
+    data = base64.b64encode(buffer.getvalue()).decode()
+    if protocol == "iterm2":
+        return f"\033]1337;File=inline=1;width=8;preserveAspectRatio=1:{data}\a"
+    chunks = [data[i : i + 4096] for i in range(0, len(data), 4096)]
+    out = []
+    for k, chunk in enumerate(chunks):
+        more = 1 if k < len(chunks) - 1 else 0
+        head = "f=100,a=T," if k == 0 else ""
+        out.append(f"\033_G{head}m={more};{chunk}\033\\")
+    return "".join(out)
+
+
+def show(run: str | Path, mistakes: bool = True, limit: int = 12, console: Console | None = None) -> list[dict]:
+    """Print the run's summary and its most confident mistakes; returns the rows shown."""
+    from visiontune.evaluate.interpret import interpret
+    from visiontune.report.html import valid_predictions
+
+    run = Path(run)
+    console = console or Console()
+    data = valid_predictions(run)
+    classes = json.loads((run / "classifier" / "classifier.json").read_text())["classes"]
+    lists = interpret(data["probs"], data["labels"], k=limit)
+    accuracy = float((data["probs"].argmax(1) == data["labels"]).mean())
+    console.print(f"{run.name}: validation accuracy {accuracy:.4f} on {len(data['labels'])} images")
+    if not mistakes:
+        return []
+    rows = sorted((e for c in lists["most_incorrect"].values() for e in c), key=lambda e: -e["p_pred"])[:limit]
+    table = Table(title="most confident mistakes")
+    for column in ("image", "true", "predicted", "p(pred)", "p(true)"):
+        table.add_column(column)
+    for e in rows:
+        table.add_row(data["paths"][e["index"]], classes[e["true"]], classes[e["pred"]], f"{e['p_pred']:.3f}", f"{e['p_true']:.3f}")
+    console.print(table)
+    protocol = inline_image_protocol() if sys.stdout.isatty() else None
+    if protocol:
+        for e in rows:
+            try:
+                sys.stdout.write(inline_image(data["paths"][e["index"]], protocol) + f"  {classes[e['true']]} → {classes[e['pred']]}\n")
+            except ImageError:
+                continue
+        sys.stdout.flush()
+    return rows
