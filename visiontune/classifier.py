@@ -37,6 +37,7 @@ class Prediction:
     path: str
     classes: list[str]
     probs: list[float]
+    tags: list[str] | None = None  # multi-label classifiers: every class over its tuned threshold
 
     @property
     def label(self) -> str:
@@ -56,6 +57,14 @@ class Classifier:
     run_dir: Path | None = None
     directory: Path | None = None  # the classifier folder it was saved to / loaded from
     _engines: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def multi_label(self) -> bool:
+        return bool(self.extra.get("multi_label"))
+
+    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities: softmax over classes, or one sigmoid per class for multi-label."""
+        return logits.float().sigmoid() if self.multi_label else logits.float().softmax(-1)
 
     def engine_forward(self, engine: str = "torch"):
         """images -> logits on `engine`: torch, or onnxruntime ("onnx"; "auto" = onnxruntime when installed).
@@ -90,13 +99,13 @@ class Classifier:
         paths = [Path(p) for p in paths]
         if tta == "none":
             yield from stream_outputs(
-                lambda x: forward(x).float().softmax(-1), paths, self.preprocessing, batch_size, description="predicting",
+                lambda x: self._activate(forward(x)), paths, self.preprocessing, batch_size, description="predicting",
                 skipped=skipped,
             )
             return
         views = tta_views(tta)
         yield from stream_outputs(
-            tta_forward(forward, combine), paths, self.preprocessing, max(1, batch_size // views),
+            tta_forward(forward, combine, self._activate), paths, self.preprocessing, max(1, batch_size // views),
             description=f"predicting (TTA {tta})", transform=tta_transform(self.preprocessing, tta), skipped=skipped,
             views=views,
         )
@@ -122,11 +131,13 @@ class Classifier:
         k = min(topk, len(self.classes))
         for indices, probs in self.stream_probabilities(paths, batch_size, skipped, tta, combine, engine):
             top = np.argsort(-probs, axis=1)[:, :k]
+            thresholds = np.asarray(self.extra.get("thresholds", [0.5] * len(self.classes))) if self.multi_label else None
             for row, index in enumerate(indices):
                 yield Prediction(
                     str(paths[index]),
                     [self.classes[j] for j in top[row]],
                     [float(probs[row, j]) for j in top[row]],
+                    [c for c, p, t in zip(self.classes, probs[row], thresholds) if p >= t] if thresholds is not None else None,
                 )
 
     def predict(

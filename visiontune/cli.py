@@ -84,7 +84,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             seed=args.seed, cache_dir=args.cache_dir, workers=args.workers, folds=args.folds,
             valid_fraction=args.valid, report=args.report, **settings,
         )
-    if "per_class" in clf.metrics:
+    if clf.multi_label:
+        key = next(k for k in clf.metrics if k.startswith("f") and k.endswith("_samples"))
+        console.print(f"[bold green]multi-label {key} {clf.metrics[key]:.4f}[/] (mAP {clf.metrics['mean_average_precision']:.4f}, "
+                      f"subset accuracy {clf.metrics['subset_accuracy']:.4f}) in {clf.metrics['seconds']} s")
+    elif "per_class" in clf.metrics:
         for table in _metrics_tables(clf.metrics, clf.classes):
             console.print(table)
         console.print(f"[bold green]validation accuracy {clf.metrics['accuracy']:.4f}[/] in {clf.metrics['seconds']} s")
@@ -278,10 +282,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         out = Path(args.csv)
         with out.open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["path", "label", "prob", "topk"])
+            writer.writerow(["path", "label", "prob", "topk"] + (["tags"] if clf.multi_label else []))
             for p in predictions:
                 topk = ";".join(f"{c}:{q:.4f}" for c, q in zip(p.classes, p.probs))
-                writer.writerow([p.path, p.label, f"{p.probs[0]:.6f}", topk])
+                writer.writerow([p.path, p.label, f"{p.probs[0]:.6f}", topk] + ([" ".join(p.tags)] if p.tags is not None else []))
                 count += 1
         console.print(f"wrote {count} predictions to {out}")
     else:
@@ -292,7 +296,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         table.add_column("next")
         for p in predictions:
             others = ", ".join(f"{c} {q:.2f}" for c, q in zip(p.classes[1:], p.probs[1:]))
-            table.add_row(p.path, p.label, f"{p.probs[0]:.3f}", others)
+            label = " ".join(p.tags) if p.tags is not None else p.label
+            table.add_row(p.path, label, f"{p.probs[0]:.3f}", others)
             count += 1
         Console().print(table)
     for s in skipped:

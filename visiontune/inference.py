@@ -7,6 +7,7 @@ Shared by feature caching, evaluation and prediction so all of them get the same
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +43,17 @@ def stream_outputs(
     transform returns several views per image (TTA) and `forward` takes [batch, views, 3, H, W].
     """
     dataset = ImageFiles(paths, None, transform or eval_transform(preprocessing), preprocessing.input_size, seeds, views)
-    batches = iterate_batches(dataset, batch_size, workers=default_workers() if workers is None else workers)
-    with progress_bar() as bar, torch.inference_mode():
-        task = bar.add_task(description, total=len(paths))
+    if workers is None:
+        # a background decoder pays only when there is more than one batch to overlap with the model;
+        # for a single batch (a single image, a served request) starting the process costs ~100x the decode
+        workers = default_workers() if len(paths) > batch_size else 0
+    batches = iterate_batches(dataset, batch_size, workers=workers)
+    show = len(paths) > batch_size  # a bar for one batch costs more than the batch (single-image latency)
+    with (progress_bar() if show else nullcontext()) as bar, torch.inference_mode():
+        task = bar.add_task(description, total=len(paths)) if show else None
         for batch in batches:
-            bar.advance(task, len(batch.indices) + len(batch.failed))
+            if show:
+                bar.advance(task, len(batch.indices) + len(batch.failed))
             if skipped is not None:
                 skipped.extend(Skipped(path, reason) for _, path, reason in batch.failed)
             if len(batch.indices) == 0:

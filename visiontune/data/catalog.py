@@ -18,6 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from visiontune.data.images import ImageError, is_image_name, probe
 from visiontune.progress import track
 
@@ -44,9 +46,21 @@ class Catalog:
     labels: list[int]
     classes: list[str]
     skipped: list[Skipped] = field(default_factory=list)
+    tags: list[list[int]] | None = None  # multi-label data: every class index of each image (labels = first)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.tags is not None
+
+    def targets(self) -> np.ndarray:
+        """Multi-hot matrix [images, classes] of a multi-label catalog."""
+        matrix = np.zeros((len(self.paths), len(self.classes)), dtype=np.float32)
+        for row, tags in enumerate(self.tags or []):
+            matrix[row, tags] = 1.0
+        return matrix
 
     def class_counts(self) -> dict[str, int]:
         """Images per class, in class order (zero for a class with none)."""
@@ -55,7 +69,8 @@ class Catalog:
 
     def subset(self, indices: list[int]) -> Catalog:
         """The catalog restricted to `indices`, same class list (skips are not carried over)."""
-        return Catalog([self.paths[i] for i in indices], [self.labels[i] for i in indices], self.classes)
+        tags = [self.tags[i] for i in indices] if self.tags is not None else None
+        return Catalog([self.paths[i] for i in indices], [self.labels[i] for i in indices], self.classes, tags=tags)
 
 
 @dataclass
@@ -194,6 +209,15 @@ def catalog_from_csv(root: Path, labels_csv: Path, check: bool = True) -> Catalo
             f"{labels_csv}: {len(missing)} of {len(rows)} files named in the CSV are missing under {root} "
             f"(first: {', '.join(missing[:3])}). Fix the paths (relative to the data folder) or remove the rows."
         )
+    tag_lists = [label.split() for _, _, label in resolved]
+    if any(len(tags) > 1 for tags in tag_lists):  # space-separated tags (Kaggle Planet): multi-label
+        classes = sorted({t for tags in tag_lists for t in tags})
+        index = {name: i for i, name in enumerate(classes)}
+        paths, rows, skipped = [path for path, _, _ in resolved], list(range(len(resolved))), []
+        if check:
+            paths, rows, skipped = _check_files(paths, rows, labels_csv.name)
+        tags = [sorted({index[t] for t in tag_lists[r]}) for r in rows]
+        return Catalog(paths, [t[0] for t in tags], classes, skipped, tags=tags)
     classes = sorted({label for _, _, label in resolved})
     index = {name: i for i, name in enumerate(classes)}
     paths = [path for path, _, _ in resolved]

@@ -75,11 +75,16 @@ def combine(probs: torch.Tensor, how: str = "mean") -> torch.Tensor:
     raise ValueError(f"unknown TTA combination {how!r}; choose from {', '.join(COMBINE)}")
 
 
-def tta_forward(model: Callable[[torch.Tensor], torch.Tensor], how: str = "mean") -> Callable[[torch.Tensor], torch.Tensor]:
-    """Wrap a logits model to take [batch, views, 3, H, W] and return combined probabilities."""
+def tta_forward(
+    model: Callable[[torch.Tensor], torch.Tensor], how: str = "mean", activate: Callable | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Wrap a logits model to take [batch, views, 3, H, W] and return combined probabilities
+    (`activate`: logits -> probabilities, softmax by default; geometric combination is softmax-only)."""
+    activate = activate or (lambda logits: logits.float().softmax(-1))
+
     def forward(images: torch.Tensor) -> torch.Tensor:
         b, v = images.shape[:2]
         flat = images.flatten(0, 1).contiguous(memory_format=torch.channels_last)
-        probs = model(flat).float().softmax(-1).view(b, v, -1)
+        probs = activate(model(flat)).view(b, v, -1)
         return combine(probs, how)
     return forward

@@ -75,6 +75,20 @@ def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     }
 
 
+def evaluate_multilabel(logits: torch.Tensor, targets: torch.Tensor) -> dict:
+    """BCE, exact-match accuracy and sample-averaged F2 at threshold 0.5 (thresholds are tuned at the end)."""
+    predicted = (logits > 0).float()
+    tp = (predicted * targets).sum(1)
+    precision = tp / predicted.sum(1).clamp_min(1)
+    recall = tp / targets.sum(1).clamp_min(1)
+    f2 = (5 * precision * recall / (4 * precision + recall).clamp_min(1e-12))
+    return {
+        "valid_loss": float(F.binary_cross_entropy_with_logits(logits.float(), targets)),
+        "valid_accuracy": float((predicted == targets).all(1).float().mean()),
+        "valid_f2": float(f2.mean()),
+    }
+
+
 def _better(monitor: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
@@ -100,8 +114,8 @@ def run_phase(
     schedule = make_schedule(
         optimizer, plan.schedule, phase.epochs, steps, plan.warmup_epochs, plan.sgdr_cycle, plan.sgdr_mult, phase.pct_start
     )
-    weight = class_weights(phase.labels, phase.n_classes, plan.class_weights)
-    loss_fn = make_loss(plan.loss, plan.label_smoothing, plan.focal_gamma, weight)
+    weight = None if plan.multi_label else class_weights(phase.labels, phase.n_classes, plan.class_weights)
+    loss_fn = make_loss("bce" if plan.multi_label else plan.loss, plan.label_smoothing, plan.focal_gamma, weight)
     swa_start = min(phase.epochs - 1, int(plan.swa_start * phase.epochs))
     averager = Averager(module, plan.ema, plan.swa, swa_start)
     position = Position(phase.name)

@@ -52,7 +52,12 @@ def _soft_targets(targets: torch.Tensor, n_classes: int, smoothing: float) -> to
 
 
 def make_loss(name: str, label_smoothing: float = 0.0, focal_gamma: float = 2.0, weight: torch.Tensor | None = None) -> Loss:
-    """The training loss chosen by the plan; validation always reports plain cross-entropy."""
+    """The training loss chosen by the plan; validation always reports plain cross-entropy (or BCE).
+
+    ``bce`` is multi-label: one sigmoid per class against multi-hot targets, smoothed towards 0.5."""
+    if name == "bce":
+        s = label_smoothing
+        return lambda logits, targets: F.binary_cross_entropy_with_logits(logits.float(), targets.float() * (1 - s) + s / 2)
     if name == "ce":
         return lambda logits, targets: F.cross_entropy(logits.float(), targets, weight=weight, label_smoothing=label_smoothing)
     if name == "focal":
@@ -73,8 +78,9 @@ def mix_batch(
     can_cut = cutmix > 0 and inputs.dim() == 4
     use_cut = can_cut and (mixup <= 0 or bool(torch.rand(()) < 0.5))
     alpha = cutmix if use_cut else mixup
+    one_hot = labels.float() if labels.dim() == 2 else F.one_hot(labels, n_classes).float()  # multi-hot as is
     if alpha <= 0:
-        return inputs, F.one_hot(labels, n_classes).float()
+        return inputs, one_hot
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     perm = torch.randperm(len(labels))
     if use_cut:
@@ -88,5 +94,4 @@ def mix_batch(
         lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
     else:
         inputs = lam * inputs + (1 - lam) * inputs[perm]
-    one_hot = F.one_hot(labels, n_classes).float()
     return inputs, lam * one_hot + (1 - lam) * one_hot[perm]

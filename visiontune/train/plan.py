@@ -81,6 +81,8 @@ class Plan:
     gradual: bool = False  # gradual unfreezing: one more layer group per fine-tuning epoch
     upweight: str = ""  # CSV of hard examples (visiontune hard-examples) drawn upweight_factor times as often
     upweight_factor: float = 3.0
+    multi_label: bool = False  # several tags per image (labels CSV "a b c"): sigmoid + BCE, tuned thresholds
+    fbeta: float = 2.0  # multi-label: thresholds maximise F-beta (F2 in the Planet competition)
     why: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -225,6 +227,9 @@ def _check_choices(plan: Plan) -> None:
         raise UsageError("--ema is a decay in [0, 1), e.g. 0.999")
     if plan.swa and plan.ema:
         raise UsageError("--swa and --ema both average the weights; choose one")
+    if plan.multi_label and (plan.loss != "ce" or plan.class_weights != "none" or plan.sampler != "random"):
+        raise UsageError("multi-label data trains with binary cross-entropy: --loss focal, --class-weights and "
+                         "--sampler balanced are for single-label data")
 
 
 def make_plan(
