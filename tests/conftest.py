@@ -41,3 +41,47 @@ def private_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def class_folders(tmp_path: Path) -> Path:
     return write_class_folders(tmp_path / "data")
+
+
+def run_cli(*args: str, timeout: int = 600):
+    """`visiontune ARGS` in a fresh process (wide terminal so rich tables are not truncated)."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "visiontune.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def trained_data(root: Path, per_class: int = 14) -> Path:
+    """Class folders under `root/data` and a private feature cache for a module-scoped fixture."""
+    import os
+
+    data = write_class_folders(root / "data", per_class=per_class)
+    os.environ["VISIONTUNE_CACHE"] = str(root / "cache")
+    return data
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+#: Browser tests run where Debian's chromium + chromium-driver are installed (`make test` installs them
+#: and sets VISIONTUNE_REQUIRE_BROWSER, so there a missing browser fails instead of skipping).
+needs_browser = pytest.mark.skipif(
+    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()) and not __import__("os").environ.get("VISIONTUNE_REQUIRE_BROWSER"),
+    reason="Debian chromium + chromium-driver not installed (make test installs them)",
+)
+
+
+def chromium(user_data_dir: Path, window: str = "1200,2400"):
+    """A headless Chromium WebDriver with the flags this machine's closed network needs."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+                 "--no-first-run", "--disable-component-update", "--disable-sync", f"--window-size={window}",
+                 f"--user-data-dir={user_data_dir}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,21 +14,13 @@ import visiontune as vt
 from visiontune.report.html import SECTIONS
 
 FAST = {"img_size": 64, "epochs": 6}
-CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "visiontune.cli", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "COLUMNS": "200"})
+from conftest import chromium, needs_browser, run_cli as cli, trained_data
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from conftest import write_class_folders
-
     root = tmp_path_factory.mktemp("report")
-    data = write_class_folders(root / "data", per_class=14)
-    os.environ["VISIONTUNE_CACHE"] = str(root / "cache")
+    data = trained_data(root)
     vt.fit(data, out=root / "run", **FAST)
     return root / "run"
 
@@ -47,23 +36,11 @@ def test_report_is_self_contained_with_every_section(run):
     assert {"most_incorrect", "most_correct", "most_uncertain", "top_losses", "most_confused"} <= set(interpretation)
 
 
-@pytest.mark.skipif(
-    not (Path(CHROMIUM).exists() and Path(DRIVER).exists()) and not os.environ.get("VISIONTUNE_REQUIRE_BROWSER"),
-    reason="Debian chromium + chromium-driver not installed (make test installs them)",
-)
+@needs_browser
 def test_report_renders_in_headless_chromium(run):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
-                 "--no-first-run", "--disable-component-update", "--disable-sync", "--window-size=1200,2400"):
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={run / '.chromium'}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver = chromium(run / ".chromium")
     try:
         driver.get((run / "report.html").as_uri())
         ids = [s.get_attribute("id") for s in driver.find_elements(By.CSS_SELECTOR, "section[id]")]

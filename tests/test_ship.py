@@ -7,11 +7,8 @@ import base64
 import csv
 import io
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,21 +21,13 @@ import visiontune as vt
 
 FAST = {"img_size": 64, "epochs": 6}
 README = Path(__file__).resolve().parent.parent / "README.md"
-CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "visiontune.cli", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "COLUMNS": "200"})
+from conftest import chromium, needs_browser, run_cli as cli, trained_data
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from conftest import write_class_folders
-
     root = tmp_path_factory.mktemp("ship")
-    data = write_class_folders(root / "data", per_class=14)
-    os.environ["VISIONTUNE_CACHE"] = str(root / "cache")
+    data = trained_data(root)
     vt.fit(data, out=root / "a", report=False, seed=0, **FAST)
     vt.fit(data, out=root / "b", report=False, seed=1, cut="pooled", **FAST)
     return root
@@ -197,14 +186,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(
-    not (Path(CHROMIUM).exists() and Path(DRIVER).exists()) and not os.environ.get("VISIONTUNE_REQUIRE_BROWSER"),
-    reason="Debian chromium + chromium-driver not installed (make test installs them)",
-)
+@needs_browser
 def test_page_in_headless_chromium_shows_the_predicted_class(runs, tmp_path):
     import uvicorn
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -218,13 +202,7 @@ def test_page_in_headless_chromium_shows_the_predicted_class(runs, tmp_path):
         time.sleep(0.05)
     image = tmp_path / "mine.png"
     image.write_bytes(png_bytes((40, 60, 200)))
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
-                 "--no-first-run", "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chrome'}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver = chromium(tmp_path / "chrome")
     try:
         driver.get(f"http://127.0.0.1:{port}/")
         driver.find_element(By.ID, "file").send_keys(str(image))

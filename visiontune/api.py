@@ -510,7 +510,8 @@ def evaluation_catalog(data: str | Path, classes: list[str], labels: str | Path 
         if unknown:
             raise DataError(f"{data}: classes the classifier does not know: {', '.join(unknown)}")
         index = {name: i for i, name in enumerate(classes)}
-        catalog = Catalog(catalog.paths, [index[catalog.classes[y]] for y in catalog.labels], classes, catalog.skipped)
+        tags = [[index[catalog.classes[t]] for t in row] for row in catalog.tags] if catalog.tags is not None else None
+        catalog = Catalog(catalog.paths, [index[catalog.classes[y]] for y in catalog.labels], classes, catalog.skipped, tags)
     if len(catalog) == 0:
         raise DataError(f"{data}: no usable labelled images to evaluate on.")
     return catalog
@@ -518,14 +519,23 @@ def evaluation_catalog(data: str | Path, classes: list[str], labels: str | Path 
 
 def evaluate(
     classifier: Classifier | str | Path, data: str | Path, labels: str | Path | None = None, batch_size: int = 64,
-    tta: str = "none", combine: str = "mean",
+    tta: str = "none", combine: str = "mean", engine: str = "auto",
 ) -> dict:
     """Metrics of a classifier on labelled images (class folders, split folders or a labels CSV), with
     optional test-time augmentation (`tta`: flip | flips | 5crop | 10crop | scale)."""
     clf = classifier if isinstance(classifier, Classifier) else load(classifier)
     catalog = evaluation_catalog(data, clf.classes, labels)
     skipped: list[Skipped] = list(catalog.skipped)
-    kept, probs = clf.probabilities(catalog.paths, batch_size, skipped=skipped, tta=tta, combine=combine)
+    kept, probs = clf.probabilities(catalog.paths, batch_size, skipped=skipped, tta=tta, combine=combine, engine=engine)
+    if clf.multi_label:
+        from visiontune.evaluate.metrics import multilabel_metrics
+
+        if not catalog.multi_label:
+            raise DataError(f"{data}: a multi-label classifier needs a tags CSV (--labels) to evaluate on")
+        thresholds = np.asarray(clf.extra.get("thresholds", [0.5] * len(clf.classes)))
+        metrics = multilabel_metrics(catalog.targets()[kept], probs, thresholds, clf.classes, clf.extra.get("fbeta", 2.0))
+        metrics["skipped"] = [{"path": s.path, "reason": s.reason} for s in skipped]
+        return metrics
     metrics = classification_metrics(np.array(catalog.labels)[kept], probs, clf.classes)
     metrics["skipped"] = [{"path": s.path, "reason": s.reason} for s in skipped]
     return metrics

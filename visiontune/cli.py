@@ -57,7 +57,7 @@ PLAN_FLAGS = (
     "weight_decay", "schedule", "warmup_epochs", "sgdr_cycle", "sgdr_mult", "loss", "label_smoothing",
     "focal_gamma", "class_weights", "sampler", "aug", "mixup", "cutmix", "swa", "swa_start", "swa_lr", "ema",
     "early_stop", "monitor", "eval_every", "checkpoint_every", "amp", "compile", "freeze_to", "upweight",
-    "upweight_factor", "gradual", "bn_freeze",
+    "upweight_factor", "fbeta", "gradual", "bn_freeze",
     "head_dropout",
 )
 
@@ -445,6 +445,7 @@ def _add_playbook(train: argparse.ArgumentParser) -> None:
     g.add_argument("--monitor", choices=["valid_loss", "valid_accuracy"])
     g.add_argument("--upweight", metavar="CSV", help="draw the images of a hard-examples CSV more often")
     g.add_argument("--upweight-factor", type=float, help="how much more often (3)")
+    g.add_argument("--fbeta", type=float, help="multi-label: thresholds maximise this F-beta (2)")
     g = train.add_argument_group("monitoring")
     g.add_argument("--eval-every", type=int, metavar="STEPS", help="also validate every N steps (metrics.jsonl, tb/)")
     g.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also checkpoint every N steps")
