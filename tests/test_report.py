@@ -96,3 +96,24 @@ def test_evaluate_and_predict_with_tta(run):
     assert a["n"] == b["n"] and a["log_loss"] != b["log_loss"]
     predicted = cli("predict", str(run), data, "--tta", "10crop", "--topk", "2")
     assert predicted.returncode == 0, predicted.stderr
+
+
+def test_show_gradcam_and_feature_maps_of_chosen_images(run, tmp_path):
+    image = json.loads((run / "split.json").read_text())["valid"][0]
+    result = cli("show", str(run), "--gradcam", image, "--out", str(tmp_path / "cam.png"))
+    assert result.returncode == 0, result.stderr
+    result = cli("show", str(run), "--feature-maps", image, "--layer", "blocks.4", "--out", str(tmp_path / "maps.png"))
+    assert result.returncode == 0, result.stderr
+    from PIL import Image
+
+    assert Image.open(tmp_path / "cam.png").size[0] > 200 and Image.open(tmp_path / "maps.png").size[0] > 200
+    bad = cli("show", str(run), "--feature-maps", image, "--layer", "nope")
+    assert bad.returncode == 2 and "no such module" in bad.stderr
+
+
+def test_predict_writes_json(run, tmp_path):
+    folder = str(Path(json.loads((run / "split.json").read_text())["valid"][0]).parent)
+    result = cli("predict", str(run), folder, "--json", str(tmp_path / "p.json"), "--topk", "2")
+    assert result.returncode == 0, result.stderr
+    items = json.loads((tmp_path / "p.json").read_text())
+    assert items and len(items[0]["top"]) == 2 and {"path", "label"} <= set(items[0])

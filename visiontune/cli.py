@@ -14,14 +14,14 @@ from rich.table import Table
 from visiontune.backbones.providers import WeightsError
 from visiontune.classifier import ArtifactError
 from visiontune.data.catalog import DataError
-from visiontune.data.images import is_image_name
+from visiontune.data.images import ImageError, is_image_name
 from visiontune.data.transforms import AUGMENTATIONS
 from visiontune.engines import ENGINES, default_engine
 from visiontune.errors import UsageError
 from visiontune.progress import console
 from visiontune.runs import RunExistsError
 
-USER_ERRORS = (DataError, WeightsError, ArtifactError, RunExistsError, FileNotFoundError, UsageError)
+USER_ERRORS = (DataError, WeightsError, ArtifactError, RunExistsError, FileNotFoundError, UsageError, ImageError)
 
 
 def _metrics_tables(metrics: dict, classes: list[str]) -> list[Table]:
@@ -190,9 +190,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from visiontune.report.show import show
+    from visiontune.report.show import show, show_feature_maps, show_gradcam
 
-    show(args.run, mistakes=args.mistakes, limit=args.limit)
+    if args.gradcam:
+        console.print(f"wrote {show_gradcam(args.run, args.gradcam, args.out)}")
+    elif args.feature_maps:
+        console.print(f"wrote {show_feature_maps(args.run, args.feature_maps, args.layer, args.out)}")
+    else:
+        show(args.run, mistakes=args.mistakes, limit=args.limit)
     return 0
 
 
@@ -278,7 +283,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
         engine=args.engine,
     )
     count = 0
-    if args.csv:
+    if args.json:
+        out = Path(args.json)
+        with out.open("w") as handle:  # a JSON array written item by item: memory stays flat
+            handle.write("[")
+            for p in predictions:
+                item = {"path": p.path, "label": p.label, "top": [{"class": c, "prob": round(q, 6)} for c, q in zip(p.classes, p.probs)]}
+                if p.tags is not None:
+                    item["tags"] = p.tags
+                handle.write((",\n" if count else "\n") + json.dumps(item))
+                count += 1
+            handle.write("\n]\n")
+        console.print(f"wrote {count} predictions to {out}")
+    elif args.csv:
         out = Path(args.csv)
         with out.open("w", newline="") as handle:
             writer = csv.writer(handle)
@@ -520,6 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run")
     show.add_argument("--mistakes", action="store_true", help="the most confident mistakes (default: summary)")
     show.add_argument("--limit", type=int, default=12)
+    show.add_argument("--gradcam", nargs="+", metavar="IMAGE", help="write Grad-CAM overlays of these images (PNG)")
+    show.add_argument("--feature-maps", metavar="IMAGE", help="write the feature maps of --layer for this image (PNG)")
+    show.add_argument("--layer", default="blocks.2", help="module name for --feature-maps, e.g. conv_stem, blocks.4")
+    show.add_argument("--out", help="PNG to write (default: inside the run folder)")
     show.set_defaults(func=cmd_show)
 
     hard = sub.add_parser("hard-examples", help="training images the model gets wrong or barely right -> CSV")
@@ -544,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("classifier", help="run folder or classifier folder")
     predict.add_argument("images", nargs="+", help="image files and/or folders")
     predict.add_argument("--csv", help="write predictions to this CSV instead of a table")
+    predict.add_argument("--json", help="write predictions to this JSON file (array) instead of a table")
     predict.add_argument("--topk", type=int, default=3)
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto",

@@ -75,3 +75,44 @@ def show(run: str | Path, mistakes: bool = True, limit: int = 12, console: Conso
                 continue
         sys.stdout.flush()
     return rows
+
+
+def show_gradcam(run: str | Path, images: list[str], out: str | Path | None = None) -> Path:
+    """Grad-CAM overlays (image, then where the predicted class's evidence is) for chosen images -> PNG."""
+    from visiontune.classifier import Classifier
+    from visiontune.evaluate.visualize import grad_cam, overlay
+    from visiontune.report.html import _preprocessed
+    from visiontune.report.plots import image_grid
+
+    clf = Classifier.load(run)
+    tiles, titles = [], []
+    for path in images:
+        prepared = _preprocessed(clf, path)
+        if prepared is None:
+            raise ImageError(path, "cannot be read as an image")
+        x, shown = prepared
+        heat, index = grad_cam(clf.model, x)
+        tiles += [shown, overlay(shown, heat)]
+        titles += [Path(path).name, f"evidence for {clf.classes[index]}"]
+    target = Path(out) if out else Path(run) / "gradcam.png"
+    return image_grid([tiles], target, tile_titles=[titles])
+
+
+def show_feature_maps(run: str | Path, image: str, layer: str, out: str | Path | None = None, limit: int = 16) -> Path:
+    """The first `limit` channels of module `layer`'s output for one image -> PNG."""
+    from visiontune.classifier import Classifier
+    from visiontune.errors import UsageError
+    from visiontune.evaluate.visualize import feature_maps
+    from visiontune.report.html import _preprocessed
+    from visiontune.report.plots import image_grid
+
+    clf = Classifier.load(run)
+    if layer not in dict(clf.model.named_modules()):
+        raise UsageError(f"--layer {layer!r}: no such module; e.g. conv_stem, blocks.0 ... blocks.6, conv_head")
+    prepared = _preprocessed(clf, image)
+    if prepared is None:
+        raise ImageError(image, "cannot be read as an image")
+    maps = feature_maps(clf.model, prepared[0], layer, limit)
+    target = Path(out) if out else Path(run) / f"feature-maps-{layer}.png"
+    rows = [[prepared[1]] + list(maps[:8]), list(maps[8:16])]
+    return image_grid([r for r in rows if r], target, title=f"{layer} for {Path(image).name}", cmap="viridis")
