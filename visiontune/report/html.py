@@ -180,16 +180,22 @@ def _preprocessed(classifier: Classifier, path: str) -> tuple[torch.Tensor, np.n
     return x, (shown.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
-def _gradcam_section(classifier: Classifier, paths: list[str], classes: list[str], examples: list[dict]) -> str:
+def gradcam_tiles(classifier: Classifier, images: list[str], captions: list[str]) -> tuple[list, list[str]]:
+    """For each readable image: the image (captioned) and its Grad-CAM overlay for the predicted class."""
     tiles, titles = [], []
-    for e in examples:
-        prepared = _preprocessed(classifier, paths[e["index"]])
+    for path, caption in zip(images, captions):
+        prepared = _preprocessed(classifier, path)
         if prepared is None:
             continue
         x, shown = prepared
         heat, index = grad_cam(classifier.model, x)
         tiles += [shown, overlay(shown, heat)]
-        titles += [f"true {classes[e['true']]}", f"why {classes[index]}"]
+        titles += [caption, f"evidence for {classifier.classes[index]}"]
+    return tiles, titles
+
+
+def _gradcam_section(classifier: Classifier, paths: list[str], classes: list[str], examples: list[dict]) -> str:
+    tiles, titles = gradcam_tiles(classifier, [paths[e["index"]] for e in examples], [f"true {classes[e['true']]}" for e in examples])
     if not tiles:
         return "<p>no images</p>"
     rows = [tiles[i : i + 8] for i in range(0, len(tiles), 8)]

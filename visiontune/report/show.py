@@ -80,20 +80,13 @@ def show(run: str | Path, mistakes: bool = True, limit: int = 12, console: Conso
 def show_gradcam(run: str | Path, images: list[str], out: str | Path | None = None) -> Path:
     """Grad-CAM overlays (image, then where the predicted class's evidence is) for chosen images -> PNG."""
     from visiontune.classifier import Classifier
-    from visiontune.evaluate.visualize import grad_cam, overlay
-    from visiontune.report.html import _preprocessed
+    from visiontune.report.html import gradcam_tiles
     from visiontune.report.plots import image_grid
 
     clf = Classifier.load(run)
-    tiles, titles = [], []
     for path in images:
-        prepared = _preprocessed(clf, path)
-        if prepared is None:
-            raise ImageError(path, "cannot be read as an image")
-        x, shown = prepared
-        heat, index = grad_cam(clf.model, x)
-        tiles += [shown, overlay(shown, heat)]
-        titles += [Path(path).name, f"evidence for {clf.classes[index]}"]
+        load_rgb(path)  # an unreadable image stops here with its reason
+    tiles, titles = gradcam_tiles(clf, images, [Path(p).name for p in images])
     target = Path(out) if out else Path(run) / "gradcam.png"
     return image_grid([tiles], target, tile_titles=[titles])
 
