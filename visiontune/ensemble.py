@@ -44,6 +44,10 @@ class Ensemble(Classifier):
 
     members: list[Classifier]
 
+    def engine_forward(self, engine: str = "torch"):
+        """Always PyTorch: the members' combination (voting especially) is not worth an ONNX export."""
+        return super().engine_forward("torch")
+
     @classmethod
     def from_members(
         cls, members: list[Classifier], run_dir: Path | None = None, method: str = "mean", weights: list[float] | None = None
