@@ -176,7 +176,6 @@ def fit(
     mean-probability ensemble with the folds' mean and spread in `metrics`.
     """
     settings = {ALIASES.get(k, k): v for k, v in settings.items()}
-    settings["valid_fraction"] = settings.pop("valid_fraction", None)
     auto = {k for k in ("lr", "batch_size") if settings.get(k) == "auto"}
     for k in auto:
         settings[k] = None

@@ -21,7 +21,7 @@ from torch import nn
 
 from visiontune.data.catalog import Skipped
 from visiontune.data.transforms import Preprocessing
-from visiontune.inference import stream_outputs
+from visiontune.inference import gather, stream_outputs
 
 ARTIFACT_FORMAT = 1
 
@@ -115,12 +115,7 @@ class Classifier:
         tta: str = "none", combine: str = "mean", engine: str = "torch",
     ) -> tuple[np.ndarray, np.ndarray]:
         """(kept positions, probabilities) for image files, in input order."""
-        parts = list(self.stream_probabilities(paths, batch_size, skipped, tta, combine, engine))
-        if not parts:
-            return np.empty(0, dtype=np.int64), np.empty((0, len(self.classes)), dtype=np.float32)
-        indices = np.concatenate([p[0] for p in parts])
-        order = np.argsort(indices, kind="stable")
-        return indices[order], np.concatenate([p[1] for p in parts])[order]
+        return gather(self.stream_probabilities(paths, batch_size, skipped, tta, combine, engine), len(self.classes))
 
     def iter_predictions(
         self, paths: Sequence[str | Path], topk: int = 5, batch_size: int = 64, skipped: list[Skipped] | None = None,

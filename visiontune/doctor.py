@@ -120,7 +120,7 @@ def augment_preview(
 ) -> Path:
     """A grid: each row one source image, then `samples` augmented versions by `preset` (de-normalised)."""
     from visiontune.data.images import is_image_name, load_rgb
-    from visiontune.data.transforms import Preprocessing, augmentation, eval_transform
+    from visiontune.data.transforms import Preprocessing, augmentation, denormalise_uint8, eval_transform
     from visiontune.report.plots import image_grid
 
     files = sorted(p for p in Path(data).rglob("*") if p.is_file() and is_image_name(p))
@@ -129,14 +129,9 @@ def augment_preview(
     picked = [files[i] for i in np.random.default_rng(seed).choice(len(files), size=min(images, len(files)), replace=False)]
     pre = Preprocessing(img_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     transform, plain = augmentation(pre, preset), eval_transform(pre)
-    mean, std = torch.tensor(pre.mean).view(3, 1, 1), torch.tensor(pre.std).view(3, 1, 1)
-
-    def to_uint8(tensor: torch.Tensor) -> np.ndarray:
-        return ((tensor * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-
     torch.manual_seed(seed)
     rows = []
     for path in picked:
         image = load_rgb(path)
-        rows.append([to_uint8(plain(image))] + [to_uint8(transform(image)) for _ in range(samples)])
+        rows.append([denormalise_uint8(plain(image), pre)] + [denormalise_uint8(transform(image), pre) for _ in range(samples)])
     return image_grid(rows, Path(out), [p.name for p in picked], title=f"--aug {preset}: original, then {samples} samples")

@@ -66,9 +66,14 @@ def stream_outputs(
 
 def collect_outputs(*args, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     """All of :func:`stream_outputs` at once: (indices, outputs) in input order, failed files left out."""
-    parts = list(stream_outputs(*args, **kwargs))
+    return gather(stream_outputs(*args, **kwargs))
+
+
+def gather(stream, width: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, outputs) batches -> one pair in input order (empty outputs are [0, width])."""
+    parts = list(stream)
     if not parts:
-        return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
+        return np.empty(0, dtype=np.int64), np.empty((0, width), dtype=np.float32)
     indices = np.concatenate([p[0] for p in parts])
     outputs = np.concatenate([p[1] for p in parts])
     order = np.argsort(indices, kind="stable")

@@ -71,6 +71,17 @@ def _to_normalised_tensor(pre: Preprocessing) -> list:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean=pre.mean, std=pre.std)]
 
 
+def normalise(pre: Preprocessing) -> T.Compose:
+    """PIL image (already sized) -> normalised float tensor, the last step of every preset."""
+    return T.Compose(_to_normalised_tensor(pre))
+
+
+def denormalise_uint8(tensor: torch.Tensor, pre: Preprocessing):
+    """A normalised [3, H, W] tensor back to an HxWx3 uint8 array, for showing what the model saw."""
+    mean, std = torch.tensor(pre.mean).view(3, 1, 1), torch.tensor(pre.std).view(3, 1, 1)
+    return ((tensor * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype("uint8")
+
+
 def eval_transform(pre: Preprocessing) -> T.Compose:
     """Deterministic: resize the shorter side, centre crop, normalise. Used for caching, eval, predict."""
     interp = _INTERPOLATION.get(pre.interpolation, InterpolationMode.BICUBIC)

@@ -15,14 +15,10 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from visiontune.data.transforms import Preprocessing, _INTERPOLATION, eval_transform
+from visiontune.data.transforms import Preprocessing, _INTERPOLATION, eval_transform, normalise
 
 TTA_MODES = ("none", "flip", "flips", "5crop", "10crop", "scale")
 COMBINE = ("mean", "geometric")
-
-
-def _normalise(pre: Preprocessing) -> T.Compose:
-    return T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean=pre.mean, std=pre.std)])
 
 
 def tta_transform(pre: Preprocessing, mode: str) -> Callable:
@@ -45,12 +41,12 @@ def tta_transform(pre: Preprocessing, mode: str) -> Callable:
     if mode in ("5crop", "10crop"):
         resize = T.Resize(pre.resize_size, interpolation=interp, antialias=True)
         crops = T.FiveCrop(pre.input_size) if mode == "5crop" else T.TenCrop(pre.input_size)
-        norm = _normalise(pre)
+        norm = normalise(pre)
 
         def cropped(image):
             return torch.stack([norm(c) for c in crops(resize(image))])
         return cropped
-    norm = _normalise(pre)
+    norm = normalise(pre)
 
     def scaled(image):
         views = []

@@ -17,7 +17,7 @@ import torch
 
 from visiontune.classifier import Classifier
 from visiontune.data.images import ImageError, load_rgb
-from visiontune.data.transforms import eval_transform
+from visiontune.data.transforms import denormalise_uint8, eval_transform
 from visiontune.evaluate.interpret import interpret
 from visiontune.evaluate.metrics import classification_metrics, curves
 from visiontune.evaluate.visualize import dead_activation_fractions, feature_maps, grad_cam, kernel_tiles, overlay
@@ -175,9 +175,7 @@ def _preprocessed(classifier: Classifier, path: str) -> tuple[torch.Tensor, np.n
     except ImageError:
         return None
     x = eval_transform(classifier.preprocessing)(image)
-    pre = classifier.preprocessing
-    shown = (x * torch.tensor(pre.std).view(3, 1, 1) + torch.tensor(pre.mean).view(3, 1, 1)).clamp(0, 1)
-    return x, (shown.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    return x, denormalise_uint8(x, classifier.preprocessing)
 
 
 def gradcam_tiles(classifier: Classifier, images: list[str], captions: list[str]) -> tuple[list, list[str]]:

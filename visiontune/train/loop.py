@@ -9,7 +9,6 @@ pure function of (seed, epoch), so a resumed run can start in the middle of one.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -212,8 +211,3 @@ def run_phase(
         module.load_state_dict(best)
         log({"phase": phase.name, "kind": "restored-best", "step": position.global_step, plan.monitor: extra["best_value"]})
     return position.history
-
-
-def copy_module(module: nn.Module) -> nn.Module:
-    """A detached copy (used by the LR finder to leave the real weights untouched)."""
-    return copy.deepcopy(module)
