@@ -7,7 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test browser test-slow fashion-mnist bench-speed bench-memory bench-playbook clean
 
+# pip's wheel cache is off: torch alone is 5.5 GB in the venv, and a second copy in ~/.cache can fill a small disk.
+export PIP_NO_CACHE_DIR := 1
+
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c "import shutil,sys; free=shutil.disk_usage('.').free/2**30; sys.exit(0) if free >= 8 else sys.exit(f'visiontune install needs about 8 GB free here (torch is 5.5 GB); {free:.1f} GB free: free some disk and rerun')"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
