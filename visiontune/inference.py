@@ -1,4 +1,4 @@
-"""Run a model over image files in batches: decode in workers, forward in inference mode, stream out.
+"""Run a model over image files in batches: decode in the background, forward in inference mode, stream out.
 
 Shared by feature caching, evaluation and prediction so all of them get the same speed settings
 (channels-last memory layout, no autograd) and the same handling of files that fail to decode.
@@ -8,20 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from visiontune.data.catalog import Skipped
-from visiontune.data.loader import ImageFiles, iterate_batches
-from visiontune.data.transforms import Preprocessing, eval_transform
+from visiontune.data.loader import ImageFiles, iterate_batches, prefetch
+from visiontune.data.transforms import Preprocessing, eval_transform_uint8, normalise_batch
 from visiontune.progress import progress_bar
-
-
-def default_workers() -> int:
-    """Decode in one background process: on 2 cores the other runs the model."""
-    return 1
 
 
 def stream_outputs(
@@ -29,7 +25,7 @@ def stream_outputs(
     paths: Sequence[Path],
     preprocessing: Preprocessing,
     batch_size: int = 64,
-    workers: int | None = None,
+    workers: int = 0,
     description: str = "running",
     transform: Callable | None = None,
     skipped: list[Skipped] | None = None,
@@ -39,15 +35,20 @@ def stream_outputs(
     """Yield (indices into `paths`, outputs as float32 numpy) per batch; failed files go to `skipped`.
 
     `transform` defaults to the deterministic eval preset; `seeds` seed a random one per image.
+    `workers`: 0 decodes in a background thread of this process (inline for a single batch or seeded
+    transforms), N in N processes.
     `forward` may be any engine's function (see :mod:`visiontune.engines`). With `views` > 1 the
     transform returns several views per image (TTA) and `forward` takes [batch, views, 3, H, W].
     """
-    dataset = ImageFiles(paths, None, transform or eval_transform(preprocessing), preprocessing.input_size, seeds, views)
-    if workers is None:
-        # a background decoder pays only when there is more than one batch to overlap with the model;
-        # for a single batch (a single image, a served request) starting the process costs ~100x the decode
-        workers = default_workers() if len(paths) > batch_size else 0
+    dataset = ImageFiles(paths, None, transform or eval_transform_uint8(preprocessing), preprocessing.input_size, seeds, views)
     batches = iterate_batches(dataset, batch_size, workers=workers)
+    if transform is None:  # uint8 batches, normalised as a whole (and in the background thread below)
+        batches = (replace(batch, images=normalise_batch(batch.images, preprocessing)) for batch in batches)
+    if workers == 0 and len(paths) > batch_size and seeds is None:
+        # decode in a low-priority thread (see loader.prefetch); a single batch (one image, a served request)
+        # decodes inline, since even a thread's start-up costs more than overlapping it saves. Seeded random
+        # transforms stay inline: they reseed torch's global generator, which a thread shares with the caller.
+        batches = prefetch(batches)
     show = len(paths) > batch_size  # a bar for one batch costs more than the batch (single-image latency)
     with (progress_bar() if show else nullcontext()) as bar, torch.inference_mode():
         task = bar.add_task(description, total=len(paths)) if show else None

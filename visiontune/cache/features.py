@@ -68,7 +68,7 @@ def cached_activations(
     view: int | None = None,
     seed: int = 0,
     batch_size: int = 64,
-    workers: int | None = None,
+    workers: int = 0,
     description: str = "features",
     engine: str = "torch",
     load: bool = True,

@@ -7,8 +7,11 @@ the consumer drops it from the batch and counts it. Seeds make shuffling and aug
 
 from __future__ import annotations
 
+import os
+import queue
 import random
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +71,9 @@ class ImageFiles(Dataset):
 
 def _collate(items: list) -> tuple:
     images, labels, indices, errors = zip(*items)
-    return torch.stack(images), torch.tensor(labels), torch.tensor(indices), list(errors)
+    # a failed file's placeholder is float zeros; it takes the dtype of the decoded images (uint8 or float)
+    dtype = next((image.dtype for image, error in zip(images, errors) if error is None), images[0].dtype)
+    return torch.stack([image.to(dtype) for image in images]), torch.tensor(labels), torch.tensor(indices), list(errors)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -120,3 +125,47 @@ class BatchIterator:
                 keep = torch.tensor([e is None for e in errors])
                 images, labels, indices = images[keep], labels[keep], indices[keep]
             yield Batch(images, labels, indices, failed)
+
+
+def prefetch(items: Iterable, depth: int = 2, nice: int = 19) -> Iterator:
+    """Run `items` in a background thread of lowered priority and yield what it produces, in order.
+
+    Why a thread and not a DataLoader worker process: on a 2-core machine the model's own threads already
+    use both cores, and a decoding process competes with them at equal priority (measured at 224 px with
+    onnxruntime: 116 img/s with one worker process, 145 decoding inline). PIL and torch release the GIL
+    while they decode and resize, so a thread overlaps with the model; at the lowest priority it only
+    takes the cycles the model's threads leave idle between operators (same run: 182-190 img/s).
+    An exception raised by `items` is re-raised here, in the consumer.
+    """
+    done = object()
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except (AttributeError, OSError):  # not Linux, or not allowed: run at normal priority
+            pass
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                slots.put(item)
+            slots.put(done)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            slots.put(exc)
+
+    thread = threading.Thread(target=produce, name="visiontune-decode", daemon=True)
+    thread.start()
+    try:
+        while (item := slots.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue, then let it end
+            try:
+                slots.get(timeout=0.05)
+            except queue.Empty:
+                pass

@@ -82,13 +82,26 @@ def denormalise_uint8(tensor: torch.Tensor, pre: Preprocessing):
     return ((tensor * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype("uint8")
 
 
+def _resize_crop(pre: Preprocessing) -> list:
+    interp = _INTERPOLATION.get(pre.interpolation, InterpolationMode.BICUBIC)
+    return [T.Resize(pre.resize_size, interpolation=interp, antialias=True), T.CenterCrop(pre.input_size)]
+
+
 def eval_transform(pre: Preprocessing) -> T.Compose:
     """Deterministic: resize the shorter side, centre crop, normalise. Used for caching, eval, predict."""
-    interp = _INTERPOLATION.get(pre.interpolation, InterpolationMode.BICUBIC)
-    return T.Compose(
-        [T.Resize(pre.resize_size, interpolation=interp, antialias=True), T.CenterCrop(pre.input_size)]
-        + _to_normalised_tensor(pre)
-    )
+    return T.Compose(_resize_crop(pre) + _to_normalised_tensor(pre))
+
+
+def eval_transform_uint8(pre: Preprocessing) -> T.Compose:
+    """:func:`eval_transform` without its last step: a uint8 [3, H, W] tensor, to be finished a batch at a
+    time by :func:`normalise_batch`. Why: normalising 32 images at once costs less than 32 times one, and
+    uint8 batches are a quarter of the bytes to hand between threads or processes. Same numbers exactly."""
+    return T.Compose(_resize_crop(pre) + [T.PILToTensor()])
+
+
+def normalise_batch(images: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> the normalised float tensor :func:`eval_transform` would have given."""
+    return T.Compose(_to_normalised_tensor(pre)[1:])(images)
 
 
 class PCALighting(torch.nn.Module):
