@@ -4,9 +4,11 @@ Rows, all on the same 2,000 Fashion-MNIST PNG files and the same weights (lite0 
 * visiontune default `predict` path (engine auto = onnxruntime), decode included: one streaming call over
   640 files at batch 32 (what `visiontune predict DIR` does), and warm single-image calls;
 * visiontune's PyTorch path (engine torch);
-* plain onnxruntime on the file `visiontune export` writes: model only, and with in-process PIL decode;
+* plain onnxruntime on the file `visiontune export` writes (default session options): model only, and with
+  in-process PIL decode; and model only with visiontune's session settings (small chunks, sleeping threads);
 * fastai `get_preds` and `learn.predict` on a Learner holding the same model.
-Then 500 requests, 8 concurrent, to `visiontune serve` on loopback: p50/p99 latency, errors.
+Batch-32 rows: median of 5 interleaved rounds. Then 500 requests, 8 concurrent, to `visiontune serve` on
+loopback: p50/p99 latency, errors.
 
     .venv/bin/python bench/predict_speed.py     # ~6 min; writes bench/results/predict_speed.json/.md
 """
@@ -32,6 +34,7 @@ from fmnist_speed import DATA, RESULTS, ensure_data  # noqa: E402
 SIZE = 224
 N_BATCH = 640  # images for the batch-32 throughput rows
 N_SINGLE = 100  # images for single-image latency
+ROUNDS = 5  # interleaved rounds of the batch-32 rows
 
 
 def make_classifier(tmp: Path):
@@ -43,6 +46,14 @@ def make_classifier(tmp: Path):
     clf = Classifier(backbone.model.eval(), backbone.arch, classes, backbone.preprocessing)
     clf.save(tmp / "classifier")
     return Classifier.load(tmp / "classifier")
+
+
+def own_session(path: Path, options, chunk: int):
+    """onnxruntime as visiontune's engine runs it (its session options, batches split into chunks), model only."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: np.concatenate([session.run(None, {"images": x[i : i + chunk]})[0] for i in range(0, len(x), chunk)])
 
 
 def throughput(fn, items, batch) -> float:
@@ -75,34 +86,47 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         clf = make_classifier(tmp)
-        for engine in ("auto", "torch"):
-            name = f"visiontune predict (engine {engine})"
-            clf.probabilities(paths[:64], batch_size=32, engine=engine)  # warm: export/load the engine
-            started = time.perf_counter()
-            clf.probabilities(paths[:N_BATCH], batch_size=32, engine=engine)  # one streaming call, as `predict DIR`
-            results[name] = {
-                "batch32_img_per_s": N_BATCH / (time.perf_counter() - started),
-                "batch1_ms": latency_ms(lambda b: clf.probabilities(b, batch_size=1, engine=engine), paths[:N_SINGLE]),
-            }
-            print(name, results[name], flush=True)
-
-        from visiontune.export.formats import export, load_exported
         from visiontune.data.images import load_rgb
         from visiontune.data.transforms import eval_transform
+        from visiontune.engines import onnxruntime_chunk, onnxruntime_options
+        from visiontune.export.formats import export, load_exported
 
         onnx_path = export(clf, "onnx", tmp / "model.onnx")
-        run, _ = load_exported(onnx_path)
+        run, _ = load_exported(onnx_path)  # onnxruntime with its default session options
         transform = eval_transform(clf.preprocessing)
         tensors = torch.stack([transform(load_rgb(p)) for p in paths[:N_BATCH]]).numpy()
-        results["plain onnxruntime (model only)"] = {
-            "batch32_img_per_s": throughput(lambda b: run(b), tensors, 32),
-            "batch1_ms": latency_ms(lambda b: run(np.stack(b)), list(tensors[:N_SINGLE])),
-        }
         decode = lambda b: run(torch.stack([transform(load_rgb(p)) for p in b]).numpy())  # noqa: E731
-        results["plain onnxruntime (PIL decode in process)"] = {
-            "batch32_img_per_s": throughput(decode, paths[:N_BATCH], 32),
-            "batch1_ms": latency_ms(decode, paths[:N_SINGLE]),
+        ours = own_session(onnx_path, onnxruntime_options(), onnxruntime_chunk(SIZE))
+
+        def streaming(engine):
+            def call():
+                started = time.perf_counter()
+                clf.probabilities(paths[:N_BATCH], batch_size=32, engine=engine)  # one streaming call, as `predict DIR`
+                return N_BATCH / (time.perf_counter() - started)
+            clf.probabilities(paths[:64], batch_size=32, engine=engine)  # warm: export/load the engine
+            return call
+
+        # batch-32 rows run in rounds, interleaved, and report the median round: this machine's speed drifts
+        # by +-10 % over minutes, which would otherwise land on whichever row ran at a slow moment
+        rows = {
+            "visiontune predict (engine auto)": streaming("auto"),
+            "visiontune predict (engine torch)": streaming("torch"),
+            "plain onnxruntime (model only)": lambda: throughput(run, tensors, 32),
+            "plain onnxruntime (PIL decode in process)": lambda: throughput(decode, paths[:N_BATCH], 32),
+            "onnxruntime model only, visiontune's session settings": lambda: throughput(ours, tensors, 32),
         }
+        rounds: dict[str, list[float]] = {name: [] for name in rows}
+        names = list(rows)
+        for r in range(ROUNDS):  # each round starts at another row, so no row always follows the same one
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                rounds[name].append(rows[name]())
+        for name in rows:
+            results[name] = {"batch32_img_per_s": statistics.median(rounds[name]), "batch32_rounds": rounds[name]}
+        for engine in ("auto", "torch"):
+            results[f"visiontune predict (engine {engine})"]["batch1_ms"] = latency_ms(
+                lambda b: clf.probabilities(b, batch_size=1, engine=engine), paths[:N_SINGLE])
+        results["plain onnxruntime (model only)"]["batch1_ms"] = latency_ms(lambda b: run(np.stack(b)), list(tensors[:N_SINGLE]))
+        results["plain onnxruntime (PIL decode in process)"]["batch1_ms"] = latency_ms(decode, paths[:N_SINGLE])
         print(results, flush=True)
         results.update(fastai_rows(clf, paths))
         results["server load test"] = load_test(tmp, paths)
@@ -201,6 +225,12 @@ def report(results: dict) -> str:
         b32 = f"{row['batch32_img_per_s']:.1f}" if "batch32_img_per_s" in row else ""
         b1 = f"{row['batch1_ms']:.1f}" if "batch1_ms" in row else ""
         lines.append(f"| {name} | {b32} | {b1} |")
+    ours = results.get("visiontune predict (engine auto)", {}).get("batch32_img_per_s")
+    if ours:
+        lines.append("")
+        for peer in ("plain onnxruntime (model only)", "plain onnxruntime (PIL decode in process)", "fastai get_preds"):
+            if "batch32_img_per_s" in results.get(peer, {}):
+                lines.append(f"- visiontune default / {peer}: {ours / results[peer]['batch32_img_per_s']:.2f}x at batch 32")
     load = results.get("server load test")
     if load:
         lines.append("")

@@ -1,7 +1,7 @@
 """Run a model over image files in batches: decode in the background, forward in inference mode, stream out.
 
 Shared by feature caching, evaluation and prediction so all of them get the same speed settings
-(channels-last memory layout, no autograd) and the same handling of files that fail to decode.
+(no autograd, background decoding) and the same handling of files that fail to decode.
 """
 
 from __future__ import annotations
@@ -59,10 +59,9 @@ def stream_outputs(
                 skipped.extend(Skipped(path, reason) for _, path, reason in batch.failed)
             if len(batch.indices) == 0:
                 continue
-            images = batch.images
-            if images.dim() == 4:
-                images = images.contiguous(memory_format=torch.channels_last)
-            yield batch.indices.numpy(), forward(images).float().numpy()
+            # images stay NCHW: a PyTorch model whose weights are channels-last (every visiontune model) runs
+            # channels-last from its first convolution on, and onnxruntime wants NCHW
+            yield batch.indices.numpy(), forward(batch.images).float().numpy()
 
 
 def collect_outputs(*args, **kwargs) -> tuple[np.ndarray, np.ndarray]:

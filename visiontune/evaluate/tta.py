@@ -80,7 +80,6 @@ def tta_forward(
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         b, v = images.shape[:2]
-        flat = images.flatten(0, 1).contiguous(memory_format=torch.channels_last)
-        probs = activate(model(flat)).view(b, v, -1)
+        probs = activate(model(images.flatten(0, 1))).view(b, v, -1)
         return combine(probs, how)
     return forward

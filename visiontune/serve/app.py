@@ -65,7 +65,7 @@ def create_app(
                 status = 413 if "pixels" in err.reason else 422
                 raise RequestError(status, f"{name}: {err.reason}") from None
         with torch.inference_mode():
-            probs = forward(torch.stack(decoded).contiguous(memory_format=torch.channels_last)).float().softmax(-1).numpy()
+            probs = forward(torch.stack(decoded)).float().softmax(-1).numpy()
         results = []
         for (name, _), row in zip(images, probs):
             top = np.argsort(-row)[:k]
