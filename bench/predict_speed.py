@@ -5,9 +5,10 @@ Rows, all on the same 2,000 Fashion-MNIST PNG files and the same weights (lite0 
   640 files at batch 32 (what `visiontune predict DIR` does), and warm single-image calls;
 * visiontune's PyTorch path (engine torch);
 * plain onnxruntime on the file `visiontune export` writes (default session options): model only, and with
-  in-process PIL decode; and model only with visiontune's session settings (small chunks, sleeping threads);
+  in-process PIL decode; model only at batch 4 (this CPU runs small batches faster); and model only with
+  visiontune's session settings (batches split into chunks of 4, threads that sleep when idle);
 * fastai `get_preds` and `learn.predict` on a Learner holding the same model.
-Batch-32 rows: median of 5 interleaved rounds. Then 500 requests, 8 concurrent, to `visiontune serve` on
+Batch-32 rows: each in a fresh process, median of 5 interleaved rounds. Then 500 requests, 8 concurrent, to `visiontune serve` on
 loopback: p50/p99 latency, errors.
 
     .venv/bin/python bench/predict_speed.py     # ~6 min; writes bench/results/predict_speed.json/.md
@@ -75,58 +76,91 @@ def latency_ms(fn, items) -> float:
     return 1000 * statistics.median(times)
 
 
+BATCH_ROWS = (
+    "visiontune predict (engine auto)",
+    "visiontune predict (engine torch)",
+    "plain onnxruntime (model only)",
+    "plain onnxruntime (PIL decode in process)",
+    "plain onnxruntime (model only, batch 4)",
+    "onnxruntime model only, visiontune's session settings",
+)
+
+
+def bench_paths() -> list[Path]:
+    paths = sorted((DATA / "valid").rglob("*.png"))
+    rng = np.random.default_rng(0)
+    return [paths[i] for i in rng.permutation(len(paths))]
+
+
+def measure_row(name: str, classifier_dir: Path, onnx_path: Path) -> float:
+    """img/s of one batch-32 row, warm, in this (fresh) process: only that row's sessions exist here."""
+    from visiontune.classifier import Classifier
+    from visiontune.data.images import load_rgb
+    from visiontune.data.transforms import eval_transform
+    from visiontune.engines import onnxruntime_chunk, onnxruntime_options
+    from visiontune.export.formats import load_exported
+
+    torch.set_num_threads(2)
+    paths = bench_paths()[:N_BATCH]
+    if name.startswith("visiontune predict"):
+        clf = Classifier.load(classifier_dir)
+        engine = "torch" if "torch" in name else "auto"
+        clf.probabilities(paths[:64], batch_size=32, engine=engine)  # warm: load the engine
+        started = time.perf_counter()
+        clf.probabilities(paths, batch_size=32, engine=engine)  # one streaming call, as `predict DIR`
+        return N_BATCH / (time.perf_counter() - started)
+    run, _ = load_exported(onnx_path)  # onnxruntime with its default session options
+    transform = eval_transform(Classifier.load(classifier_dir).preprocessing)
+    if name == "plain onnxruntime (PIL decode in process)":
+        return throughput(lambda b: run(torch.stack([transform(load_rgb(p)) for p in b]).numpy()), paths, 32)
+    tensors = torch.stack([transform(load_rgb(p)) for p in paths]).numpy()
+    if name == "plain onnxruntime (model only)":
+        return throughput(run, tensors, 32)
+    if name == "plain onnxruntime (model only, batch 4)":
+        return throughput(run, tensors, 4)
+    return throughput(own_session(onnx_path, onnxruntime_options(), onnxruntime_chunk(SIZE)), tensors, 32)
+
+
 def main() -> None:
+    if "--row" in sys.argv:  # child: one row, printed as JSON
+        name, classifier_dir, onnx_path = sys.argv[sys.argv.index("--row") + 1 :][:3]
+        print(json.dumps(measure_row(name, Path(classifier_dir), Path(onnx_path))))
+        return
     ensure_data()
     RESULTS.mkdir(exist_ok=True)
     torch.set_num_threads(2)
-    paths = sorted((DATA / "valid").rglob("*.png"))
-    rng = np.random.default_rng(0)
-    paths = [paths[i] for i in rng.permutation(len(paths))]
+    paths = bench_paths()
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         clf = make_classifier(tmp)
         from visiontune.data.images import load_rgb
         from visiontune.data.transforms import eval_transform
-        from visiontune.engines import onnxruntime_chunk, onnxruntime_options
         from visiontune.export.formats import export, load_exported
 
         onnx_path = export(clf, "onnx", tmp / "model.onnx")
-        run, _ = load_exported(onnx_path)  # onnxruntime with its default session options
-        transform = eval_transform(clf.preprocessing)
-        tensors = torch.stack([transform(load_rgb(p)) for p in paths[:N_BATCH]]).numpy()
-        decode = lambda b: run(torch.stack([transform(load_rgb(p)) for p in b]).numpy())  # noqa: E731
-        ours = own_session(onnx_path, onnxruntime_options(), onnxruntime_chunk(SIZE))
-
-        def streaming(engine):
-            def call():
-                started = time.perf_counter()
-                clf.probabilities(paths[:N_BATCH], batch_size=32, engine=engine)  # one streaming call, as `predict DIR`
-                return N_BATCH / (time.perf_counter() - started)
-            clf.probabilities(paths[:64], batch_size=32, engine=engine)  # warm: export/load the engine
-            return call
-
-        # batch-32 rows run in rounds, interleaved, and report the median round: this machine's speed drifts
-        # by +-10 % over minutes, which would otherwise land on whichever row ran at a slow moment
-        rows = {
-            "visiontune predict (engine auto)": streaming("auto"),
-            "visiontune predict (engine torch)": streaming("torch"),
-            "plain onnxruntime (model only)": lambda: throughput(run, tensors, 32),
-            "plain onnxruntime (PIL decode in process)": lambda: throughput(decode, paths[:N_BATCH], 32),
-            "onnxruntime model only, visiontune's session settings": lambda: throughput(ours, tensors, 32),
-        }
-        rounds: dict[str, list[float]] = {name: [] for name in rows}
-        names = list(rows)
-        for r in range(ROUNDS):  # each round starts at another row, so no row always follows the same one
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                rounds[name].append(rows[name]())
-        for name in rows:
+        # Batch-32 rows: each measurement in a fresh process (no other row's sessions or threads around),
+        # in interleaved rounds that start at a different row each time; the median round is reported,
+        # since this machine's speed drifts by +-10 % and more over minutes.
+        rounds: dict[str, list[float]] = {name: [] for name in BATCH_ROWS}
+        for r in range(ROUNDS):
+            for name in BATCH_ROWS[r % len(BATCH_ROWS):] + BATCH_ROWS[: r % len(BATCH_ROWS)]:
+                out = subprocess.run([sys.executable, __file__, "--row", name, str(tmp / "classifier"), str(onnx_path)],
+                                     capture_output=True, text=True, check=True)
+                rounds[name].append(float(out.stdout.strip().splitlines()[-1]))
+        for name in BATCH_ROWS:
             results[name] = {"batch32_img_per_s": statistics.median(rounds[name]), "batch32_rounds": rounds[name]}
+        print(results, flush=True)
+        # single-image latency, warm, in this process
+        run, _ = load_exported(onnx_path)
+        transform = eval_transform(clf.preprocessing)
+        tensors = [transform(load_rgb(p)).numpy() for p in paths[:N_SINGLE]]
         for engine in ("auto", "torch"):
             results[f"visiontune predict (engine {engine})"]["batch1_ms"] = latency_ms(
                 lambda b: clf.probabilities(b, batch_size=1, engine=engine), paths[:N_SINGLE])
-        results["plain onnxruntime (model only)"]["batch1_ms"] = latency_ms(lambda b: run(np.stack(b)), list(tensors[:N_SINGLE]))
-        results["plain onnxruntime (PIL decode in process)"]["batch1_ms"] = latency_ms(decode, paths[:N_SINGLE])
+        results["plain onnxruntime (model only)"]["batch1_ms"] = latency_ms(lambda b: run(np.stack(b)), tensors)
+        results["plain onnxruntime (PIL decode in process)"]["batch1_ms"] = latency_ms(
+            lambda b: run(torch.stack([transform(load_rgb(p)) for p in b]).numpy()), paths[:N_SINGLE])
         print(results, flush=True)
         results.update(fastai_rows(clf, paths))
         results["server load test"] = load_test(tmp, paths)
