@@ -74,3 +74,58 @@ def test_multi_label_fit_predict_and_cli(tmp_path):
     truth = {r[0]: set(r[1].split()) for r in csv.reader((root / "labels.csv").open()) if r[0] != "image"}
     exact = np.mean([set(r["tags"].split()) == truth[f"images/{os.path.basename(r['path'])}"] for r in rows])
     assert exact >= 0.7
+    check_multilabel_report(tmp_path / "run")
+    shown = subprocess.run([sys.executable, "-m", "visiontune.cli", "show", str(tmp_path / "run"), "--mistakes"],
+                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert shown.returncode == 0, shown.stderr
+    assert "every tag right on" in shown.stdout and "most confident wrong tags" in shown.stdout
+
+
+def check_multilabel_report(run):
+    """The run's report.html has every multi-label section, inline figures only, and one row per tag."""
+    import re
+
+    from visiontune.report.multilabel import MULTILABEL_SECTIONS
+
+    page = (run / "report.html").read_text()
+    for section in MULTILABEL_SECTIONS:
+        assert f'<section id="{section}">' in page, section
+    assert not re.search(r'(src|href)="(https?:)?//', page)
+    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', page)) >= 10
+    for tag in COLOURS:
+        assert f"<tr><td>{tag}</td>" in page
+    assert "most confident false tags" in page and "most confident misses" in page and "most uncertain tags" in page
+    if os.path.exists("/usr/bin/chromium") and os.path.exists("/usr/bin/chromedriver"):
+        from selenium.webdriver.common.by import By
+
+        from conftest import chromium
+
+        driver = chromium(run / ".chromium")
+        try:
+            driver.get((run / "report.html").as_uri())
+            assert [s.get_attribute("id") for s in driver.find_elements(By.CSS_SELECTOR, "section[id]")] == list(MULTILABEL_SECTIONS)
+            images = driver.execute_script("return Array.from(document.images).map(i => [i.complete, i.naturalWidth]);")
+            assert images and all(done and width > 0 for done, width in images)
+            assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        finally:
+            driver.quit()
+
+
+def test_multilabel_mistake_lists_match_brute_force():
+    from visiontune.report.multilabel import image_losses, uncertain_pairs, worst_pairs
+
+    rng = np.random.default_rng(3)
+    targets = (rng.random((40, 5)) < 0.4).astype(int)
+    probs = rng.random((40, 5))
+    thresholds = rng.uniform(0.2, 0.8, 5)
+    pairs = [(i, t) for i in range(40) for t in range(5)]
+    false_tags = sorted((p for p in pairs if targets[p] == 0 and probs[p] >= thresholds[p[1]]), key=lambda p: -probs[p])
+    misses = sorted((p for p in pairs if targets[p] == 1 and probs[p] < thresholds[p[1]]), key=lambda p: probs[p])
+    closest = sorted(pairs, key=lambda p: abs(probs[p] - thresholds[p[1]]))[:7]
+    assert len(false_tags) > 7 and len(misses) > 7
+    assert worst_pairs(targets, probs, thresholds, positive=False, k=7) == false_tags[:7]
+    assert worst_pairs(targets, probs, thresholds, positive=True, k=7) == misses[:7]
+    assert worst_pairs(targets, probs, thresholds, positive=True, k=500) == misses  # only real mistakes, all of them
+    assert uncertain_pairs(probs, thresholds, k=7) == closest
+    bce = [-np.mean([np.log(probs[i, t]) if targets[i, t] else np.log(1 - probs[i, t]) for t in range(5)]) for i in range(40)]
+    assert np.allclose(image_losses(targets, probs), bce)

@@ -319,7 +319,8 @@ def _train(prep: Prepared, run: RunDir, call: dict, resuming: bool = False, expe
         raise DataError(f"{data}: the data changed since {run.path} started (its split.json differs); start a new run.")
     run.write_skipped(skipped)
     run.write_split({"train": prep.train.paths, "valid": prep.valid.paths},
-                    {"train": prep.train.labels, "valid": prep.valid.labels}, classes)
+                    {"train": prep.train.labels, "valid": prep.valid.labels}, classes,
+                    {"train": prep.train.tags, "valid": prep.valid.tags} if prep.train.multi_label else None)
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} unusable files[/] (listed in {run.path / 'skipped.txt'})")
 
@@ -361,7 +362,9 @@ def _train(prep: Prepared, run: RunDir, call: dict, resuming: bool = False, expe
         logits = predict_cached(tail, x_va)
         probs = (logits.sigmoid() if plan.multi_label else logits.softmax(-1)).numpy()
     if plan.multi_label:
-        return _finish_multilabel(classifier, prep, run, probs, kept, started)
+        _finish_multilabel(classifier, prep, run, probs, kept, started)
+        _report(run, call)
+        return classifier
     metrics = classification_metrics(y_valid, probs, classes)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     metrics["wall_seconds"] = round(seconds_since_process_start(), 1)
@@ -377,12 +380,17 @@ def _train(prep: Prepared, run: RunDir, call: dict, resuming: bool = False, expe
     classifier.extra = {"weights": backbone.weights, "trained_on": str(Path(data).resolve())}
     classifier.save(run.classifier_dir)
     save_predictions(run.path, kept, probs, y_valid)
+    _report(run, call)
+    return classifier
+
+
+def _report(run: RunDir, call: dict) -> None:
+    """The run's report.html, unless the call said --no-report (time for it is reserved in a --budget)."""
     if call.get("report", True):
         from visiontune.report.html import build_report
 
         report_started = time.perf_counter()
         console.print(f"report: {build_report(run.path)} ({time.perf_counter() - report_started:.1f}s)")
-    return classifier
 
 
 def find_lr(
@@ -421,7 +429,7 @@ def _finish_multilabel(classifier: Classifier, prep: Prepared, run: RunDir, prob
     classifier.extra = {"weights": prep.backbone.weights, "trained_on": str(prep.source.root.resolve()), "multi_label": True,
                         "thresholds": [float(t) for t in thresholds], "fbeta": plan.fbeta}
     classifier.save(run.classifier_dir)
-    console.print("report.html covers single-label runs; multi-label metrics are in classifier/classifier.json")
+    save_predictions(run.path, kept, probs, targets)
     return classifier
 
 

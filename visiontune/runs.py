@@ -93,11 +93,17 @@ class RunDir:
         lines = [f"{s.path}\t{s.reason}" for s in skipped]
         (self.path / "skipped.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
 
-    def write_split(self, parts: dict[str, list], labels: dict[str, list[int]] | None = None, classes: list[str] | None = None) -> None:
-        """The exact files (and labels) of each part, so evaluation and reports reuse the same split."""
+    def write_split(
+        self, parts: dict[str, list], labels: dict[str, list[int]] | None = None, classes: list[str] | None = None,
+        tags: dict[str, list[list[int]]] | None = None,
+    ) -> None:
+        """The exact files (and labels; every tag of each image for multi-label data) of each part, so
+        evaluation and reports reuse the same split."""
         data: dict = {k: [str(p) for p in v] for k, v in parts.items()}
         for part, values in (labels or {}).items():
             data[f"{part}_labels"] = [int(v) for v in values]
+        for part, rows in (tags or {}).items():
+            data[f"{part}_tags"] = [[int(t) for t in row] for row in rows]
         if classes is not None:
             data["classes"] = list(classes)
         (self.path / "split.json").write_text(json.dumps(data))
@@ -135,6 +141,7 @@ class MetricsLogger:
 
 
 def save_predictions(run_dir: Path, positions: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> None:
-    """Validation probabilities by position in split.json's valid list (predictions.npz: numbers only)."""
+    """Validation probabilities by position in split.json's valid list (predictions.npz: numbers only);
+    `labels` are class indices, or a multi-hot [images, classes] matrix for multi-label runs."""
     np.savez_compressed(run_dir / "predictions.npz", positions=np.asarray(positions, dtype=np.int64),
                         probs=np.asarray(probs, dtype=np.float32), labels=np.asarray(labels, dtype=np.int64))

@@ -68,37 +68,96 @@ def valid_predictions(run_dir: Path, classifier: Classifier | None = None) -> di
     if not store.exists():
         classifier = classifier or Classifier.load(run_dir)
         kept, probs = classifier.probabilities(split["valid"])
-        save_predictions(run_dir, kept, probs, np.asarray(split["valid_labels"])[kept])
+        if "valid_tags" in split:  # multi-label: the multi-hot matrix of every image's tags
+            labels = np.zeros((len(split["valid"]), len(classifier.classes)), dtype=np.int64)
+            for row, tags in enumerate(split["valid_tags"]):
+                labels[row, tags] = 1
+        else:
+            labels = np.asarray(split["valid_labels"])
+        save_predictions(run_dir, kept, probs, labels[kept])
     data = np.load(store)
     paths = [split["valid"][i] for i in data["positions"]]
     return {"paths": paths, "probs": data["probs"], "labels": data["labels"], "split": split}
 
 
-def _examples_grid(examples: list[dict], paths: list[str], classes: list[str], title: str) -> str:
-    if not examples:
+def thumbnails(images: list[str], captions: list[str], title: str, per_row: int = 8) -> str:
+    """A titled grid of thumbnails of image files with a caption each ("none" when there are none)."""
+    if not images:
         return f"<p class='empty'>{html.escape(title)}: none</p>"
-    tiles = [_thumb(paths[e["index"]]) for e in examples]
-    titles = [f"{classes[e['true']]} → {classes[e['pred']]}\np={e['p_pred']:.2f} loss={e['loss']:.2f}" for e in examples]
-    per_row = 8
+    tiles = [_thumb(path) for path in images]
     rows = [tiles[i : i + per_row] for i in range(0, len(tiles), per_row)]
-    names = [titles[i : i + per_row] for i in range(0, len(titles), per_row)]
+    names = [captions[i : i + per_row] for i in range(0, len(captions), per_row)]
     return f"<h3>{html.escape(title)}</h3>" + _figure(plots.image_grid, rows, tile_titles=names)
+
+
+def _examples_grid(examples: list[dict], paths: list[str], classes: list[str], title: str) -> str:
+    captions = [f"{classes[e['true']]} → {classes[e['pred']]}\np={e['p_pred']:.2f} loss={e['loss']:.2f}" for e in examples]
+    return thumbnails([paths[e["index"]] for e in examples], captions, title)
 
 
 def build_report(run_dir: str | Path, screenshot: bool = False) -> Path:
     """Write runs/NAME/report.html (and interpretation.json) from the run's saved outputs."""
     run_dir = Path(run_dir)
     classifier = Classifier.load(run_dir)
-    classes = classifier.classes
     data = valid_predictions(run_dir, classifier)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    plan = json.loads((run_dir / "plan.json").read_text())
+    if classifier.multi_label:
+        from visiontune.report.multilabel import MULTILABEL_SECTIONS, multilabel_sections
+
+        sections, (summary, body) = MULTILABEL_SECTIONS, multilabel_sections(classifier, data)
+    else:
+        sections, (summary, body) = SECTIONS, _single_label_sections(run_dir, classifier, data)
+    final = next((r for r in reversed(records) if r.get("phase") == "final"), {})
+    body["summary"] = _table(["", ""], summary + [
+        ["architecture", classifier.arch], ["classes", len(classifier.classes)], ["training seconds", final.get("seconds", "")]])
+    why = plan.get("why", {})
+    body["plan"] = _table(["setting", "value", "why"], [
+        [k, v, why.get(k, "")] for k, v in plan.items() if k != "why" and (k not in PLAYBOOK_SETTINGS or k in why)
+    ]) + "<p>Playbook settings not listed are at their defaults (README, Recipes).</p>"
+    body["training"] = _figure(plots.plot_curves, records) + _figure(plots.plot_lr_schedule, records)
+    body["network"] = _network_section(classifier, data["paths"])
+    out = run_dir / "report.html"
+    out.write_text(_page(f"visiontune report — {run_dir.name}", sections, body))
+    return out
+
+
+def _page(title: str, sections: dict[str, str], body: dict[str, str]) -> str:
+    nav = " · ".join(f'<a href="#{k}">{v}</a>' for k, v in sections.items())
+    parts = "".join(f'<section id="{k}"><h2>{v}</h2>{body[k]}</section>' for k, v in sections.items())
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<link rel="icon" href="data:,">
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
+img {{ max-width: 100%; display: block; margin: 0.5em 0; }}
+section {{ border-top: 1px solid #ddd; padding-top: 0.5em; }}
+nav {{ font-size: 0.9em; }}
+</style></head>
+<body><h1>{html.escape(title)}</h1><nav>{nav}</nav>{parts}</body></html>
+"""
+
+
+def class_counts(split: dict, classes: list[str], key: str) -> dict[str, dict[str, int]]:
+    """Images per class in the train and valid parts of split.json (`key`: "labels", or "tags" for multi-label)."""
+    counts = {part: {c: 0 for c in classes} for part in ("train", "valid")}
+    for part in counts:
+        for entry in split.get(f"{part}_{key}", []):
+            for label in entry if isinstance(entry, list) else [entry]:
+                counts[part][classes[label]] += 1
+    return counts
+
+
+def _single_label_sections(run_dir: Path, classifier: Classifier, data: dict) -> tuple[list[list], dict[str, str]]:
+    """(summary rows, HTML of the sections particular to a single-label run)."""
+    classes = classifier.classes
     probs, labels, paths = data["probs"], data["labels"], data["paths"]
     metrics = classification_metrics(labels, probs, classes)
     roc_pr = curves(labels, probs, classes)
     lists = interpret(probs, labels, k=8)
     (run_dir / "interpretation.json").write_text(json.dumps({"paths": paths, "classes": classes, **lists}))
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    plan = json.loads((run_dir / "plan.json").read_text())
-    split = data["split"]
 
     body: dict[str, str] = {}
     summary = [
@@ -108,19 +167,7 @@ def build_report(run_dir: str | Path, screenshot: bool = False) -> Path:
     ]
     if "roc_auc" in metrics:
         summary.append(["ROC AUC (one-vs-rest, macro)", f"{metrics['roc_auc']:.4f}"])
-    final = next((r for r in reversed(records) if r.get("phase") == "final"), {})
-    summary += [["architecture", classifier.arch], ["classes", len(classes)], ["training seconds", final.get("seconds", "")]]
-    body["summary"] = _table(["", ""], summary)
-    why = plan.get("why", {})
-    body["plan"] = _table(["setting", "value", "why"], [
-        [k, v, why.get(k, "")] for k, v in plan.items() if k != "why" and (k not in PLAYBOOK_SETTINGS or k in why)
-    ]) + "<p>Playbook settings not listed are at their defaults (README, Recipes).</p>"
-    counts = {part: {c: 0 for c in classes} for part in ("train", "valid")}
-    for part in counts:
-        for label in split.get(f"{part}_labels", []):
-            counts[part][classes[label]] += 1
-    body["data"] = _figure(plots.plot_class_distribution, counts)
-    body["training"] = _figure(plots.plot_curves, records) + _figure(plots.plot_lr_schedule, records)
+    body["data"] = _figure(plots.plot_class_distribution, class_counts(data["split"], classes, "labels"))
     per_class = [[c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", v["support"]] for c, v in metrics["per_class"].items()]
     averages = [[f"{a} average", f"{metrics[f'{a}_precision']:.3f}", f"{metrics[f'{a}_recall']:.3f}", f"{metrics[f'{a}_f1']:.3f}", metrics["n"]]
                 for a in ("macro", "micro", "weighted")]
@@ -146,27 +193,7 @@ def build_report(run_dir: str | Path, screenshot: bool = False) -> Path:
         _examples_grid(lists["top_losses"], paths, classes, "top losses"),
     ])
     body["gradcam"] = _gradcam_section(classifier, paths, classes, lists["top_losses"][:4] + most_correct[:4])
-    body["network"] = _network_section(classifier, paths)
-
-    nav = " · ".join(f'<a href="#{k}">{v}</a>' for k, v in SECTIONS.items())
-    sections = "".join(f'<section id="{k}"><h2>{v}</h2>{body[k]}</section>' for k, v in SECTIONS.items())
-    title = f"visiontune report — {run_dir.name}"
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<link rel="icon" href="data:,">
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }}
-td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
-img {{ max-width: 100%; display: block; margin: 0.5em 0; }}
-section {{ border-top: 1px solid #ddd; padding-top: 0.5em; }}
-nav {{ font-size: 0.9em; }}
-</style></head>
-<body><h1>{html.escape(title)}</h1><nav>{nav}</nav>{sections}</body></html>
-"""
-    out = run_dir / "report.html"
-    out.write_text(page)
-    return out
+    return summary, body
 
 
 def _preprocessed(classifier: Classifier, path: str) -> tuple[torch.Tensor, np.ndarray] | None:

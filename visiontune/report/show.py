@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -53,7 +54,10 @@ def show(run: str | Path, mistakes: bool = True, limit: int = 12, console: Conso
     run = Path(run)
     console = console or Console()
     data = valid_predictions(run)
-    classes = json.loads((run / "classifier" / "classifier.json").read_text())["classes"]
+    meta = json.loads((run / "classifier" / "classifier.json").read_text())
+    classes = meta["classes"]
+    if meta.get("multi_label"):
+        return _show_multilabel(run, data, classes, meta, mistakes, limit, console)
     lists = interpret(data["probs"], data["labels"], k=limit)
     accuracy = float((data["probs"].argmax(1) == data["labels"]).mean())
     console.print(f"{run.name}: validation accuracy {accuracy:.4f} on {len(data['labels'])} images")
@@ -74,6 +78,29 @@ def show(run: str | Path, mistakes: bool = True, limit: int = 12, console: Conso
             except ImageError:
                 continue
         sys.stdout.flush()
+    return rows
+
+
+def _show_multilabel(run: Path, data: dict, classes: list[str], meta: dict, mistakes: bool, limit: int, console: Console) -> list[dict]:
+    """A multi-label run's summary and its most confident wrong tags (false tags and misses, interleaved by
+    confidence): a multi-label mistake is one (image, tag) decision, not one image."""
+    from visiontune.report.multilabel import worst_pairs
+
+    probs, targets = data["probs"], data["labels"]
+    thresholds = np.asarray(meta.get("thresholds", [0.5] * len(classes)))
+    right = ((probs >= thresholds) == targets.astype(bool)).all(axis=1)
+    console.print(f"{run.name}: every tag right on {right.mean():.4f} of {len(targets)} validation images")
+    if not mistakes:
+        return []
+    pairs = worst_pairs(targets, probs, thresholds, False, limit) + worst_pairs(targets, probs, thresholds, True, limit)
+    rows = sorted(({"index": i, "tag": classes[t], "labelled": bool(targets[i, t]), "p": float(probs[i, t]),
+                    "threshold": float(thresholds[t])} for i, t in pairs), key=lambda r: -abs(r["p"] - r["labelled"]))[:limit]
+    table = Table(title="most confident wrong tags")
+    for column in ("image", "tag", "labelled", "p(tag)", "threshold"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(data["paths"][r["index"]], r["tag"], "yes" if r["labelled"] else "no", f"{r['p']:.3f}", f"{r['threshold']:.2f}")
+    console.print(table)
     return rows
 
 
