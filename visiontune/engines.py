@@ -1,8 +1,8 @@
 """Inference engines for the frozen trunk: the engine matters more than any trick on a CPU.
 
-Measured here (lite0, 112 px, 4,000 images, decode included; bench/results/fmnist_speed.md):
-torch fp32 NCHW 194 img/s, torch fp32 channels-last 264, onnxruntime fp32 420, torch channels-last +
-bf16 autocast 491. onnxruntime computes the same fp32 function as torch (differences ~1e-5), so its
+Floors measured here (lite0, 112 px, 4,000 images, decode included; bench/results/fmnist_speed.md of
+2026-11-24): torch fp32 NCHW 215 img/s, torch fp32 channels-last 285, onnxruntime fp32 (default session
+options) 453, torch channels-last + bf16 autocast 492. onnxruntime computes the same fp32 function as torch (differences ~1e-5), so its
 features keep accuracy; bf16 is faster still but cost 0.2-0.5 accuracy points, so it is opt-in.
 """
 
@@ -23,8 +23,8 @@ ENGINES = ("torch", "torch-bf16", "onnxruntime")
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
-#: Trunk time relative to torch fp32 channels-last, from the floors of bench/results/fmnist_speed.md
-#: (268 / 451 / 473 img/s): lets `--budget` time the trunk once in torch and predict the other engines
+#: Trunk time relative to torch fp32 channels-last, from the floors of an earlier bench-speed run (2026-11-23:
+#: 268 / 451 / 473 img/s; the 2026-11-24 run's --budget rows finished within -13..+5 % with them): lets `--budget` time the trunk once in torch and predict the other engines
 #: without exporting every cut first.
 RELATIVE_TRUNK_TIME = {"torch": 1.0, "onnxruntime": 268 / 451, "torch-bf16": 268 / 473}
 
