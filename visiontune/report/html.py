@@ -40,7 +40,7 @@ SECTIONS = {
 }
 
 
-def _figure(draw, *args, **kwargs) -> str:
+def figure_html(draw, *args, **kwargs) -> str:
     """Render a plots.* function into an inline <img>."""
     buffer = io.BytesIO()
     draw(*args, path=buffer, **kwargs)
@@ -48,7 +48,8 @@ def _figure(draw, *args, **kwargs) -> str:
     return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+def table_html(header: list[str], rows: list[list]) -> str:
+    """An HTML table of `rows` under `header`, every cell escaped."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -87,7 +88,7 @@ def thumbnails(images: list[str], captions: list[str], title: str, per_row: int 
     tiles = [_thumb(path) for path in images]
     rows = [tiles[i : i + per_row] for i in range(0, len(tiles), per_row)]
     names = [captions[i : i + per_row] for i in range(0, len(captions), per_row)]
-    return f"<h3>{html.escape(title)}</h3>" + _figure(plots.image_grid, rows, tile_titles=names)
+    return f"<h3>{html.escape(title)}</h3>" + figure_html(plots.image_grid, rows, tile_titles=names)
 
 
 def _examples_grid(examples: list[dict], paths: list[str], classes: list[str], title: str) -> str:
@@ -109,13 +110,13 @@ def build_report(run_dir: str | Path, screenshot: bool = False) -> Path:
     else:
         sections, (summary, body) = SECTIONS, _single_label_sections(run_dir, classifier, data)
     final = next((r for r in reversed(records) if r.get("phase") == "final"), {})
-    body["summary"] = _table(["", ""], summary + [
+    body["summary"] = table_html(["", ""], summary + [
         ["architecture", classifier.arch], ["classes", len(classifier.classes)], ["training seconds", final.get("seconds", "")]])
     why = plan.get("why", {})
-    body["plan"] = _table(["setting", "value", "why"], [
+    body["plan"] = table_html(["setting", "value", "why"], [
         [k, v, why.get(k, "")] for k, v in plan.items() if k != "why" and (k not in PLAYBOOK_SETTINGS or k in why)
     ]) + "<p>Playbook settings not listed are at their defaults (README, Recipes).</p>"
-    body["training"] = _figure(plots.plot_curves, records) + _figure(plots.plot_lr_schedule, records)
+    body["training"] = figure_html(plots.plot_curves, records) + figure_html(plots.plot_lr_schedule, records)
     body["network"] = _network_section(classifier, data["paths"])
     out = run_dir / "report.html"
     out.write_text(_page(f"visiontune report — {run_dir.name}", sections, body))
@@ -167,21 +168,21 @@ def _single_label_sections(run_dir: Path, classifier: Classifier, data: dict) ->
     ]
     if "roc_auc" in metrics:
         summary.append(["ROC AUC (one-vs-rest, macro)", f"{metrics['roc_auc']:.4f}"])
-    body["data"] = _figure(plots.plot_class_distribution, class_counts(data["split"], classes, "labels"))
+    body["data"] = figure_html(plots.plot_class_distribution, class_counts(data["split"], classes, "labels"))
     per_class = [[c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", v["support"]] for c, v in metrics["per_class"].items()]
     averages = [[f"{a} average", f"{metrics[f'{a}_precision']:.3f}", f"{metrics[f'{a}_recall']:.3f}", f"{metrics[f'{a}_f1']:.3f}", metrics["n"]]
                 for a in ("macro", "micro", "weighted")]
     topk = [k for k in metrics if k.startswith("top") and k.endswith("_accuracy")]
-    body["metrics"] = _table(["class", "precision", "recall", "F1", "support"], per_class + averages) + (
+    body["metrics"] = table_html(["class", "precision", "recall", "F1", "support"], per_class + averages) + (
         f"<p>{html.escape(topk[0])}: {metrics[topk[0]]:.4f}</p>" if topk else "")
     confused = [[classes[t], classes[p], n] for t, p, n in lists["most_confused"]]
     body["confusion"] = (
-        _figure(plots.plot_confusion, metrics["confusion_matrix"], classes)
-        + _figure(plots.plot_confusion, metrics["confusion_matrix_normalized"], classes, normalized=True)
-        + "<h3>most confused pairs</h3>" + _table(["true", "predicted", "images"], confused)
+        figure_html(plots.plot_confusion, metrics["confusion_matrix"], classes)
+        + figure_html(plots.plot_confusion, metrics["confusion_matrix_normalized"], classes, normalized=True)
+        + "<h3>most confused pairs</h3>" + table_html(["true", "predicted", "images"], confused)
     )
-    body["curves"] = _figure(plots.plot_roc_pr, roc_pr) if roc_pr["roc"] else "<p>needs two classes present</p>"
-    body["calibration"] = _figure(plots.plot_reliability, metrics["reliability"], metrics["ece"])
+    body["curves"] = figure_html(plots.plot_roc_pr, roc_pr) if roc_pr["roc"] else "<p>needs two classes present</p>"
+    body["calibration"] = figure_html(plots.plot_reliability, metrics["reliability"], metrics["ece"])
     most_incorrect = sorted((e for c in lists["most_incorrect"].values() for e in c), key=lambda e: -e["p_pred"])[:16]
     most_correct = [e for c in lists["most_correct"].values() for e in c[:2]]
     body["interpretation"] = "".join([
@@ -225,7 +226,7 @@ def _gradcam_section(classifier: Classifier, paths: list[str], classes: list[str
         return "<p>no images</p>"
     rows = [tiles[i : i + 8] for i in range(0, len(tiles), 8)]
     names = [titles[i : i + 8] for i in range(0, len(titles), 8)]
-    return "<p>Top losses, then most correct: each image, then where the predicted class's evidence is.</p>" + _figure(
+    return "<p>Top losses, then most correct: each image, then where the predicted class's evidence is.</p>" + figure_html(
         plots.image_grid, rows, tile_titles=names)
 
 
@@ -233,15 +234,15 @@ def _network_section(classifier: Classifier, paths: list[str]) -> str:
     model = classifier.model
     kernels = kernel_tiles(model)
     rows = [kernels[i : i + 16] for i in range(0, len(kernels), 16)]
-    parts = ["<h3>first-layer convolution kernels</h3>", _figure(plots.image_grid, rows)]
+    parts = ["<h3>first-layer convolution kernels</h3>", figure_html(plots.image_grid, rows)]
     batch = [p for p in (_preprocessed(classifier, path) for path in paths[:16]) if p is not None]
     if batch:
         layer = "blocks.2" if "blocks.2" in dict(model.named_modules()) else next(iter(dict(model.named_modules())))
         maps = feature_maps(model, batch[0][0], layer)
         parts += [f"<h3>feature maps of {layer} for one image</h3>",
-                  _figure(plots.image_grid, [[batch[0][1]] + list(maps[:7]), list(maps[7:15])], cmap="viridis")]
+                  figure_html(plots.image_grid, [[batch[0][1]] + list(maps[:7]), list(maps[7:15])], cmap="viridis")]
         fractions = dead_activation_fractions(model, torch.stack([x for x, _ in batch]))
         if fractions:
             parts += ["<h3>dead activations: fraction of exact zeros per activation layer (16 images)</h3>",
-                      _figure(plots.plot_bars, fractions, title="zero activations", xlabel="fraction of outputs = 0")]
+                      figure_html(plots.plot_bars, fractions, title="zero activations", xlabel="fraction of outputs = 0")]
     return "".join(parts)

@@ -13,7 +13,7 @@ from sklearn.metrics import multilabel_confusion_matrix
 from visiontune.classifier import Classifier
 from visiontune.evaluate.metrics import calibration, curves, multilabel_metrics
 from visiontune.report import plots
-from visiontune.report.html import _figure, _table, class_counts, gradcam_tiles, thumbnails
+from visiontune.report.html import class_counts, figure_html, gradcam_tiles, table_html, thumbnails
 
 MULTILABEL_SECTIONS = {
     "summary": "Summary",
@@ -76,7 +76,7 @@ def multilabel_sections(classifier: Classifier, data: dict) -> tuple[list[list],
         ["mean average precision", f"{metrics['mean_average_precision']:.4f}"],
     ]
     body: dict[str, str] = {}
-    body["data"] = _figure(plots.plot_class_distribution, class_counts(data["split"], classes, "tags")) + (
+    body["data"] = figure_html(plots.plot_class_distribution, class_counts(data["split"], classes, "tags")) + (
         f"<p>tags per image (validation): mean {targets.sum(1).mean():.2f}, max {int(targets.sum(1).max())}</p>")
 
     # per tag: scores at the tuned threshold, the counts behind them, and the threshold itself
@@ -92,13 +92,13 @@ def multilabel_sections(classifier: Classifier, data: dict) -> tuple[list[list],
         ap = tag_curves["pr"].get(name, {}).get("ap")
         rows.append([name, f"{thresholds[i]:.2f}", f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c[f'f{beta:g}']:.3f}",
                      f"{ap:.3f}" if ap is not None else "", tp, fp, fn, c["support"]])
-    body["metrics"] = _table(
+    body["metrics"] = table_html(
         ["tag", "threshold", "precision", "recall", f"F{beta:g}", "AP", "true pos.", "false pos.", "missed", "support"], rows
     ) + f"<p>Thresholds were tuned on these validation images for F{beta:g}, per tag.</p>"
-    body["curves"] = _figure(plots.plot_roc_pr, tag_curves) if tag_curves["roc"] else "<p>needs tags both present and absent</p>"
+    body["curves"] = figure_html(plots.plot_roc_pr, tag_curves) if tag_curves["roc"] else "<p>needs tags both present and absent</p>"
     # calibration of every (image, tag) decision: is "p = 0.8" right 80 % of the time?
     pairs = calibration(targets.ravel(), np.stack([1 - probs.ravel(), probs.ravel()], axis=1))
-    body["calibration"] = _figure(plots.plot_reliability, pairs["reliability"], pairs["ece"]) + (
+    body["calibration"] = figure_html(plots.plot_reliability, pairs["reliability"], pairs["ece"]) + (
         "<p>Over every (image, tag) pair: confidence = max(p, 1 - p) of the tag decision at 0.5.</p>")
 
     predicted = probs >= thresholds
@@ -131,7 +131,7 @@ def multilabel_sections(classifier: Classifier, data: dict) -> tuple[list[list],
         thumbnails(*whole(top), "top losses (mean binary cross-entropy over the tags)"),
     ])
     tiles, titles = gradcam_tiles(classifier, [paths[i] for i in top[:8]], [f"true {_tags(targets[i], classes)}" for i in top[:8]])
-    body["gradcam"] = ("<p>Top losses: each image, then where the evidence for its highest-scoring tag is.</p>" + _figure(
+    body["gradcam"] = ("<p>Top losses: each image, then where the evidence for its highest-scoring tag is.</p>" + figure_html(
         plots.image_grid, [tiles[i : i + 8] for i in range(0, len(tiles), 8)],
         tile_titles=[titles[i : i + 8] for i in range(0, len(titles), 8)])) if tiles else "<p>no images</p>"
     return summary, body
