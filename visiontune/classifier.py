@@ -62,6 +62,11 @@ class Classifier:
     def multi_label(self) -> bool:
         return bool(self.extra.get("multi_label"))
 
+    @property
+    def thresholds(self) -> np.ndarray:
+        """Multi-label: each class's decision threshold (tuned on validation when trained; else 0.5)."""
+        return np.asarray(self.extra.get("thresholds", [0.5] * len(self.classes)), dtype=np.float64)
+
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
         """Probabilities: softmax over classes, or one sigmoid per class for multi-label."""
         return logits.float().sigmoid() if self.multi_label else logits.float().softmax(-1)
@@ -126,7 +131,7 @@ class Classifier:
         k = min(topk, len(self.classes))
         for indices, probs in self.stream_probabilities(paths, batch_size, skipped, tta, combine, engine):
             top = np.argsort(-probs, axis=1)[:, :k]
-            thresholds = np.asarray(self.extra.get("thresholds", [0.5] * len(self.classes))) if self.multi_label else None
+            thresholds = self.thresholds if self.multi_label else None
             for row, index in enumerate(indices):
                 yield Prediction(
                     str(paths[index]),

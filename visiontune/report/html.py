@@ -81,14 +81,18 @@ def valid_predictions(run_dir: Path, classifier: Classifier | None = None) -> di
     return {"paths": paths, "probs": data["probs"], "labels": data["labels"], "split": split}
 
 
-def thumbnails(images: list[str], captions: list[str], title: str, per_row: int = 8) -> str:
+def grid_html(tiles: list[np.ndarray], captions: list[str], per_row: int = 8) -> str:
+    """Images (with a caption each) laid out `per_row` to a row, as one inline figure."""
+    rows = [tiles[i : i + per_row] for i in range(0, len(tiles), per_row)]
+    names = [captions[i : i + per_row] for i in range(0, len(captions), per_row)]
+    return figure_html(plots.image_grid, rows, tile_titles=names)
+
+
+def thumbnails(images: list[str], captions: list[str], title: str) -> str:
     """A titled grid of thumbnails of image files with a caption each ("none" when there are none)."""
     if not images:
         return f"<p class='empty'>{html.escape(title)}: none</p>"
-    tiles = [_thumb(path) for path in images]
-    rows = [tiles[i : i + per_row] for i in range(0, len(tiles), per_row)]
-    names = [captions[i : i + per_row] for i in range(0, len(captions), per_row)]
-    return f"<h3>{html.escape(title)}</h3>" + figure_html(plots.image_grid, rows, tile_titles=names)
+    return f"<h3>{html.escape(title)}</h3>" + grid_html([_thumb(path) for path in images], captions)
 
 
 def _examples_grid(examples: list[dict], paths: list[str], classes: list[str], title: str) -> str:
@@ -193,7 +197,10 @@ def _single_label_sections(run_dir: Path, classifier: Classifier, data: dict) ->
         _examples_grid(lists["most_uncertain"], paths, classes, "most uncertain (top-2 probabilities closest)"),
         _examples_grid(lists["top_losses"], paths, classes, "top losses"),
     ])
-    body["gradcam"] = _gradcam_section(classifier, paths, classes, lists["top_losses"][:4] + most_correct[:4])
+    shown = lists["top_losses"][:4] + most_correct[:4]
+    body["gradcam"] = gradcam_section(
+        classifier, [paths[e["index"]] for e in shown], [f"true {classes[e['true']]}" for e in shown],
+        "Top losses, then most correct: each image, then where the predicted class's evidence is.")
     return summary, body
 
 
@@ -220,14 +227,10 @@ def gradcam_tiles(classifier: Classifier, images: list[str], captions: list[str]
     return tiles, titles
 
 
-def _gradcam_section(classifier: Classifier, paths: list[str], classes: list[str], examples: list[dict]) -> str:
-    tiles, titles = gradcam_tiles(classifier, [paths[e["index"]] for e in examples], [f"true {classes[e['true']]}" for e in examples])
-    if not tiles:
-        return "<p>no images</p>"
-    rows = [tiles[i : i + 8] for i in range(0, len(tiles), 8)]
-    names = [titles[i : i + 8] for i in range(0, len(titles), 8)]
-    return "<p>Top losses, then most correct: each image, then where the predicted class's evidence is.</p>" + figure_html(
-        plots.image_grid, rows, tile_titles=names)
+def gradcam_section(classifier: Classifier, images: list[str], captions: list[str], intro: str) -> str:
+    """`intro`, then each readable image next to its Grad-CAM overlay ("no images" when none is readable)."""
+    tiles, titles = gradcam_tiles(classifier, images, captions)
+    return f"<p>{html.escape(intro)}</p>" + grid_html(tiles, titles) if tiles else "<p>no images</p>"
 
 
 def _network_section(classifier: Classifier, paths: list[str]) -> str:

@@ -13,7 +13,7 @@ from sklearn.metrics import multilabel_confusion_matrix
 from visiontune.classifier import Classifier
 from visiontune.evaluate.metrics import calibration, curves, multilabel_metrics
 from visiontune.report import plots
-from visiontune.report.html import class_counts, figure_html, gradcam_tiles, table_html, thumbnails
+from visiontune.report.html import class_counts, figure_html, gradcam_section, table_html, thumbnails
 
 MULTILABEL_SECTIONS = {
     "summary": "Summary",
@@ -39,6 +39,11 @@ def image_losses(targets: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return -(targets * np.log(p) + (1 - targets) * np.log(1 - p)).mean(axis=1)
 
 
+def every_tag_right(targets: np.ndarray, probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Per image: is every tag decided right at the thresholds (the images behind subset accuracy)?"""
+    return ((probs >= thresholds) == targets.astype(bool)).all(axis=1)
+
+
 def worst_pairs(targets: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, positive: bool, k: int) -> list[tuple[int, int]]:
     """The k wrong (image, tag) decisions the model is most sure of: false tags (positive=False: absent, yet
     p >= the tag's threshold), highest probability first; or misses (positive=True: present, yet p below
@@ -62,7 +67,7 @@ def multilabel_sections(classifier: Classifier, data: dict) -> tuple[list[list],
     classes = classifier.classes
     probs, targets, paths = data["probs"], np.asarray(data["labels"]), data["paths"]
     beta = float(classifier.extra.get("fbeta", 2.0))
-    thresholds = np.asarray(classifier.extra.get("thresholds", [0.5] * len(classes)))
+    thresholds = classifier.thresholds
     metrics = multilabel_metrics(targets, probs, thresholds, classes, beta)
     at_half = multilabel_metrics(targets, probs, np.full(len(classes), 0.5), classes, beta)
     key = f"f{beta:g}_samples"
@@ -104,7 +109,7 @@ def multilabel_sections(classifier: Classifier, data: dict) -> tuple[list[list],
     predicted = probs >= thresholds
     losses = image_losses(targets, probs)
     top = np.argsort(-losses)[:16]
-    all_right = (predicted == targets.astype(bool)).all(axis=1)
+    all_right = every_tag_right(targets, probs, thresholds)
     exact, wrong = np.flatnonzero(all_right), np.flatnonzero(~all_right)
     rng = np.random.default_rng(0)
 
@@ -130,8 +135,7 @@ def multilabel_sections(classifier: Classifier, data: dict) -> tuple[list[list],
                    "most uncertain tags (probability closest to the tag's threshold)"),
         thumbnails(*whole(top), "top losses (mean binary cross-entropy over the tags)"),
     ])
-    tiles, titles = gradcam_tiles(classifier, [paths[i] for i in top[:8]], [f"true {_tags(targets[i], classes)}" for i in top[:8]])
-    body["gradcam"] = ("<p>Top losses: each image, then where the evidence for its highest-scoring tag is.</p>" + figure_html(
-        plots.image_grid, [tiles[i : i + 8] for i in range(0, len(tiles), 8)],
-        tile_titles=[titles[i : i + 8] for i in range(0, len(titles), 8)])) if tiles else "<p>no images</p>"
+    body["gradcam"] = gradcam_section(
+        classifier, [paths[i] for i in top[:8]], [f"true {_tags(targets[i], classes)}" for i in top[:8]],
+        "Top losses: each image, then where the evidence for its highest-scoring tag is.")
     return summary, body

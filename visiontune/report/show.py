@@ -84,11 +84,11 @@ def show(run: str | Path, mistakes: bool = True, limit: int = 12, console: Conso
 def _show_multilabel(run: Path, data: dict, classes: list[str], meta: dict, mistakes: bool, limit: int, console: Console) -> list[dict]:
     """A multi-label run's summary and its most confident wrong tags (false tags and misses, interleaved by
     confidence): a multi-label mistake is one (image, tag) decision, not one image."""
-    from visiontune.report.multilabel import worst_pairs
+    from visiontune.report.multilabel import every_tag_right, worst_pairs
 
     probs, targets = data["probs"], data["labels"]
     thresholds = np.asarray(meta.get("thresholds", [0.5] * len(classes)))
-    right = ((probs >= thresholds) == targets.astype(bool)).all(axis=1)
+    right = every_tag_right(targets, probs, thresholds)
     console.print(f"{run.name}: every tag right on {right.mean():.4f} of {len(targets)} validation images")
     if not mistakes:
         return []
