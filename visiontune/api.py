@@ -539,8 +539,7 @@ def evaluate(
 
         if not catalog.multi_label:
             raise DataError(f"{data}: a multi-label classifier needs a tags CSV (--labels) to evaluate on")
-        thresholds = np.asarray(clf.extra.get("thresholds", [0.5] * len(clf.classes)))
-        metrics = multilabel_metrics(catalog.targets()[kept], probs, thresholds, clf.classes, clf.extra.get("fbeta", 2.0))
+        metrics = multilabel_metrics(catalog.targets()[kept], probs, clf.thresholds, clf.classes, clf.extra.get("fbeta", 2.0))
         metrics["skipped"] = [{"path": s.path, "reason": s.reason} for s in skipped]
         return metrics
     metrics = classification_metrics(np.array(catalog.labels)[kept], probs, clf.classes)
