@@ -19,7 +19,7 @@ from fmnist_speed import DATA, RESULTS, ensure_data  # noqa: E402
 
 import visiontune as vt  # noqa: E402
 from visiontune.evaluate.hard_examples import mine_hard_examples, write_hard_examples  # noqa: E402
-from visiontune.evaluate.tta import TTA_MODES  # noqa: E402
+from visiontune.inference.tta import TTA_MODES  # noqa: E402
 
 
 def main() -> None:

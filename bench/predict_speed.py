@@ -97,7 +97,7 @@ def measure_row(name: str, classifier_dir: Path, onnx_path: Path) -> float:
     from visiontune.classifier import Classifier
     from visiontune.data.images import load_rgb
     from visiontune.data.transforms import eval_transform
-    from visiontune.engines import onnxruntime_chunk, onnxruntime_options
+    from visiontune.inference.engines import onnxruntime_chunk, onnxruntime_options
     from visiontune.export.formats import load_exported
 
     torch.set_num_threads(2)

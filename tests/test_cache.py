@@ -10,7 +10,8 @@ import pytest
 from visiontune.backbones.registry import create_backbone
 from visiontune.cache import features as features_module
 from visiontune.cache.features import feature_key, cached_activations
-from visiontune.cache.store import FeatureStore, cache_info, clear_cache, content_hash
+from visiontune.cache.store import FeatureStore, cache_info, clear_cache
+from visiontune.data.images import content_hash
 
 
 def test_store_round_trip_and_index_survives_reopen(tmp_path):

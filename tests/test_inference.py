@@ -11,7 +11,7 @@ from PIL import Image
 
 from visiontune.data.loader import prefetch
 from visiontune.data.transforms import Preprocessing, eval_transform, eval_transform_uint8, normalise_batch
-from visiontune.inference import collect_outputs
+from visiontune.inference.stream import collect_outputs
 
 PRE = Preprocessing(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 

@@ -13,7 +13,7 @@ from visiontune.data.transforms import Preprocessing, eval_transform
 from visiontune.evaluate.hard_examples import classify_hardness
 from visiontune.evaluate.interpret import Interpreter, interpret
 from visiontune.evaluate.metrics import calibration, classification_metrics, curves
-from visiontune.evaluate.tta import TTA_MODES, combine, tta_transform, tta_views
+from visiontune.inference.tta import TTA_MODES, combine, tta_transform, tta_views
 from visiontune.evaluate.visualize import dead_activation_fractions, feature_maps, grad_cam, kernel_tiles
 from visiontune.report.show import inline_image, inline_image_protocol
 

@@ -1,6 +1,6 @@
 """visiontune: a folder of labelled images -> a strong, explained, deployable image classifier, on CPU."""
 
-__version__ = "0.1.0"
+from visiontune.version import __version__
 
 from visiontune.api import (  # noqa: E402
     Classifier,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from visiontune.version import __version__
 from visiontune.backbones.cuts import Tail, cut_points
 from visiontune.backbones.registry import DEFAULT_ARCH, Backbone, create_backbone, resolve_arch
 from visiontune.cache.features import cached_activations
@@ -37,7 +38,7 @@ from visiontune.evaluate.metrics import classification_metrics
 from visiontune.progress import console
 from visiontune.runs import RunDir, save_predictions
 from visiontune.clock import seconds_since_process_start
-from visiontune.engines import default_engine
+from visiontune.inference.engines import default_engine
 from visiontune.errors import UsageError
 from visiontune.train.phases import cached_phase, finetune, predict_cached, train_cached
 from visiontune.train.plan import Plan, choose_img_size, epochs_for_remaining, make_plan, parse_duration
@@ -244,7 +245,7 @@ def _config(call: dict, settings: dict) -> dict:
         "auto": call.get("auto", []),
         "cache_dir": str(call["cache_dir"]) if call["cache_dir"] else None,
         "workers": call["workers"],
-        "visiontune": __import__("visiontune").__version__,
+        "visiontune": __version__,
         "torch": str(torch.__version__),
         "python": platform.python_version(),
     }

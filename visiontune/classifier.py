@@ -21,7 +21,7 @@ from torch import nn
 
 from visiontune.data.catalog import Skipped
 from visiontune.data.transforms import Preprocessing
-from visiontune.inference import gather, stream_outputs
+from visiontune.inference.stream import gather, stream_outputs
 
 ARTIFACT_FORMAT = 1
 
@@ -76,13 +76,14 @@ class Classifier:
 
         The ONNX file is exported once per weights file into the feature cache's engines/ folder, never
         into the classifier folder."""
-        from visiontune.engines import compile_forward, default_engine
+        from visiontune.inference.engines import compile_forward, default_engine
 
         engine = {"auto": default_engine(), "onnx": "onnxruntime"}.get(engine, engine)
         if engine not in self._engines:
             path = None
             if engine == "onnxruntime" and self.directory is not None:
-                from visiontune.cache.store import content_hash, default_cache_root
+                from visiontune.cache.store import default_cache_root
+                from visiontune.data.images import content_hash
 
                 digest = content_hash(self.directory / "model.safetensors")
                 path = default_cache_root() / "engines" / f"{self.arch}-{self.preprocessing.input_size}-{digest[:20]}.onnx"
@@ -96,8 +97,8 @@ class Classifier:
         tta: str = "none", combine: str = "mean", engine: str = "torch",
     ):
         """Yield (positions, probabilities) batch by batch; `tta` adds test-time augmentation views
-        (see :mod:`visiontune.evaluate.tta`); unreadable files go to `skipped`."""
-        from visiontune.evaluate.tta import tta_forward, tta_transform, tta_views
+        (see :mod:`visiontune.inference.tta`); unreadable files go to `skipped`."""
+        from visiontune.inference.tta import tta_forward, tta_transform, tta_views
 
         self.model.eval()
         forward = self.engine_forward(engine)
@@ -154,7 +155,7 @@ class Classifier:
 
     def save(self, directory: str | Path) -> Path:
         """Write `model.safetensors` + `classifier.json` into `directory` (created if needed)."""
-        from visiontune import __version__
+        from visiontune.version import __version__
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -11,12 +11,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from visiontune.version import __version__
 from visiontune.backbones.providers import WeightsError
 from visiontune.classifier import ArtifactError
 from visiontune.data.catalog import DataError
 from visiontune.data.images import ImageError, is_image_name
 from visiontune.data.transforms import AUGMENTATIONS
-from visiontune.engines import ENGINES, default_engine
+from visiontune.inference.engines import ENGINES, default_engine
 from visiontune.errors import UsageError
 from visiontune.progress import console
 from visiontune.runs import RunExistsError
@@ -413,7 +414,7 @@ def _add_data_and_backbone(parser: argparse.ArgumentParser, optional: bool = Fal
 
 
 def _add_tta(parser: argparse.ArgumentParser) -> None:
-    from visiontune.evaluate.tta import COMBINE, TTA_MODES
+    from visiontune.inference.tta import COMBINE, TTA_MODES
 
     parser.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation views")
     parser.add_argument("--combine", choices=COMBINE, default="mean", help="how TTA probabilities are combined")
@@ -470,7 +471,7 @@ def _add_playbook(train: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visiontune", description=__doc__)
-    parser.add_argument("--version", action="version", version=__import__("visiontune").__version__)
+    parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a classifier on a folder of labelled images")

@@ -16,11 +16,12 @@ import numpy as np
 
 from visiontune.backbones.cuts import POOLED, Trunk
 from visiontune.backbones.registry import Backbone
-from visiontune.cache.store import CachedRows, FeatureStore, content_hash
+from visiontune.cache.store import CachedRows, FeatureStore
+from visiontune.data.images import content_hash
 from visiontune.data.transforms import augmentation
-from visiontune.engines import compile_forward
+from visiontune.inference.engines import compile_forward
 from visiontune.data.catalog import Skipped
-from visiontune.inference import collect_outputs
+from visiontune.inference.stream import collect_outputs
 from visiontune.progress import track
 
 #: Images per shard: small enough that a killed run loses little, large enough to keep file counts low.

@@ -19,32 +19,13 @@ from pathlib import Path
 import numpy as np
 
 
+
 def default_cache_root() -> Path:
     """`$VISIONTUNE_CACHE`, else `$XDG_CACHE_HOME/visiontune`, else `~/.cache/visiontune`."""
     if os.environ.get("VISIONTUNE_CACHE"):
         return Path(os.environ["VISIONTUNE_CACHE"]).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return base / "visiontune"
-
-
-_HASH_MEMO: dict[tuple[str, int, int], str] = {}
-
-
-def content_hash(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (hex, 32 chars): the identity of an image in the cache.
-
-    Memoised in-process by (path, size, mtime) so several views of one run hash each file once.
-    """
-    stat = os.stat(path)
-    memo_key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if memo_key in _HASH_MEMO:
-        return _HASH_MEMO[memo_key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    _HASH_MEMO[memo_key] = digest.hexdigest()[:32]
-    return _HASH_MEMO[memo_key]
 
 
 def key_digest(key: dict) -> str:

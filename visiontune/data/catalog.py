@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visiontune.data.images import ImageError, is_image_name, probe
+from visiontune.data.images import ImageError, is_image_name, probe_and_hash
 from visiontune.progress import track
 
 VALID_DIR_NAMES = ("valid", "val", "validation")
@@ -123,11 +123,12 @@ def _scan_class_folders(root: Path) -> tuple[dict[str, list[Path]], list[Skipped
 
 
 def _check_files(paths: list[Path], labels: list[int], what: str) -> tuple[list[Path], list[int], list[Skipped]]:
-    """Read each file's header; keep the readable ones, skip the rest with the reason."""
+    """Read each file once: its header (keep the readable ones, skip the rest with the reason) and its content
+    hash, which the feature cache keys it by next."""
     kept_paths, kept_labels, skipped = [], [], []
     for path, label in track(list(zip(paths, labels)), f"checking {what} images"):
         try:
-            probe(path)
+            probe_and_hash(path)
         except ImageError as err:
             skipped.append(Skipped(err.path, err.reason))
             continue

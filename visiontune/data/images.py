@@ -9,7 +9,9 @@ reason the user can act on. Pillow's decompression-bomb guard stays on: an image
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -110,3 +112,46 @@ def load_rgb(path: str | Path) -> Image.Image:
         img.load()
         upright = ImageOps.exif_transpose(img)
         return _to_rgb(upright).copy()
+
+
+_HASH_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def content_hash(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (hex, 32 chars): the identity of an image in the cache.
+
+    Memoised in-process by (path, size, mtime) so several views of one run hash each file once.
+    """
+    memo_key = _memo_key(path)
+    if memo_key not in _HASH_MEMO:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        _HASH_MEMO[memo_key] = digest.hexdigest()[:32]
+    return _HASH_MEMO[memo_key]
+
+
+def _memo_key(path: str | Path) -> tuple[str, int, int]:
+    stat = os.stat(path)
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
+def probe_and_hash(path: str | Path) -> tuple[int, int]:
+    """:func:`probe` and :func:`content_hash` from one read of the file: the catalog checks every image
+    on the way in and the cache keys it by content next, so the bytes are read once for both.
+
+    Raises:
+        ImageError: as :func:`probe`.
+    """
+    path = Path(path)
+    try:
+        memo_key = _memo_key(path)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageError(path, f"cannot be read: {exc.strerror or exc}") from None
+    if not data:
+        raise ImageError(path, "empty file (0 bytes)")
+    _HASH_MEMO[memo_key] = hashlib.sha256(data).hexdigest()[:32]
+    with _opened(path, io.BytesIO(data)) as img:
+        return img.size

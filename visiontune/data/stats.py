@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visiontune.cache.store import content_hash
-from visiontune.data.images import ImageError, load_rgb
+from visiontune.data.images import ImageError, content_hash, load_rgb
 
 
 def mean_std(paths: Sequence[Path], size: int = 64) -> tuple[tuple[float, ...], tuple[float, ...], int]:

@@ -14,7 +14,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-_INTERPOLATION = {
+INTERPOLATION = {
     "bicubic": InterpolationMode.BICUBIC,
     "bilinear": InterpolationMode.BILINEAR,
     "nearest": InterpolationMode.NEAREST,
@@ -83,7 +83,7 @@ def denormalise_uint8(tensor: torch.Tensor, pre: Preprocessing):
 
 
 def _resize_crop(pre: Preprocessing) -> list:
-    interp = _INTERPOLATION.get(pre.interpolation, InterpolationMode.BICUBIC)
+    interp = INTERPOLATION.get(pre.interpolation, InterpolationMode.BICUBIC)
     return [T.Resize(pre.resize_size, interpolation=interp, antialias=True), T.CenterCrop(pre.input_size)]
 
 
@@ -137,7 +137,7 @@ def augmentation(pre: Preprocessing, preset: str = "light", min_scale: float | N
         raise ValueError(f"unknown augmentation preset {preset!r}; choose from {', '.join(AUGMENTATIONS)}")
     if preset == "none":
         return eval_transform(pre)
-    interp = _INTERPOLATION.get(pre.interpolation, InterpolationMode.BICUBIC)
+    interp = INTERPOLATION.get(pre.interpolation, InterpolationMode.BICUBIC)
     low = {"light": 0.35, "standard": 0.25, "strong": 0.08, "aerial": 0.35}[preset]
     low = max(low, min_scale or 0.0)
     crop = T.RandomResizedCrop(pre.input_size, scale=(low, 1.0), interpolation=interp, antialias=True)

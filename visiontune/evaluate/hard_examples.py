@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from visiontune.classifier import Classifier
 
 
 @dataclass
@@ -45,10 +44,11 @@ def classify_hardness(probs: np.ndarray, labels: np.ndarray, margin: float = 0.2
 
 
 def mine_hard_examples(
-    classifier: Classifier, paths: list[str], labels: list[int], margin: float = 0.2, confident: float = 0.9,
-    batch_size: int = 64,
+    probs: np.ndarray, kept: np.ndarray, paths: list[str], labels: list[int], classes: list[str],
+    margin: float = 0.2, confident: float = 0.9,
 ) -> list[HardExample]:
-    kept, probs = classifier.probabilities(paths, batch_size)
+    """Hard examples among `paths` from the model's probabilities of the readable ones (`kept` positions);
+    the model is run by the caller (`visiontune.api.hard_examples`), so this layer needs no classifier."""
     y = np.asarray(labels)[kept]
     kinds = classify_hardness(probs, y, margin, confident)
     ordered = np.sort(probs, axis=1)
@@ -58,7 +58,7 @@ def mine_hard_examples(
             continue
         pred = int(probs[row].argmax())
         found.append(HardExample(
-            str(paths[position]), classifier.classes[y[row]], classifier.classes[pred], float(probs[row, y[row]]),
+            str(paths[position]), classes[y[row]], classes[pred], float(probs[row, y[row]]),
             float(probs[row, pred]), float(ordered[row, -1] - ordered[row, -2]), kind,
         ))
     order = {"likely-label-error": 0, "wrong": 1, "barely-right": 2}

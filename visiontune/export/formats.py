@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from visiontune.classifier import Classifier
-from visiontune.engines import export_onnx
+from visiontune.inference.engines import export_onnx
 from visiontune.errors import UsageError
 
 FORMATS = ("onnx", "torchscript")
@@ -38,7 +38,7 @@ class Probabilities(nn.Module):
 
 
 def metadata(classifier: Classifier) -> dict[str, str]:
-    from visiontune import __version__
+    from visiontune.version import __version__
 
     pre = classifier.preprocessing
     return {
@@ -103,7 +103,7 @@ def load_exported(path: Path):
 
 def parity(classifier: Classifier, path: Path, images: Sequence[str | Path], batch_size: int = 16) -> dict:
     """max |probability difference| between PyTorch and the exported file on real images."""
-    from visiontune.inference import stream_outputs
+    from visiontune.inference.stream import stream_outputs
 
     run, _ = load_exported(path)
     worst, count = 0.0, 0
@@ -124,7 +124,7 @@ def quantize_int8(classifier: Classifier, onnx_path: Path, out: Path, calibratio
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from visiontune.inference import stream_outputs
+    from visiontune.inference.stream import stream_outputs
 
     batches = [x for _, x in stream_outputs(lambda x: x, [Path(p) for p in calibration], classifier.preprocessing, 16,
                                             description="calibrating")]
@@ -154,7 +154,7 @@ def quantize_int8(classifier: Classifier, onnx_path: Path, out: Path, calibratio
 def exported_accuracy(path: Path, images: Sequence[str | Path], labels: Sequence[int], batch_size: int = 32) -> float:
     """Top-1 accuracy of an exported file on labelled images (preprocessing read from its metadata)."""
     from visiontune.data.transforms import Preprocessing
-    from visiontune.inference import stream_outputs
+    from visiontune.inference.stream import stream_outputs
 
     run, meta = load_exported(path)
     pre = Preprocessing.from_dict(json.loads(meta["preprocessing"]))

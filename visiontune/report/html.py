@@ -6,23 +6,26 @@ so `visiontune report RUN` can rebuild it at any time; only the few images it sh
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from visiontune.classifier import Classifier
-from visiontune.data.images import ImageError, load_rgb
-from visiontune.data.transforms import denormalise_uint8, eval_transform
 from visiontune.evaluate.interpret import interpret
 from visiontune.evaluate.metrics import classification_metrics, curves
-from visiontune.evaluate.visualize import dead_activation_fractions, feature_maps, grad_cam, kernel_tiles, overlay
+from visiontune.evaluate.visualize import dead_activation_fractions, feature_maps, kernel_tiles
 from visiontune.report import plots
-from visiontune.runs import save_predictions
+from visiontune.report.parts import (
+    class_counts,
+    examples_grid,
+    figure_html,
+    gradcam_section,
+    preprocessed_image,
+    table_html,
+    valid_predictions,
+)
 from visiontune.train.plan import PLAYBOOK_SETTINGS
 
 SECTIONS = {
@@ -38,66 +41,6 @@ SECTIONS = {
     "gradcam": "Grad-CAM",
     "network": "Inside the network",
 }
-
-
-def figure_html(draw, *args, **kwargs) -> str:
-    """Render a plots.* function into an inline <img>."""
-    buffer = io.BytesIO()
-    draw(*args, path=buffer, **kwargs)
-    alt = html.escape(draw.__name__.replace("_", " "))
-    return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
-
-
-def table_html(header: list[str], rows: list[list]) -> str:
-    """An HTML table of `rows` under `header`, every cell escaped."""
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _thumb(path: str, size: int = 96) -> np.ndarray:
-    try:
-        return np.asarray(load_rgb(path).convert("RGB").resize((size, size)))
-    except ImageError:
-        return np.zeros((size, size, 3), dtype=np.uint8)
-
-
-def valid_predictions(run_dir: Path, classifier: Classifier | None = None) -> dict:
-    """The run's validation probabilities (predictions.npz), computed and saved when missing."""
-    split = json.loads((run_dir / "split.json").read_text())
-    store = run_dir / "predictions.npz"
-    if not store.exists():
-        classifier = classifier or Classifier.load(run_dir)
-        kept, probs = classifier.probabilities(split["valid"])
-        if "valid_tags" in split:  # multi-label: the multi-hot matrix of every image's tags
-            labels = np.zeros((len(split["valid"]), len(classifier.classes)), dtype=np.int64)
-            for row, tags in enumerate(split["valid_tags"]):
-                labels[row, tags] = 1
-        else:
-            labels = np.asarray(split["valid_labels"])
-        save_predictions(run_dir, kept, probs, labels[kept])
-    data = np.load(store)
-    paths = [split["valid"][i] for i in data["positions"]]
-    return {"paths": paths, "probs": data["probs"], "labels": data["labels"], "split": split}
-
-
-def grid_html(tiles: list[np.ndarray], captions: list[str], per_row: int = 8) -> str:
-    """Images (with a caption each) laid out `per_row` to a row, as one inline figure."""
-    rows = [tiles[i : i + per_row] for i in range(0, len(tiles), per_row)]
-    names = [captions[i : i + per_row] for i in range(0, len(captions), per_row)]
-    return figure_html(plots.image_grid, rows, tile_titles=names)
-
-
-def thumbnails(images: list[str], captions: list[str], title: str) -> str:
-    """A titled grid of thumbnails of image files with a caption each ("none" when there are none)."""
-    if not images:
-        return f"<p class='empty'>{html.escape(title)}: none</p>"
-    return f"<h3>{html.escape(title)}</h3>" + grid_html([_thumb(path) for path in images], captions)
-
-
-def _examples_grid(examples: list[dict], paths: list[str], classes: list[str], title: str) -> str:
-    captions = [f"{classes[e['true']]} → {classes[e['pred']]}\np={e['p_pred']:.2f} loss={e['loss']:.2f}" for e in examples]
-    return thumbnails([paths[e["index"]] for e in examples], captions, title)
 
 
 def build_report(run_dir: str | Path, screenshot: bool = False) -> Path:
@@ -145,16 +88,6 @@ nav {{ font-size: 0.9em; }}
 """
 
 
-def class_counts(split: dict, classes: list[str], key: str) -> dict[str, dict[str, int]]:
-    """Images per class in the train and valid parts of split.json (`key`: "labels", or "tags" for multi-label)."""
-    counts = {part: {c: 0 for c in classes} for part in ("train", "valid")}
-    for part in counts:
-        for entry in split.get(f"{part}_{key}", []):
-            for label in entry if isinstance(entry, list) else [entry]:
-                counts[part][classes[label]] += 1
-    return counts
-
-
 def _single_label_sections(run_dir: Path, classifier: Classifier, data: dict) -> tuple[list[list], dict[str, str]]:
     """(summary rows, HTML of the sections particular to a single-label run)."""
     classes = classifier.classes
@@ -190,12 +123,12 @@ def _single_label_sections(run_dir: Path, classifier: Classifier, data: dict) ->
     most_incorrect = sorted((e for c in lists["most_incorrect"].values() for e in c), key=lambda e: -e["p_pred"])[:16]
     most_correct = [e for c in lists["most_correct"].values() for e in c[:2]]
     body["interpretation"] = "".join([
-        _examples_grid(lists["random_correct"], paths, classes, "a few correct, at random"),
-        _examples_grid(lists["random_incorrect"], paths, classes, "a few incorrect, at random"),
-        _examples_grid(most_correct, paths, classes, "most correct per class (highest probability of the true class)"),
-        _examples_grid(most_incorrect, paths, classes, "most incorrect (highest-probability mistakes)"),
-        _examples_grid(lists["most_uncertain"], paths, classes, "most uncertain (top-2 probabilities closest)"),
-        _examples_grid(lists["top_losses"], paths, classes, "top losses"),
+        examples_grid(lists["random_correct"], paths, classes, "a few correct, at random"),
+        examples_grid(lists["random_incorrect"], paths, classes, "a few incorrect, at random"),
+        examples_grid(most_correct, paths, classes, "most correct per class (highest probability of the true class)"),
+        examples_grid(most_incorrect, paths, classes, "most incorrect (highest-probability mistakes)"),
+        examples_grid(lists["most_uncertain"], paths, classes, "most uncertain (top-2 probabilities closest)"),
+        examples_grid(lists["top_losses"], paths, classes, "top losses"),
     ])
     shown = lists["top_losses"][:4] + most_correct[:4]
     body["gradcam"] = gradcam_section(
@@ -204,41 +137,12 @@ def _single_label_sections(run_dir: Path, classifier: Classifier, data: dict) ->
     return summary, body
 
 
-def _preprocessed(classifier: Classifier, path: str) -> tuple[torch.Tensor, np.ndarray] | None:
-    try:
-        image = load_rgb(path)
-    except ImageError:
-        return None
-    x = eval_transform(classifier.preprocessing)(image)
-    return x, denormalise_uint8(x, classifier.preprocessing)
-
-
-def gradcam_tiles(classifier: Classifier, images: list[str], captions: list[str]) -> tuple[list, list[str]]:
-    """For each readable image: the image (captioned) and its Grad-CAM overlay for the predicted class."""
-    tiles, titles = [], []
-    for path, caption in zip(images, captions):
-        prepared = _preprocessed(classifier, path)
-        if prepared is None:
-            continue
-        x, shown = prepared
-        heat, index = grad_cam(classifier.model, x)
-        tiles += [shown, overlay(shown, heat)]
-        titles += [caption, f"evidence for {classifier.classes[index]}"]
-    return tiles, titles
-
-
-def gradcam_section(classifier: Classifier, images: list[str], captions: list[str], intro: str) -> str:
-    """`intro`, then each readable image next to its Grad-CAM overlay ("no images" when none is readable)."""
-    tiles, titles = gradcam_tiles(classifier, images, captions)
-    return f"<p>{html.escape(intro)}</p>" + grid_html(tiles, titles) if tiles else "<p>no images</p>"
-
-
 def _network_section(classifier: Classifier, paths: list[str]) -> str:
     model = classifier.model
     kernels = kernel_tiles(model)
     rows = [kernels[i : i + 16] for i in range(0, len(kernels), 16)]
     parts = ["<h3>first-layer convolution kernels</h3>", figure_html(plots.image_grid, rows)]
-    batch = [p for p in (_preprocessed(classifier, path) for path in paths[:16]) if p is not None]
+    batch = [p for p in (preprocessed_image(classifier, path) for path in paths[:16]) if p is not None]
     if batch:
         layer = "blocks.2" if "blocks.2" in dict(model.named_modules()) else next(iter(dict(model.named_modules())))
         maps = feature_maps(model, batch[0][0], layer)

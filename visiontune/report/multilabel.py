@@ -13,7 +13,7 @@ from sklearn.metrics import multilabel_confusion_matrix
 from visiontune.classifier import Classifier
 from visiontune.evaluate.metrics import calibration, curves, multilabel_metrics
 from visiontune.report import plots
-from visiontune.report.html import class_counts, figure_html, gradcam_section, table_html, thumbnails
+from visiontune.report.parts import class_counts, figure_html, gradcam_section, table_html, thumbnails
 
 MULTILABEL_SECTIONS = {
     "summary": "Summary",

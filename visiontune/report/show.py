@@ -49,7 +49,7 @@ def inline_image(path: str, protocol: str, size: int = 96) -> str:
 def show(run: str | Path, mistakes: bool = True, limit: int = 12, console: Console | None = None) -> list[dict]:
     """Print the run's summary and its most confident mistakes; returns the rows shown."""
     from visiontune.evaluate.interpret import interpret
-    from visiontune.report.html import valid_predictions
+    from visiontune.report.parts import valid_predictions
 
     run = Path(run)
     console = console or Console()
@@ -107,7 +107,7 @@ def _show_multilabel(run: Path, data: dict, classes: list[str], meta: dict, mist
 def show_gradcam(run: str | Path, images: list[str], out: str | Path | None = None) -> Path:
     """Grad-CAM overlays (image, then where the predicted class's evidence is) for chosen images -> PNG."""
     from visiontune.classifier import Classifier
-    from visiontune.report.html import gradcam_tiles
+    from visiontune.report.parts import gradcam_tiles
     from visiontune.report.plots import image_grid
 
     clf = Classifier.load(run)
@@ -123,13 +123,13 @@ def show_feature_maps(run: str | Path, image: str, layer: str, out: str | Path |
     from visiontune.classifier import Classifier
     from visiontune.errors import UsageError
     from visiontune.evaluate.visualize import feature_maps
-    from visiontune.report.html import _preprocessed
+    from visiontune.report.parts import preprocessed_image
     from visiontune.report.plots import image_grid
 
     clf = Classifier.load(run)
     if layer not in dict(clf.model.named_modules()):
         raise UsageError(f"--layer {layer!r}: no such module; e.g. conv_stem, blocks.0 ... blocks.6, conv_head")
-    prepared = _preprocessed(clf, image)
+    prepared = preprocessed_image(clf, image)
     if prepared is None:
         raise ImageError(image, "cannot be read as an image")
     maps = feature_maps(clf.model, prepared[0], layer, limit)

@@ -23,6 +23,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from visiontune.version import __version__
 from visiontune.classifier import Classifier
 from visiontune.data.images import ImageError, decode_rgb
 from visiontune.data.transforms import eval_transform
@@ -46,7 +47,7 @@ def create_app(
     classifier: Classifier, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS,
     max_images: int = MAX_IMAGES, max_concurrent: int = MAX_CONCURRENT, topk: int = 5,
 ) -> FastAPI:
-    app = FastAPI(title="visiontune", version=__import__("visiontune").__version__)
+    app = FastAPI(title="visiontune", version=__version__)
     transform = eval_transform(classifier.preprocessing)
     forward = classifier.engine_forward("auto")
     slots = asyncio.Semaphore(max_concurrent)

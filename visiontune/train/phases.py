@@ -20,7 +20,7 @@ from visiontune.cache.store import CachedRows
 from visiontune.data.catalog import Catalog, Skipped
 from visiontune.data.loader import ImageFiles, iterate_batches
 from visiontune.data.transforms import Preprocessing, augmentation, eval_transform
-from visiontune.inference import collect_outputs
+from visiontune.inference.stream import collect_outputs
 from visiontune.train.checkpoint import Checkpoint
 from visiontune.train.loop import (
     Log,

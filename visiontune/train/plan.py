@@ -21,7 +21,7 @@ from pathlib import Path
 from rich.table import Table
 
 from visiontune.errors import UsageError
-from visiontune.engines import default_engine
+from visiontune.inference.engines import default_engine
 from visiontune.train.profile import DataProfile, SpeedProfile
 
 SMALL_DATA = 10_000

@@ -22,7 +22,7 @@ from visiontune.backbones.registry import Backbone
 from visiontune.data.catalog import Catalog
 from visiontune.data.images import ImageError, load_rgb
 from visiontune.data.transforms import eval_transform
-from visiontune.engines import RELATIVE_TRUNK_TIME
+from visiontune.inference.engines import RELATIVE_TRUNK_TIME
 
 SAMPLE = 32
 

@@ -37,7 +37,7 @@ def stream_outputs(
     `transform` defaults to the deterministic eval preset; `seeds` seed a random one per image.
     `workers`: 0 decodes in a background thread of this process (inline for a single batch or seeded
     transforms), N in N processes.
-    `forward` may be any engine's function (see :mod:`visiontune.engines`). With `views` > 1 the
+    `forward` may be any engine's function (see :mod:`visiontune.inference.engines`). With `views` > 1 the
     transform returns several views per image (TTA) and `forward` takes [batch, views, 3, H, W].
     """
     dataset = ImageFiles(paths, None, transform or eval_transform_uint8(preprocessing), preprocessing.input_size, seeds, views)

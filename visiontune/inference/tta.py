@@ -15,7 +15,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from visiontune.data.transforms import Preprocessing, _INTERPOLATION, eval_transform, normalise
+from visiontune.data.transforms import Preprocessing, INTERPOLATION, eval_transform, normalise
 
 TTA_MODES = ("none", "flip", "flips", "5crop", "10crop", "scale")
 COMBINE = ("mean", "geometric")
@@ -27,7 +27,7 @@ def tta_transform(pre: Preprocessing, mode: str) -> Callable:
     if mode not in TTA_MODES:
         raise ValueError(f"unknown TTA mode {mode!r}; choose from {', '.join(TTA_MODES)}")
     plain = eval_transform(pre)
-    interp = _INTERPOLATION.get(pre.interpolation, InterpolationMode.BICUBIC)
+    interp = INTERPOLATION.get(pre.interpolation, InterpolationMode.BICUBIC)
     if mode in ("none", "flip", "flips"):
         def flips(image):
             x = plain(image)

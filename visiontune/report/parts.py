@@ -1,0 +1,120 @@
+"""Pieces every report section is built from: inline figures and tables, thumbnails of image files,
+the run's validation predictions, Grad-CAM tiles. Shared by the single- and multi-label reports and
+`visiontune show`, so none of them imports another."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visiontune.classifier import Classifier
+from visiontune.data.images import ImageError, load_rgb
+from visiontune.data.transforms import denormalise_uint8, eval_transform
+from visiontune.evaluate.visualize import grad_cam, overlay
+from visiontune.report import plots
+from visiontune.runs import save_predictions
+
+
+def figure_html(draw, *args, **kwargs) -> str:
+    """Render a plots.* function into an inline <img>."""
+    buffer = io.BytesIO()
+    draw(*args, path=buffer, **kwargs)
+    alt = html.escape(draw.__name__.replace("_", " "))
+    return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def table_html(header: list[str], rows: list[list]) -> str:
+    """An HTML table of `rows` under `header`, every cell escaped."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def thumb(path: str, size: int = 96) -> np.ndarray:
+    try:
+        return np.asarray(load_rgb(path).convert("RGB").resize((size, size)))
+    except ImageError:
+        return np.zeros((size, size, 3), dtype=np.uint8)
+
+
+def valid_predictions(run_dir: Path, classifier: Classifier | None = None) -> dict:
+    """The run's validation probabilities (predictions.npz), computed and saved when missing."""
+    split = json.loads((run_dir / "split.json").read_text())
+    store = run_dir / "predictions.npz"
+    if not store.exists():
+        classifier = classifier or Classifier.load(run_dir)
+        kept, probs = classifier.probabilities(split["valid"])
+        if "valid_tags" in split:  # multi-label: the multi-hot matrix of every image's tags
+            labels = np.zeros((len(split["valid"]), len(classifier.classes)), dtype=np.int64)
+            for row, tags in enumerate(split["valid_tags"]):
+                labels[row, tags] = 1
+        else:
+            labels = np.asarray(split["valid_labels"])
+        save_predictions(run_dir, kept, probs, labels[kept])
+    data = np.load(store)
+    paths = [split["valid"][i] for i in data["positions"]]
+    return {"paths": paths, "probs": data["probs"], "labels": data["labels"], "split": split}
+
+
+def grid_html(tiles: list[np.ndarray], captions: list[str], per_row: int = 8) -> str:
+    """Images (with a caption each) laid out `per_row` to a row, as one inline figure."""
+    rows = [tiles[i : i + per_row] for i in range(0, len(tiles), per_row)]
+    names = [captions[i : i + per_row] for i in range(0, len(captions), per_row)]
+    return figure_html(plots.image_grid, rows, tile_titles=names)
+
+
+def thumbnails(images: list[str], captions: list[str], title: str) -> str:
+    """A titled grid of thumbnails of image files with a caption each ("none" when there are none)."""
+    if not images:
+        return f"<p class='empty'>{html.escape(title)}: none</p>"
+    return f"<h3>{html.escape(title)}</h3>" + grid_html([thumb(path) for path in images], captions)
+
+
+def examples_grid(examples: list[dict], paths: list[str], classes: list[str], title: str) -> str:
+    captions = [f"{classes[e['true']]} → {classes[e['pred']]}\np={e['p_pred']:.2f} loss={e['loss']:.2f}" for e in examples]
+    return thumbnails([paths[e["index"]] for e in examples], captions, title)
+
+
+def class_counts(split: dict, classes: list[str], key: str) -> dict[str, dict[str, int]]:
+    """Images per class in the train and valid parts of split.json (`key`: "labels", or "tags" for multi-label)."""
+    counts = {part: {c: 0 for c in classes} for part in ("train", "valid")}
+    for part in counts:
+        for entry in split.get(f"{part}_{key}", []):
+            for label in entry if isinstance(entry, list) else [entry]:
+                counts[part][classes[label]] += 1
+    return counts
+
+
+def preprocessed_image(classifier: Classifier, path: str) -> tuple[torch.Tensor, np.ndarray] | None:
+    try:
+        image = load_rgb(path)
+    except ImageError:
+        return None
+    x = eval_transform(classifier.preprocessing)(image)
+    return x, denormalise_uint8(x, classifier.preprocessing)
+
+
+def gradcam_tiles(classifier: Classifier, images: list[str], captions: list[str]) -> tuple[list, list[str]]:
+    """For each readable image: the image (captioned) and its Grad-CAM overlay for the predicted class."""
+    tiles, titles = [], []
+    for path, caption in zip(images, captions):
+        prepared = preprocessed_image(classifier, path)
+        if prepared is None:
+            continue
+        x, shown = prepared
+        heat, index = grad_cam(classifier.model, x)
+        tiles += [shown, overlay(shown, heat)]
+        titles += [caption, f"evidence for {classifier.classes[index]}"]
+    return tiles, titles
+
+
+def gradcam_section(classifier: Classifier, images: list[str], captions: list[str], intro: str) -> str:
+    """`intro`, then each readable image next to its Grad-CAM overlay ("no images" when none is readable)."""
+    tiles, titles = gradcam_tiles(classifier, images, captions)
+    return f"<p>{html.escape(intro)}</p>" + grid_html(tiles, titles) if tiles else "<p>no images</p>"
