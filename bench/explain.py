@@ -18,7 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fmnist_speed import DATA, RESULTS, ensure_data  # noqa: E402
 
 import visiontune as vt  # noqa: E402
-from visiontune.evaluate.hard_examples import mine_hard_examples, write_hard_examples  # noqa: E402
 from visiontune.inference.tta import TTA_MODES  # noqa: E402
 
 
@@ -33,9 +32,7 @@ def main() -> None:
             m = vt.evaluate(clf, DATA, tta=mode)
             out["tta"][mode] = {"accuracy": m["accuracy"], "log_loss": m["log_loss"], "seconds": round(time.perf_counter() - started, 1)}
             print(mode, out["tta"][mode], flush=True)
-        split = json.loads((tmp / "base" / "split.json").read_text())
-        found = mine_hard_examples(clf, split["train"], split["train_labels"])
-        csv = write_hard_examples(found, tmp / "hard.csv")
+        found, csv, _ = vt.api.hard_examples(tmp / "base", tmp / "hard.csv")
         kinds = {k: sum(h.kind == k for h in found) for k in ("likely-label-error", "wrong", "barely-right")}
         again = vt.fit(DATA, out=tmp / "upweighted", report=False, upweight=str(csv), upweight_factor=3.0)
         out["hard_examples"] = {"kinds": kinds, "base_accuracy": clf.metrics["accuracy"], "upweighted_accuracy": again.metrics["accuracy"],

@@ -19,7 +19,7 @@ from visiontune.backbones.groups import group_learning_rates, layer_groups, para
 from visiontune.train.batch_size import memory_fit_batch_size, search_batch_size
 from visiontune.train.checkpoint import load_checkpoint
 from visiontune.train.loop import balanced_sample_weights, epoch_order, run_phase
-from visiontune.train.losses import class_weights, focal_loss, make_loss, mix_batch
+from visiontune.task.losses import class_weights, focal_loss, make_loss, mix_batch
 from visiontune.train.lr_find import lr_find, suggest_lr
 from visiontune.train.phases import cached_phase, predict_cached
 from visiontune.train.plan import Plan

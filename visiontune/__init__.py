@@ -1,7 +1,10 @@
-"""visiontune: a folder of labelled images -> a strong, explained, deployable image classifier, on CPU."""
+"""visiontune: a folder of labelled images -> a strong, explained, deployable image classifier, on CPU.
+
+The Python API is :mod:`visiontune.api` (one function per command); the most used ones are here too.
+"""
 
 from visiontune.version import __version__
-
+from visiontune import api  # noqa: E402
 from visiontune.api import (  # noqa: E402
     Classifier,
     Plan,
@@ -14,6 +17,7 @@ from visiontune.api import (  # noqa: E402
     predict,
     resume,
 )
+from visiontune.train.objectives import Objective, register_objective  # noqa: E402
 
-__all__ = ["fit", "resume", "find_lr", "load", "predict", "evaluate", "ensemble_runs", "Classifier", "Prediction", "Plan",
-           "__version__"]
+__all__ = ["api", "fit", "resume", "find_lr", "load", "predict", "evaluate", "ensemble_runs", "Classifier", "Prediction",
+           "Plan", "Objective", "register_objective", "__version__"]

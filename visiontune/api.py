@@ -1,155 +1,43 @@
-"""The Python API used by notebooks and the CLI: `fit`, `load`, `predict`, `evaluate`.
+"""The Python API: one function per `visiontune` command, used by notebooks and by the CLI alike.
 
-`fit` is the whole playbook read top to bottom: catalog -> split -> backbone -> profile -> plan ->
-cached trunk activations -> tail (classifier, or last blocks + classifier) -> (fine-tune) -> evaluate ->
-save. Each step lives in its own module; this one only wires them.
+`fit` / `resume` train (visiontune/training.py does the work), `load` / `predict` / `predict_to_file` /
+`evaluate` / `ensemble_runs` use a trained classifier, `export` / `report` / `show` / `hard_examples`
+work on a run folder, and `plan` / `doctor` / `find_lr` / `warm_cache` / `split` / `demo_data` /
+`augment_preview` look at data before training. The CLI only parses arguments and prints what these return.
 """
 
 from __future__ import annotations
 
+import csv
 import json
-import platform
-import random
-import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from visiontune.version import __version__
-from visiontune.backbones.cuts import Tail, cut_points
-from visiontune.backbones.registry import DEFAULT_ARCH, Backbone, create_backbone, resolve_arch
-from visiontune.cache.features import cached_activations
-from visiontune.cache.store import CachedRows, default_cache_root
+from visiontune.backbones.registry import DEFAULT_ARCH
+from visiontune.cache.store import default_cache_root
 from visiontune.classifier import Classifier, Prediction
-from visiontune.data.catalog import (
-    Catalog,
-    DataError,
-    Skipped,
-    Source,
-    catalog_from_csv,
-    catalog_from_folders,
-    discover,
-)
-from visiontune.data.split import kfold_indices, split_catalog
-from visiontune.evaluate.metrics import classification_metrics
-from visiontune.progress import console
-from visiontune.runs import RunDir, save_predictions
-from visiontune.clock import seconds_since_process_start
-from visiontune.inference.engines import default_engine
+from visiontune.data.catalog import Catalog, DataError, Skipped, catalog_from_csv, catalog_from_folders
+from visiontune.data.images import is_image_name
 from visiontune.errors import UsageError
-from visiontune.train.phases import cached_phase, finetune, predict_cached, train_cached
-from visiontune.train.plan import Plan, choose_img_size, epochs_for_remaining, make_plan, parse_duration
-from visiontune.train.profile import DataProfile, SpeedProfile, profile_data, profile_speed
+from visiontune.evaluate.metrics import classification_metrics
+from visiontune.runs import RunConfig, RunDir
+from visiontune.train.plan import Plan
+from visiontune.training import REPORT_S, Prepared, cache_inputs, fit_folds, prepare, train_run
 
-
-def seed_everything(seed: int) -> None:
-    """Same seed, same numbers on CPU: python, numpy and torch generators, deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def _drop(catalog: Catalog, kept: np.ndarray) -> Catalog:
-    return catalog.subset([int(i) for i in kept])
-
-
-FINAL_OVERHEAD_S = 2.0  # final metrics and saving the classifier, measured ~1-2 s here
-REPORT_S = 4.0  # building report.html: 3.7 s measured on the Fashion-MNIST bench (2,000 validation images)
-
-
-@dataclass
-class Prepared:
-    """Everything decided before training: data, split, backbone, measured profiles and the plan."""
-
-    source: Source
-    train: Catalog
-    valid: Catalog
-    backbone: Backbone
-    data_profile: DataProfile
-    speed: SpeedProfile | None
-    plan: Plan
-    overrides: dict
-
-
-def prepare(
-    data: str | Path,
-    arch: str = DEFAULT_ARCH,
-    weights: str = "default",
-    labels: str | Path | None = None,
-    seed: int = 0,
-    budget: str | float | None = None,
-    fold: tuple[int, int] | None = None,
-    reserve_s: float = 0.0,
-    **overrides,
-) -> Prepared:
-    """Catalog and split the data (or take fold `fold` = (k, K) of a K-fold), load the backbone, measure
-    the data (and speed) and choose the plan; a budget keeps `reserve_s` seconds for the work after
-    training (the report)."""
-    seed_everything(seed)
-    arch = resolve_arch(arch)  # typos in the name or the budget fail before any folder is scanned
-    budget_s = parse_duration(budget)
-    source = discover(data, labels=labels)
-    if fold is not None:
-        everything = source.train if source.valid is None else _concat(source.train, source.valid)
-        train_idx, valid_idx = kfold_indices(everything.labels, fold[1], fold[0], seed)
-        train_cat, valid_cat = everything.subset(train_idx), everything.subset(valid_idx)
-    elif source.valid is None:
-        fraction = overrides.get("valid_fraction") or 0.2
-        train_cat, valid_cat = split_catalog(source.train, fraction, seed)
-        if len(valid_cat) == 0:
-            raise DataError(f"{data}: too few images to hold any out for validation; add images per class.")
-    else:
-        train_cat, valid_cat = source.train, source.valid
-    backbone = create_backbone(arch, weights, num_classes=len(source.classes))
-    native = backbone.preprocessing.input_size
-    data_profile = profile_data(backbone, train_cat, len(valid_cat))
-    size = overrides.get("img_size") or choose_img_size(data_profile, native)[0]
-    backbone.preprocessing = backbone.preprocessing.with_size(size)
-    cuts = cut_points(backbone.model)
-    engine = overrides.get("engine") or default_engine()
-    speed = profile_speed(backbone, train_cat, cuts[:4], engine) if budget_s is not None else None
-    overrides = {**overrides, "seed": seed}
-    if train_cat.multi_label:
-        overrides = {**overrides, "multi_label": True}
-    plan = make_plan(data_profile, native, cuts, overrides, budget_s, speed, seconds_since_process_start() + reserve_s)
-    if train_cat.multi_label:
-        plan.why["multi_label"] = "labels CSV has several space-separated tags per image: sigmoid + BCE, thresholds for F-beta"
-    return Prepared(source, train_cat, valid_cat, backbone, data_profile, speed, plan, overrides)
-
-
-def _concat(a: Catalog, b: Catalog) -> Catalog:
-    tags = a.tags + b.tags if a.tags is not None and b.tags is not None else None
-    return Catalog(a.paths + b.paths, a.labels + b.labels, a.classes, a.skipped + b.skipped, tags=tags)
-
-
-def _cached_inputs(prep: Prepared, cache_root: Path, workers: int) -> tuple[list[CachedRows], CachedRows, list[Skipped]]:
-    """Trunk activations at the plan's cut: train views (plain + augmented) and valid; drops failed files."""
-    plan, backbone = prep.plan, prep.backbone
-    common = {"cut": plan.cut, "seed": plan.seed, "batch_size": plan.batch_size, "workers": workers,
-              "engine": plan.engine}
-    skipped: list[Skipped] = []
-    kept_va, x_va, bad = cached_activations(backbone, prep.valid.paths, cache_root, description="valid", **common)
-    skipped += bad
-    views = []
-    kept_tr = None
-    for view in [None, *range(plan.views)]:
-        kept, x, bad = cached_activations(
-            backbone, prep.train.paths, cache_root, view=view, description="train", aug=plan.aug, **common
-        )
-        if view is None:
-            skipped += bad
-            kept_tr = kept
-        views.append(x[np.isin(kept, kept_tr)])
-    prep.train, prep.valid = _drop(prep.train, kept_tr), _drop(prep.valid, kept_va)
-    return views, x_va, skipped
-
-
-#: fit() arguments that are plan settings under another name.
+#: fit() arguments that are plan settings under another name (the CLI's --unfreeze).
 ALIASES = {"unfreeze": "finetune_epochs"}
+
+
+def _run_config(data, arch, weights, labels, budget, seed, cache_dir, workers, report, folds, settings) -> RunConfig:
+    settings = {ALIASES.get(k, k): v for k, v in settings.items()}
+    auto = sorted(k for k in ("lr", "batch_size") if settings.get(k) == "auto")
+    overrides = {k: v for k, v in settings.items() if v is not None and k not in auto}
+    return RunConfig(str(data), str(labels) if labels else None, arch, weights, seed, budget, overrides, auto,
+                     str(cache_dir) if cache_dir else None, workers, report, folds)
 
 
 def fit(
@@ -172,226 +60,37 @@ def fit(
     `settings` are plan settings (see :class:`~visiontune.train.plan.Plan`): e.g. `epochs` (on cached
     activations), `unfreeze` (fine-tuning epochs on images), `cut`, `views`, `lr` (a number or "auto":
     the LR finder), `batch_size` (a number or "auto"), `schedule`, `loss`, `label_smoothing`, `mixup`,
-    `swa`, `ema`, `early_stop`, `aug`, ...; None lets the plan decide. `budget` ("90s", "5m") is a
-    wall-clock target the plan fits. `folds=K` trains K models on a stratified K-fold and returns their
-    mean-probability ensemble with the folds' mean and spread in `metrics`.
+    `swa`, `ema`, `early_stop`, `aug`, `objective` (a registered training method), ...; None lets the plan
+    decide. `budget` ("90s", "5m") is a wall-clock target the plan fits. `folds=K` trains K models on a
+    stratified K-fold and returns their mean-probability ensemble with the folds' mean and spread in `metrics`.
     """
-    settings = {ALIASES.get(k, k): v for k, v in settings.items()}
-    auto = {k for k in ("lr", "batch_size") if settings.get(k) == "auto"}
-    for k in auto:
-        settings[k] = None
-    call = {"data": data, "arch": arch, "weights": weights, "labels": labels, "budget": budget, "seed": seed,
-            "cache_dir": cache_dir, "workers": workers, "auto": sorted(auto), "report": report}
+    config = _run_config(data, arch, weights, labels, budget, seed, cache_dir, workers, report, folds, settings)
     if folds and folds > 1:
-        return _fit_folds(call, settings, folds, out, Path(runs_root))
-    prep = prepare(data, arch, weights, labels, seed, budget, reserve_s=REPORT_S if report else 0.0, **settings)
+        return fit_folds(config, out, Path(runs_root))
+    prep = prepare(config, reserve_s=REPORT_S if report else 0.0)
     run = RunDir.create(out, Path(data).resolve().name or "data", Path(runs_root))
-    return _train(prep, run, call)
+    return train_run(prep, run, config)
 
 
 def resume(run_path: str | Path) -> Classifier:
     """Continue an interrupted run from its last checkpoint (same data, plan and seeds) to the same result
     as an uninterrupted run."""
     run = RunDir.open(run_path)
-    config = run.read_config()
     if run.classifier_dir.exists():
         raise UsageError(f"{run.path}: this run already finished (classifier/ exists); nothing to resume.")
-    settings = {k: v for k, v in config.get("overrides", {}).items() if k != "seed"}
-    call = {k: config.get(k) for k in ("data", "arch", "weights", "labels", "budget", "seed", "cache_dir", "workers")}
-    call["auto"] = []
-    plan = Plan.from_dict(json.loads((run.path / "plan.json").read_text()))
-    prep = prepare(call["data"], call["arch"], call["weights"], call["labels"], call["seed"], None, **settings)
-    prep.plan = plan
-    split = json.loads((run.path / "split.json").read_text()) if (run.path / "split.json").exists() else None
-    return _train(prep, run, call, resuming=True, expected_split=split)
+    config = run.read_config()
+    prep = prepare(RunConfig(**{**config.__dict__, "budget": None}))
+    if run.has_plan():
+        prep.plan = run.read_plan()
+    return train_run(prep, run, config, resuming=True)
 
 
-def _fit_folds(call: dict, settings: dict, folds: int, out: str | Path | None, runs_root: Path) -> Classifier:
-    """K models on a stratified K-fold; each fold is a run under the parent run folder."""
-    from visiontune.ensemble import Ensemble
-
-    data = call["data"]
-    parent = RunDir.create(out, Path(data).resolve().name or "data", runs_root)
-    parent.write_config({**_config(call, {**settings, "folds": folds}), "folds": folds})
-    members = []
-    for k in range(folds):
-        console.rule(f"fold {k + 1}/{folds}")
-        prep = prepare(data, call["arch"], call["weights"], call["labels"], call["seed"], call["budget"], fold=(k, folds), **settings)
-        run = RunDir.create(parent.path / f"fold-{k + 1}", "fold", runs_root)
-        members.append(_train(prep, run, call))
-    summary = {"folds": folds}
-    for key in ("accuracy", "balanced_accuracy", "macro_f1", "log_loss"):
-        values = [float(m.metrics[key]) for m in members if key in m.metrics]
-        summary[key] = values
-        summary[f"{key}_mean"], summary[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
-    (parent.path / "folds.json").write_text(json.dumps(summary, indent=2))
-    console.print(
-        f"[bold]{folds}-fold validation accuracy {summary['accuracy_mean']:.4f} ± {summary['accuracy_std']:.4f}[/]"
-    )
-    ensemble = Ensemble.from_members(members, run_dir=parent.path)
-    ensemble.metrics = summary
-    return ensemble
-
-
-def _config(call: dict, settings: dict) -> dict:
-    return {
-        "data": str(Path(call["data"]).resolve()),
-        "labels": str(call["labels"]) if call["labels"] else None,
-        "arch": call["arch"],
-        "weights": call["weights"],
-        "seed": call["seed"],
-        "budget": call["budget"],
-        "overrides": {k: v for k, v in settings.items() if v is not None},
-        "auto": call.get("auto", []),
-        "cache_dir": str(call["cache_dir"]) if call["cache_dir"] else None,
-        "workers": call["workers"],
-        "visiontune": __version__,
-        "torch": str(torch.__version__),
-        "python": platform.python_version(),
-    }
-
-
-def _choose_auto(prep: Prepared, call: dict, run: RunDir, train_views, x_va, y_train, y_valid) -> None:
-    """`lr="auto"`: the LR finder on the cached phase; `batch_size="auto"`: the notes' search on it, capped
-    by the memory-fit search when fine-tuning on images follows."""
-    plan = prep.plan
-    if "lr" in call["auto"]:
-        from visiontune.report.plots import plot_lr_find
-        from visiontune.train.lr_find import lr_find
-
-        tail = Tail(prep.backbone.model, plan.cut, dropout=plan.head_dropout)
-        found = lr_find(cached_phase(tail, train_views, y_train, x_va, y_valid, plan), plan)
-        plot_lr_find(found, run.path / "lr_find.png")
-        (run.path / "lr_find.json").write_text(json.dumps(found.to_dict()))
-        plan.lr = round(found.suggestion, 6)
-        plan.why["lr"] = f"LR finder ({found.rule}); plot: lr_find.png"
-        console.print(f"LR finder suggests {plan.lr:.2g} ({found.rule})")
-    if "batch_size" in call["auto"]:
-        from visiontune.train.batch_size import memory_fit_batch_size, search_batch_size
-
-        def score(size: int) -> float:
-            trial = Plan.from_dict({**plan.to_dict(), "batch_size": size, "early_stop": 0, "checkpoint_every": 0, "eval_every": 0})
-            tail = Tail(prep.backbone.model, plan.cut, dropout=plan.head_dropout)
-            saved = {k: v.clone() for k, v in tail.model.state_dict().items()}
-            history = train_cached(tail, train_views, y_train, x_va, y_valid, trial, lambda r: None, "batch-size")
-            tail.model.load_state_dict(saved)
-            return history[-1].get("valid_accuracy", 0.0)
-
-        size, tried = search_batch_size(score, smallest=8, largest=max(8, len(y_train)))
-        reason = "validation accuracy by batch size " + ", ".join(f"{b}: {v:.4f}" for b, v in sorted(tried.items()))
-        if plan.finetune_epochs > 0:
-            fit_size, memory = memory_fit_batch_size(prep.backbone.model, plan.img_size)
-            if fit_size < size:
-                size, reason = fit_size, reason + f"; capped to {fit_size} by memory ({memory['per_image_bytes'] / 1e6:.1f} MB/image)"
-        plan.batch_size = size
-        plan.why["batch_size"] = reason
-        console.print(f"batch size {size} ({reason})")
-    plan.save(run.path / "plan.json")
-
-
-def _train(prep: Prepared, run: RunDir, call: dict, resuming: bool = False, expected_split: dict | None = None) -> Classifier:
-    """Cache, train (cached phase, then fine-tuning), evaluate and save one run; resumable."""
-    from visiontune.train.checkpoint import load_checkpoint
-
-    started = time.perf_counter()
-    plan, backbone, classes = prep.plan, prep.backbone, prep.source.classes
-    data = call["data"]
-    checkpoint = load_checkpoint(run.checkpoints) if resuming else None
-    if not resuming:
-        run.write_config(_config(call, {k: v for k, v in prep.overrides.items() if k != "seed"}))
-        plan.save(run.path / "plan.json")
-        (run.path / "profile.json").write_text(
-            json.dumps({"data": prep.data_profile.to_dict(), "speed": prep.speed.to_dict() if prep.speed else None}, indent=2)
-        )
-    else:
-        run.truncate_metrics(checkpoint.position.metrics_lines if checkpoint else 0)
-        where = f"{checkpoint.position.phase} epoch {checkpoint.position.epoch + 1}, step {checkpoint.position.step}" if checkpoint else "the start"
-        console.print(f"resuming {run.path} from {where}")
-    console.print(
-        f"[bold]{prep.source.layout}[/] layout: {len(prep.train)} train / {len(prep.valid)} valid images, "
-        f"{len(classes)} classes; backbone {backbone.arch} ({backbone.weights})"
-    )
-    console.print(plan.table())
-
-    cache_root = Path(call["cache_dir"]) if call["cache_dir"] else default_cache_root()
-    train_views, x_va, skipped = _cached_inputs(prep, cache_root, call["workers"])
-    skipped = list(prep.source.skipped) + skipped
-    if expected_split is not None and [str(p) for p in prep.train.paths] != expected_split["train"]:
-        raise DataError(f"{data}: the data changed since {run.path} started (its split.json differs); start a new run.")
-    run.write_skipped(skipped)
-    run.write_split({"train": prep.train.paths, "valid": prep.valid.paths},
-                    {"train": prep.train.labels, "valid": prep.valid.labels}, classes,
-                    {"train": prep.train.tags, "valid": prep.valid.tags} if prep.train.multi_label else None)
-    if skipped:
-        console.print(f"[yellow]skipped {len(skipped)} unusable files[/] (listed in {run.path / 'skipped.txt'})")
-
-    y_train, y_valid = np.array(prep.train.labels), np.array(prep.valid.labels)
-    if not resuming:
-        _choose_auto(prep, call, run, train_views, x_va, y_train, y_valid)
-    if plan.budget_s is not None and prep.speed is not None and prep.overrides.get("epochs") is None and not resuming:
-        remaining = plan.budget_s - seconds_since_process_start() - FINAL_OVERHEAD_S - (REPORT_S if call.get("report", True) else 0)
-        planned = plan.epochs
-        plan.epochs = epochs_for_remaining(remaining, planned, prep.data_profile, prep.speed, plan.cut)
-        plan.why["epochs"] = f"re-fitted after caching to the {remaining:.0f}s left (planned {planned})"
-        plan.save(run.path / "plan.json")
-        console.print(f"budget: {remaining:.0f}s left after caching -> {plan.epochs} epochs (planned {planned})")
-    model = backbone.model
-    tail = Tail(model, plan.cut, dropout=plan.head_dropout)
-    in_finetune = checkpoint is not None and checkpoint.position.phase == "finetune"
-    logger = run.logger()
-    if not in_finetune:
-        train_cached(
-            tail, train_views, y_train, x_va, y_valid, plan, logger, phase=f"cached:{plan.cut}",
-            checkpoints=run.checkpoints, resume=checkpoint, metrics_lines=run.metrics_lines,
-            train_paths=prep.train.paths,
-            train_targets=prep.train.targets() if plan.multi_label else None,
-            valid_targets=prep.valid.targets() if plan.multi_label else None,
-        )
-    classifier = Classifier(model.eval(), backbone.arch, classes, backbone.preprocessing, run_dir=run.path)
-    if plan.multi_label:
-        classifier.extra["multi_label"] = True
-    if plan.finetune_epochs > 0:
-        finetune(
-            model, prep.train, prep.valid, backbone.preprocessing, plan, logger, run.checkpoints, skipped,
-            call["workers"], resume=checkpoint if in_finetune else None, metrics_lines=run.metrics_lines,
-        )
-        run.write_skipped(skipped)
-        kept, probs = classifier.probabilities(prep.valid.paths, plan.batch_size)
-        y_valid = y_valid[kept]
-    else:
-        kept = np.arange(len(y_valid))
-        logits = predict_cached(tail, x_va)
-        probs = (logits.sigmoid() if plan.multi_label else logits.softmax(-1)).numpy()
-    if plan.multi_label:
-        _finish_multilabel(classifier, prep, run, probs, kept, started)
-        _report(run, call)
-        return classifier
-    metrics = classification_metrics(y_valid, probs, classes)
-    metrics["seconds"] = round(time.perf_counter() - started, 1)
-    metrics["wall_seconds"] = round(seconds_since_process_start(), 1)
-    if plan.predicted_s is not None:
-        metrics["predicted_seconds"] = plan.predicted_s
-        console.print(
-            f"time since start: predicted {plan.predicted_s:.1f}s, actual {metrics['wall_seconds']:.1f}s "
-            f"(budget {plan.budget_s:.0f}s)"
-        )
-    logger({"phase": "final", **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}})
-    logger.close()
-    classifier.metrics = {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "confusion_matrix_normalized")}
-    classifier.extra = {"weights": backbone.weights, "trained_on": str(Path(data).resolve())}
-    classifier.save(run.classifier_dir)
-    save_predictions(run.path, kept, probs, y_valid)
-    _report(run, call)
-    return classifier
-
-
-def _report(run: RunDir, call: dict) -> None:
-    """The run's report.html, unless the call said --no-report (time for it is reserved in a --budget)."""
-    if call.get("report", True):
-        from visiontune.report.html import build_report
-
-        report_started = time.perf_counter()
-        console.print(f"report: {build_report(run.path)} ({time.perf_counter() - report_started:.1f}s)")
+def plan(
+    data: str | Path, arch: str = DEFAULT_ARCH, weights: str = "default", labels: str | Path | None = None,
+    seed: int = 0, budget: str | float | None = None, **settings,
+) -> Prepared:
+    """What `fit` would do, without training: the data profile, the task and the plan with its reasons."""
+    return prepare(_run_config(data, arch, weights, labels, budget, seed, None, 1, False, 0, settings))
 
 
 def find_lr(
@@ -399,39 +98,19 @@ def find_lr(
     seed: int = 0, out: str | Path = "lr_find.png", cache_dir: str | Path | None = None, workers: int = 1, **settings,
 ):
     """The LR range test on the cached phase the plan would train; returns (result, PNG path)."""
+    from visiontune.backbones.cuts import Tail
     from visiontune.report.plots import plot_lr_find
     from visiontune.train.lr_find import lr_find
+    from visiontune.train.phases import cached_phase
 
-    prep = prepare(data, arch, weights, labels, seed, None, **settings)
-    cache_root = Path(cache_dir) if cache_dir else default_cache_root()
-    train_views, x_va, _ = _cached_inputs(prep, cache_root, workers)
-    plan = prep.plan
+    config = _run_config(data, arch, weights, labels, None, seed, cache_dir, workers, False, 0, settings)
+    prep = prepare(config)
+    inputs = cache_inputs(prep, config)
+    plan, task = prep.plan, prep.task
     tail = Tail(prep.backbone.model, plan.cut, dropout=plan.head_dropout)
-    phase = cached_phase(tail, train_views, np.array(prep.train.labels), x_va, np.array(prep.valid.labels), plan)
+    phase = cached_phase(tail, inputs.train_views, task.targets(prep.train), inputs.valid, task.targets(prep.valid), plan, task=task)
     found = lr_find(phase, plan)
     return found, plot_lr_find(found, Path(out))
-
-
-def _finish_multilabel(classifier: Classifier, prep: Prepared, run: RunDir, probs: np.ndarray, kept: np.ndarray, started: float) -> Classifier:
-    """Multi-label end of a run: per-class thresholds tuned for F-beta on validation, metrics, save."""
-    from visiontune.evaluate.metrics import multilabel_metrics, tune_thresholds
-
-    plan = prep.plan
-    targets = prep.valid.targets()[kept]
-    thresholds = tune_thresholds(targets, probs, plan.fbeta)
-    metrics = multilabel_metrics(targets, probs, thresholds, classifier.classes, plan.fbeta)
-    at_half = multilabel_metrics(targets, probs, np.full(len(thresholds), 0.5), classifier.classes, plan.fbeta)
-    key = f"f{plan.fbeta:g}_samples"
-    metrics[f"{key}_at_0.5"] = at_half[key]
-    metrics["seconds"] = round(time.perf_counter() - started, 1)
-    console.print(f"multi-label: {key} {metrics[key]:.4f} with tuned thresholds ({at_half[key]:.4f} at 0.5)")
-    run.log_metrics({"phase": "final", **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}})
-    classifier.metrics = metrics
-    classifier.extra = {"weights": prep.backbone.weights, "trained_on": str(prep.source.root.resolve()), "multi_label": True,
-                        "thresholds": [float(t) for t in thresholds], "fbeta": plan.fbeta}
-    classifier.save(run.classifier_dir)
-    save_predictions(run.path, kept, probs, targets)
-    return classifier
 
 
 def load(path: str | Path) -> Classifier:
@@ -447,12 +126,82 @@ def load(path: str | Path) -> Classifier:
     return Classifier.load(path)
 
 
+def _classifier(classifier: Classifier | str | Path) -> Classifier:
+    return classifier if isinstance(classifier, Classifier) else load(classifier)
+
+
+def image_files(items: Sequence[str | Path]) -> list[Path]:
+    """Expand folders (recursively) into their image files; keep explicit files as given."""
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            paths.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p)))
+        elif path.exists():
+            paths.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    if not paths:
+        raise DataError(f"no image files found in {', '.join(map(str, items))}")
+    return paths
+
+
 def predict(
     classifier: Classifier | str | Path, images: str | Path | Sequence[str | Path], topk: int = 5, tta: str = "none"
 ):
     """Top-k predictions; `classifier` may be a loaded Classifier or a run/classifier folder."""
-    clf = classifier if isinstance(classifier, Classifier) else load(classifier)
-    return clf.predict(images, topk=topk, tta=tta)
+    return _classifier(classifier).predict(images, topk=topk, tta=tta)
+
+
+def iter_predictions(
+    classifier: Classifier | str | Path, items: Sequence[str | Path], topk: int = 3, batch_size: int = 32,
+    tta: str = "none", combine: str = "mean", engine: str = "auto", skipped: list[Skipped] | None = None,
+) -> Iterable[Prediction]:
+    """Stream predictions for files and folders (expanded recursively); unreadable files go to `skipped`."""
+    return _classifier(classifier).iter_predictions(
+        image_files(items), topk=topk, batch_size=batch_size, skipped=skipped, tta=tta, combine=combine, engine=engine,
+    )
+
+
+def predict_to_file(
+    classifier: Classifier | str | Path, items: Sequence[str | Path], out: str | Path, fmt: str = "csv",
+    skipped: list[Skipped] | None = None, **options,
+) -> int:
+    """Write predictions for files and folders to a CSV or JSON file, streamed (memory stays flat for any
+    number of images); returns how many were written."""
+    clf = _classifier(classifier)
+    predictions = iter_predictions(clf, items, skipped=skipped, **options)
+    count = 0
+    with Path(out).open("w", newline="") as handle:
+        if fmt == "json":  # a JSON array written item by item
+            handle.write("[")
+            for p in predictions:
+                item = {"path": p.path, "label": p.label, "top": [{"class": c, "prob": round(q, 6)} for c, q in zip(p.classes, p.probs)]}
+                if p.tags is not None:
+                    item["tags"] = p.tags
+                handle.write((",\n" if count else "\n") + json.dumps(item))
+                count += 1
+            handle.write("\n]\n")
+        elif fmt == "csv":
+            writer = csv.writer(handle)
+            writer.writerow(["path", "label", "prob", "topk"] + (["tags"] if clf.multi_label else []))
+            for p in predictions:
+                topk = ";".join(f"{c}:{q:.4f}" for c, q in zip(p.classes, p.probs))
+                writer.writerow([p.path, p.label, f"{p.probs[0]:.6f}", topk] + ([" ".join(p.tags)] if p.tags is not None else []))
+                count += 1
+        else:
+            raise UsageError(f"unknown predictions format {fmt!r}; use csv or json")
+    return count
+
+
+def submission(
+    classifier: Classifier | str | Path, sample: str | Path, items: Sequence[str | Path], out: str | Path = "submission.csv",
+    batch_size: int = 32, tta: str = "none", engine: str = "auto",
+) -> dict:
+    """A Kaggle submission in the format of `sample` (its id column and class columns or label column)."""
+    from visiontune.submission import write_submission
+
+    return write_submission(_classifier(classifier), Path(sample), image_files(items), Path(out), batch_size, tta, engine)
 
 
 def ensemble_runs(
@@ -531,21 +280,173 @@ def evaluate(
 ) -> dict:
     """Metrics of a classifier on labelled images (class folders, split folders or a labels CSV), with
     optional test-time augmentation (`tta`: flip | flips | 5crop | 10crop | scale)."""
-    clf = classifier if isinstance(classifier, Classifier) else load(classifier)
+    clf = _classifier(classifier)
     catalog = evaluation_catalog(data, clf.classes, labels)
+    task = clf.task
+    if task.name == "multi-label" and not catalog.multi_label:
+        raise DataError(f"{data}: a multi-label classifier needs a tags CSV (--labels) to evaluate on")
     skipped: list[Skipped] = list(catalog.skipped)
     kept, probs = clf.probabilities(catalog.paths, batch_size, skipped=skipped, tta=tta, combine=combine, engine=engine)
-    if clf.multi_label:
-        from visiontune.evaluate.metrics import multilabel_metrics
-
-        if not catalog.multi_label:
-            raise DataError(f"{data}: a multi-label classifier needs a tags CSV (--labels) to evaluate on")
-        metrics = multilabel_metrics(catalog.targets()[kept], probs, clf.thresholds, clf.classes, clf.extra.get("fbeta", 2.0))
-        metrics["skipped"] = [{"path": s.path, "reason": s.reason} for s in skipped]
-        return metrics
-    metrics = classification_metrics(np.array(catalog.labels)[kept], probs, clf.classes)
+    metrics = task.evaluate(task.targets(catalog)[kept], probs, clf.classes, clf.extra)
     metrics["skipped"] = [{"path": s.path, "reason": s.reason} for s in skipped]
     return metrics
 
 
-__all__ = ["fit", "resume", "find_lr", "ensemble_runs", "load", "predict", "evaluate", "Classifier", "Prediction", "Plan"]
+@dataclass
+class ExportResult:
+    """What `export` wrote and checked."""
+
+    path: Path
+    parity: dict | None = None  # max |Δprob| on real images vs PyTorch, and whether it is within tolerance
+    quantized: Path | None = None
+    accuracy: dict | None = None  # validation accuracy of fp32 and int8 files (with --quantize int8)
+
+
+def export(
+    run: str | Path, fmt: str = "onnx", out: str | Path | None = None, quantize: str | None = None,
+    parity_images: int = 64,
+) -> ExportResult:
+    """Write the run's classifier as ONNX or TorchScript (default RUN/export/model.onnx|.pt), check parity
+    with PyTorch on the run's own validation images, and with `quantize="int8"` also a static int8 ONNX file."""
+    from visiontune.export.formats import export as write_export
+    from visiontune.export.formats import exported_accuracy, parity, quantize_int8
+
+    if quantize not in (None, "int8"):
+        raise UsageError(f"--quantize {quantize!r}: only int8 is supported")
+    if quantize and fmt != "onnx":
+        raise UsageError("--quantize int8 needs --format onnx")
+    run_dir = RunDir(Path(run))
+    clf = load(run)
+    target = Path(out) if out else run_dir.file("export") / f"model{'.onnx' if fmt == 'onnx' else '.pt'}"
+    split = run_dir.read_split()
+    images = ((split.valid or split.train) if split else [])[:parity_images]
+    result = ExportResult(write_export(clf, fmt, target))
+    if images:
+        result.parity = parity(clf, target, images)
+    if quantize == "int8":
+        result.quantized = quantize_int8(clf, target, target.with_name(target.stem + "-int8.onnx"), images[:64])
+        if split and split.valid_labels:
+            result.accuracy = {"fp32": exported_accuracy(target, split.valid, split.valid_labels),
+                               "int8": exported_accuracy(result.quantized, split.valid, split.valid_labels)}
+    return result
+
+
+def report(run: str | Path) -> Path:
+    """(Re)build the run's self-contained report.html from what the run saved."""
+    from visiontune.report.html import build_report
+
+    return build_report(run)
+
+
+def show(run: str | Path, mistakes: bool = True, limit: int = 12, console=None) -> list[dict]:
+    """Print a run's summary and its most confident mistakes; returns the rows shown."""
+    from visiontune.report.show import show as show_run
+
+    return show_run(run, mistakes=mistakes, limit=limit, console=console)
+
+
+def show_gradcam(run: str | Path, images: list[str], out: str | Path | None = None) -> Path:
+    """Grad-CAM overlays of chosen images (PNG)."""
+    from visiontune.report.show import show_gradcam as gradcam
+
+    return gradcam(run, images, out)
+
+
+def show_feature_maps(run: str | Path, image: str, layer: str = "blocks.2", out: str | Path | None = None) -> Path:
+    """Feature maps of one layer for one image (PNG)."""
+    from visiontune.report.show import show_feature_maps as maps
+
+    return maps(run, image, layer, out)
+
+
+def hard_examples(
+    run: str | Path, out: str | Path | None = None, margin: float = 0.2, confident: float = 0.9, batch_size: int = 64,
+) -> tuple[list, Path, int]:
+    """The training images the run's model gets wrong or barely right, most suspicious first, written as a
+    CSV that `fit(..., upweight=CSV)` draws more often; returns (examples, CSV path, training images)."""
+    from visiontune.evaluate.hard_examples import mine_hard_examples, write_hard_examples
+
+    run_dir = RunDir(Path(run))
+    split = run_dir.read_split()
+    if split is None or not split.train_labels:
+        raise UsageError(f"{run}: split.json has no labels (a run from an older visiontune); retrain it")
+    clf = load(run)
+    kept, probs = clf.probabilities(split.train, batch_size)
+    found = mine_hard_examples(probs, kept, split.train, split.train_labels, clf.classes, margin, confident)
+    path = write_hard_examples(found, Path(out) if out else run_dir.file("hard_examples.csv"))
+    return found, path, len(split.train)
+
+
+def warm_cache(
+    data: str | Path, cache_dir: str | Path | None = None, arch: str = DEFAULT_ARCH, weights: str = "default",
+    img_size: int | None = None, cut: str = "pooled", views: int = 0, engine: str | None = None,
+) -> dict:
+    """Put every image of a folder (recursively) through the trunk once, so later runs start from the cache."""
+    from visiontune.backbones.registry import create_backbone
+    from visiontune.cache.features import cached_activations
+    from visiontune.inference.engines import default_engine
+
+    root = Path(cache_dir) if cache_dir else default_cache_root()
+    paths = image_files([data])
+    backbone = create_backbone(arch, weights, num_classes=0, img_size=img_size)
+    skipped: list[Skipped] = []
+    kept: np.ndarray = np.zeros(0)
+    for view in [None, *range(views)]:
+        kept, _, bad = cached_activations(backbone, paths, root, cut=cut, view=view, engine=engine or default_engine(),
+                                          load=False, description="caching")
+        skipped += bad
+    return {"root": root, "images": len(kept), "views": 1 + views, "cut": cut, "skipped": skipped}
+
+
+def cache_info(cache_dir: str | Path | None = None) -> tuple[Path, list[dict]]:
+    """(cache folder, one entry per cached key: architecture, size, cut, view, rows, bytes)."""
+    from visiontune.cache.store import cache_info as entries
+
+    root = Path(cache_dir) if cache_dir else default_cache_root()
+    return root, entries(root)
+
+
+def clear_cache(cache_dir: str | Path | None = None) -> tuple[Path, int]:
+    """Delete the feature cache; returns (folder, bytes freed)."""
+    from visiontune.cache.store import clear_cache as clear
+
+    root = Path(cache_dir) if cache_dir else default_cache_root()
+    return root, clear(root)
+
+
+def doctor(data: str | Path, labels: str | Path | None = None, arch: str = DEFAULT_ARCH, weights: str = "default", seed: int = 0):
+    """Check data and pipeline before training: balance, duplicates, mean/std, overfitting a tiny subset."""
+    from visiontune.doctor import doctor as check
+
+    return check(data, labels=labels, arch=arch, weights=weights, seed=seed)
+
+
+def augment_preview(data: str | Path, out: str | Path = "augment-preview.png", aug: str = "standard", images: int = 4,
+                    samples: int = 6, img_size: int = 224, seed: int = 0) -> Path:
+    """An image grid of an augmentation preset applied to your own images."""
+    from visiontune.doctor import augment_preview as preview
+
+    return preview(data, out, aug, images, samples, img_size, seed)
+
+
+def split(src: str | Path, dst: str | Path, valid: float = 0.2, seed: int = 0) -> dict:
+    """Make train/ and valid/ folders of links (no copies) from a folder of class sub-folders."""
+    from visiontune.data.split import write_split_folders
+
+    catalog = catalog_from_folders(Path(src), check=False)
+    return write_split_folders(catalog, Path(src), Path(dst), valid, seed)
+
+
+def demo_data(name: str, dest: str | Path) -> Path:
+    """Write an offline demo dataset (digits, fashion-mnist) as image folders."""
+    from visiontune.data.demo import DEMOS
+
+    return DEMOS[name](dest)
+
+
+__all__ = [
+    "fit", "resume", "plan", "find_lr", "load", "predict", "iter_predictions", "predict_to_file", "submission",
+    "ensemble_runs", "evaluate", "export", "report", "show", "show_gradcam", "show_feature_maps", "hard_examples",
+    "warm_cache", "cache_info", "clear_cache", "doctor", "augment_preview", "split", "demo_data", "Classifier",
+    "Prediction", "Plan",
+]

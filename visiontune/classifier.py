@@ -21,6 +21,7 @@ from torch import nn
 
 from visiontune.data.catalog import Skipped
 from visiontune.data.transforms import Preprocessing
+from visiontune.task.kinds import Task, task_named
 from visiontune.inference.stream import gather, stream_outputs
 
 ARTIFACT_FORMAT = 1
@@ -59,17 +60,13 @@ class Classifier:
     _engines: dict = field(default_factory=dict, repr=False)
 
     @property
-    def multi_label(self) -> bool:
-        return bool(self.extra.get("multi_label"))
+    def task(self) -> Task:
+        """What the classifier predicts (single- or multi-label): activation, decisions, metrics."""
+        return task_named(self.extra.get("task"), self.extra)
 
     @property
-    def thresholds(self) -> np.ndarray:
-        """Multi-label: each class's decision threshold (tuned on validation when trained; else 0.5)."""
-        return np.asarray(self.extra.get("thresholds", [0.5] * len(self.classes)), dtype=np.float64)
-
-    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
-        """Probabilities: softmax over classes, or one sigmoid per class for multi-label."""
-        return logits.float().sigmoid() if self.multi_label else logits.float().softmax(-1)
+    def multi_label(self) -> bool:
+        return self.task.name == "multi-label"
 
     def engine_forward(self, engine: str = "torch"):
         """images -> logits on `engine`: torch, or onnxruntime ("onnx"; "auto" = onnxruntime when installed).
@@ -105,13 +102,13 @@ class Classifier:
         paths = [Path(p) for p in paths]
         if tta == "none":
             yield from stream_outputs(
-                lambda x: self._activate(forward(x)), paths, self.preprocessing, batch_size, description="predicting",
+                lambda x: self.task.activation(forward(x)), paths, self.preprocessing, batch_size, description="predicting",
                 skipped=skipped,
             )
             return
         views = tta_views(tta)
         yield from stream_outputs(
-            tta_forward(forward, combine, self._activate), paths, self.preprocessing, max(1, batch_size // views),
+            tta_forward(forward, combine, self.task.activation), paths, self.preprocessing, max(1, batch_size // views),
             description=f"predicting (TTA {tta})", transform=tta_transform(self.preprocessing, tta), skipped=skipped,
             views=views,
         )
@@ -130,15 +127,16 @@ class Classifier:
         """Stream :class:`Prediction` objects batch by batch: memory stays flat for any folder size."""
         paths = [Path(p) for p in paths]
         k = min(topk, len(self.classes))
+        task = self.task
         for indices, probs in self.stream_probabilities(paths, batch_size, skipped, tta, combine, engine):
             top = np.argsort(-probs, axis=1)[:, :k]
-            thresholds = self.thresholds if self.multi_label else None
+            tags = task.decide(probs, self.classes, self.extra)
             for row, index in enumerate(indices):
                 yield Prediction(
                     str(paths[index]),
                     [self.classes[j] for j in top[row]],
                     [float(probs[row, j]) for j in top[row]],
-                    [c for c, p, t in zip(self.classes, probs[row], thresholds) if p >= t] if thresholds is not None else None,
+                    tags[row] if tags is not None else None,
                 )
 
     def predict(
@@ -185,14 +183,10 @@ class Classifier:
             directory = directory / "classifier"
         else:
             run_dir = directory.parent if directory.name == "classifier" else None
-        meta_path = directory / "classifier.json"
         weights_path = directory / "model.safetensors"
-        if not meta_path.exists() or not weights_path.exists():
-            raise ArtifactError(
-                f"{directory}: not a visiontune classifier (needs classifier.json and model.safetensors). "
-                "Pass a run folder (runs/NAME) or its classifier/ folder."
-            )
-        meta = json.loads(meta_path.read_text())
+        meta = read_classifier_meta(directory)
+        if not weights_path.exists():
+            raise ArtifactError(f"{directory}: classifier.json without model.safetensors; copy the whole folder.")
         model = timm.create_model(meta["arch"], pretrained=False, num_classes=int(meta["num_classes"]))
         state = load_file(str(weights_path), device="cpu")
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -211,3 +205,14 @@ class Classifier:
             run_dir=run_dir,
             directory=directory,
         )
+
+
+def read_classifier_meta(directory: str | Path) -> dict:
+    """classifier.json of a classifier folder (architecture, classes, task, metrics) without the weights."""
+    meta_path = Path(directory) / "classifier.json"
+    if not meta_path.exists():
+        raise ArtifactError(
+            f"{directory}: not a visiontune classifier (needs classifier.json and model.safetensors). "
+            "Pass a run folder (runs/NAME) or its classifier/ folder."
+        )
+    return json.loads(meta_path.read_text())

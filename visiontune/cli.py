@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from visiontune.version import __version__
 from visiontune.backbones.providers import WeightsError
 from visiontune.classifier import ArtifactError
 from visiontune.data.catalog import DataError
-from visiontune.data.images import ImageError, is_image_name
+from visiontune.data.images import ImageError
 from visiontune.data.transforms import AUGMENTATIONS
 from visiontune.inference.engines import ENGINES, default_engine
 from visiontune.errors import UsageError
@@ -52,17 +51,6 @@ def _metrics_tables(metrics: dict, classes: list[str]) -> list[Table]:
     return tables
 
 
-#: `train` flags that are plan settings, passed through to fit() when given.
-PLAN_FLAGS = (
-    "epochs", "unfreeze", "img_size", "batch_size", "lr", "lr_mult", "cut", "views", "engine", "optimizer",
-    "weight_decay", "schedule", "warmup_epochs", "sgdr_cycle", "sgdr_mult", "loss", "label_smoothing",
-    "focal_gamma", "class_weights", "sampler", "aug", "mixup", "cutmix", "swa", "swa_start", "swa_lr", "ema",
-    "early_stop", "monitor", "eval_every", "checkpoint_every", "amp", "compile", "freeze_to", "upweight",
-    "upweight_factor", "fbeta", "gradual", "bn_freeze",
-    "head_dropout",
-)
-
-
 def _number_or_auto(kind):
     def parse(text: str):
         return "auto" if text == "auto" else kind(text)
@@ -72,22 +60,22 @@ def _number_or_auto(kind):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from visiontune.api import fit, resume
+    from visiontune import api
 
     if args.resume:
-        clf = resume(args.resume)
+        clf = api.resume(args.resume)
     else:
         if not args.data:
             raise UsageError("train needs a data folder (or --resume runs/NAME)")
-        settings = {name: getattr(args, name) for name in PLAN_FLAGS if getattr(args, name) is not None}
-        clf = fit(
+        settings = {name: getattr(args, name) for name in plan_flag_names() if getattr(args, name) is not None}
+        clf = api.fit(
             args.data, arch=args.arch, weights=args.weights, out=args.out, labels=args.labels, budget=args.budget,
             seed=args.seed, cache_dir=args.cache_dir, workers=args.workers, folds=args.folds,
             valid_fraction=args.valid, report=args.report, **settings,
         )
     if clf.multi_label:
-        key = next(k for k in clf.metrics if k.startswith("f") and k.endswith("_samples"))
-        console.print(f"[bold green]multi-label {key} {clf.metrics[key]:.4f}[/] (mAP {clf.metrics['mean_average_precision']:.4f}, "
+        key, value = clf.task.headline(clf.metrics)
+        console.print(f"[bold green]multi-label {key} {value:.4f}[/] (mAP {clf.metrics['mean_average_precision']:.4f}, "
                       f"subset accuracy {clf.metrics['subset_accuracy']:.4f}) in {clf.metrics['seconds']} s")
     elif "per_class" in clf.metrics:
         for table in _metrics_tables(clf.metrics, clf.classes):
@@ -99,10 +87,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from visiontune.api import find_lr
+    from visiontune import api
 
-    found, png = find_lr(args.data, arch=args.arch, weights=args.weights, labels=args.labels, seed=args.seed,
-                         out=args.out, cut=args.cut, img_size=args.img_size)
+    found, png = api.find_lr(args.data, arch=args.arch, weights=args.weights, labels=args.labels, seed=args.seed,
+                             out=args.out, cut=args.cut, img_size=args.img_size)
     console.print(f"suggested learning rate: [bold]{found.suggestion:.3g}[/] ({found.rule})")
     console.print(f"plot: {png}")
     print(f"{found.suggestion:.6g}")
@@ -110,17 +98,17 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_augment_preview(args: argparse.Namespace) -> int:
-    from visiontune.doctor import augment_preview
+    from visiontune import api
 
-    out = augment_preview(args.data, args.out, args.aug, args.images, args.samples, args.img_size, args.seed)
+    out = api.augment_preview(args.data, args.out, args.aug, args.images, args.samples, args.img_size, args.seed)
     console.print(f"wrote {out}")
     return 0
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    from visiontune.api import ensemble_runs
+    from visiontune import api
 
-    result = ensemble_runs(args.runs, args.data, args.labels, args.method, args.out, args.batch_size)
+    result = api.ensemble_runs(args.runs, args.data, args.labels, args.method, args.out, args.batch_size)
     table = Table(title=f"ensemble ({args.method}) on {result['n']} images")
     for column in ("model", "accuracy", "log loss", "weight"):
         table.add_column(column)
@@ -141,34 +129,21 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from visiontune.api import load
-    from visiontune.export.formats import export, parity, quantize_int8
+    from visiontune import api
 
-    run = Path(args.run)
-    clf = load(run)
-    suffix = ".onnx" if args.format == "onnx" else ".pt"
-    out = Path(args.out) if args.out else run / "export" / f"model{suffix}"
-    split = json.loads((run / "split.json").read_text()) if (run / "split.json").exists() else {}
-    images = (split.get("valid") or split.get("train") or [])[: args.parity_images]
-    export(clf, args.format, out)
-    console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
-    if images:
-        check = parity(clf, out, images)
+    result = api.export(args.run, args.format, args.out, args.quantize, args.parity_images)
+    console.print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.1f} MB)")
+    if result.parity:
+        check = result.parity
         console.print(f"parity on {check['images']} real images: max |Δprob| = {check['max_abs_prob_diff']:.2e} "
                       f"(tolerance {check['tolerance']:.0e}) -> {'OK' if check['ok'] else 'FAILED'}")
         if not check["ok"]:
             return 1
-    if args.quantize == "int8":
-        if args.format != "onnx":
-            raise UsageError("--quantize int8 needs --format onnx")
-        quantized = quantize_int8(clf, out, out.with_name(out.stem + "-int8.onnx"), images[:64])
-        console.print(f"wrote {quantized} ({quantized.stat().st_size / 1e6:.1f} MB)")
-        if split.get("valid_labels"):
-            from visiontune.export.formats import exported_accuracy
-
-            labels = split["valid_labels"]
-            fp32, int8 = exported_accuracy(out, split["valid"], labels), exported_accuracy(quantized, split["valid"], labels)
-            console.print(f"validation accuracy: fp32 {fp32:.4f} -> int8 {int8:.4f} ({int8 - fp32:+.4f})")
+    if result.quantized:
+        console.print(f"wrote {result.quantized} ({result.quantized.stat().st_size / 1e6:.1f} MB)")
+    if result.accuracy:
+        fp32, int8 = result.accuracy["fp32"], result.accuracy["int8"]
+        console.print(f"validation accuracy: fp32 {fp32:.4f} -> int8 {int8:.4f} ({int8 - fp32:+.4f})")
     return 0
 
 
@@ -183,38 +158,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from visiontune.report.html import build_report
+    from visiontune import api
 
-    out = build_report(args.run)
-    console.print(f"wrote {out}")
+    console.print(f"wrote {api.report(args.run)}")
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from visiontune.report.show import show, show_feature_maps, show_gradcam
+    from visiontune import api
 
     if args.gradcam:
-        console.print(f"wrote {show_gradcam(args.run, args.gradcam, args.out)}")
+        console.print(f"wrote {api.show_gradcam(args.run, args.gradcam, args.out)}")
     elif args.feature_maps:
-        console.print(f"wrote {show_feature_maps(args.run, args.feature_maps, args.layer, args.out)}")
+        console.print(f"wrote {api.show_feature_maps(args.run, args.feature_maps, args.layer, args.out)}")
     else:
-        show(args.run, mistakes=args.mistakes, limit=args.limit)
+        api.show(args.run, mistakes=args.mistakes, limit=args.limit)
     return 0
 
 
 def cmd_hard_examples(args: argparse.Namespace) -> int:
-    from visiontune.api import load
-    from visiontune.evaluate.hard_examples import mine_hard_examples, write_hard_examples
+    from visiontune import api
 
-    run = Path(args.run)
-    split = json.loads((run / "split.json").read_text())
-    if "train_labels" not in split:
-        raise UsageError(f"{run}: split.json has no labels (a run from an older visiontune); retrain it")
-    clf = load(run)
-    found = mine_hard_examples(clf, split["train"], split["train_labels"], args.margin, args.confident, args.batch_size)
-    out = write_hard_examples(found, Path(args.out) if args.out else run / "hard_examples.csv")
+    found, out, total = api.hard_examples(args.run, args.out, args.margin, args.confident, args.batch_size)
     kinds = {k: sum(h.kind == k for h in found) for k in ("likely-label-error", "wrong", "barely-right")}
-    console.print(f"{len(split['train'])} training images: " + ", ".join(f"{v} {k}" for k, v in kinds.items()))
+    console.print(f"{total} training images: " + ", ".join(f"{v} {k}" for k, v in kinds.items()))
     table = Table(title="hardest training images")
     for column in ("path", "label", "predicted", "p(label)", "kind"):
         table.add_column(column)
@@ -226,9 +193,9 @@ def cmd_hard_examples(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from visiontune.doctor import doctor
+    from visiontune import api
 
-    report = doctor(args.data, labels=args.labels, arch=args.arch, weights=args.weights, seed=args.seed)
+    report = api.doctor(args.data, labels=args.labels, arch=args.arch, weights=args.weights, seed=args.seed)
     Console().print(report.table())
     for line in report.advice:
         console.print(f"[yellow]•[/] {line}")
@@ -236,75 +203,37 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from visiontune.api import prepare
+    from visiontune import api
 
-    prep = prepare(args.data, args.arch, args.weights, args.labels, args.seed, args.budget)
+    prep = api.plan(args.data, args.arch, args.weights, args.labels, args.seed, args.budget)
     profile = prep.data_profile
     console.print(
-        f"{profile.n_train} train / {profile.n_valid} valid images, {profile.n_classes} classes, median side "
-        f"{profile.median_side}px, grayscale {profile.grayscale:.0%}, ImageNet-head entropy {profile.imagenet_entropy}"
+        f"{profile.n_train} train / {profile.n_valid} valid images, {profile.n_classes} classes ({prep.task.name}), "
+        f"median side {profile.median_side}px, grayscale {profile.grayscale:.0%}, ImageNet-head entropy {profile.imagenet_entropy}"
     )
     Console().print(prep.plan.table())
     return 0
 
 
-def _image_args(items: list[str]) -> list[Path]:
-    """Expand folders (recursively) into their image files; keep explicit files as given."""
-    paths: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            paths.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p)))
-        elif path.exists():
-            paths.append(path)
-        else:
-            raise FileNotFoundError(f"{path}: no such file or folder")
-    if not paths:
-        raise DataError(f"no image files found in {', '.join(items)}")
-    return paths
+
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from visiontune.api import load
-    from visiontune.data.catalog import Skipped
+    from visiontune import api
 
-    clf = load(args.classifier)
-    paths = _image_args(args.images)
+    clf = api.load(args.classifier)
+    options = {"batch_size": args.batch_size, "tta": args.tta, "engine": args.engine}
     if args.submission:
-        from visiontune.submission import write_submission
-
-        out = Path(args.csv or "submission.csv")
-        done = write_submission(clf, Path(args.submission), paths, out, args.batch_size, args.tta, args.engine)
+        out = args.csv or "submission.csv"
+        done = api.submission(clf, args.submission, args.images, out, **options)
         console.print(f"wrote {out}: {done['rows']} rows ({done['format']} format of {args.submission}); "
                       f"{done['unreadable']} unreadable images got uniform probabilities")
         return 0
-    skipped: list[Skipped] = []
-    predictions = clf.iter_predictions(
-        paths, topk=args.topk, batch_size=args.batch_size, skipped=skipped, tta=args.tta, combine=args.combine,
-        engine=args.engine,
-    )
-    count = 0
-    if args.json:
-        out = Path(args.json)
-        with out.open("w") as handle:  # a JSON array written item by item: memory stays flat
-            handle.write("[")
-            for p in predictions:
-                item = {"path": p.path, "label": p.label, "top": [{"class": c, "prob": round(q, 6)} for c, q in zip(p.classes, p.probs)]}
-                if p.tags is not None:
-                    item["tags"] = p.tags
-                handle.write((",\n" if count else "\n") + json.dumps(item))
-                count += 1
-            handle.write("\n]\n")
-        console.print(f"wrote {count} predictions to {out}")
-    elif args.csv:
-        out = Path(args.csv)
-        with out.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "label", "prob", "topk"] + (["tags"] if clf.multi_label else []))
-            for p in predictions:
-                topk = ";".join(f"{c}:{q:.4f}" for c, q in zip(p.classes, p.probs))
-                writer.writerow([p.path, p.label, f"{p.probs[0]:.6f}", topk] + ([" ".join(p.tags)] if p.tags is not None else []))
-                count += 1
+    skipped: list = []
+    options.update(topk=args.topk, combine=args.combine, skipped=skipped)
+    if args.json or args.csv:
+        out = args.json or args.csv
+        count = api.predict_to_file(clf, args.images, out, "json" if args.json else "csv", **options)
         console.print(f"wrote {count} predictions to {out}")
     else:
         table = Table(title=f"top-{args.topk} predictions")
@@ -312,10 +241,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         table.add_column("class")
         table.add_column("prob", justify="right")
         table.add_column("next")
-        for p in predictions:
+        count = 0
+        for p in api.iter_predictions(clf, args.images, **options):
             others = ", ".join(f"{c} {q:.2f}" for c, q in zip(p.classes[1:], p.probs[1:]))
-            label = " ".join(p.tags) if p.tags is not None else p.label
-            table.add_row(p.path, label, f"{p.probs[0]:.3f}", others)
+            table.add_row(p.path, " ".join(p.tags) if p.tags is not None else p.label, f"{p.probs[0]:.3f}", others)
             count += 1
         Console().print(table)
     for s in skipped:
@@ -324,10 +253,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from visiontune.api import evaluate, load
+    from visiontune import api
 
-    clf = load(args.classifier)
-    metrics = evaluate(clf, args.data, labels=args.labels, batch_size=args.batch_size, tta=args.tta, combine=args.combine)
+    clf = api.load(args.classifier)
+    metrics = api.evaluate(clf, args.data, labels=args.labels, batch_size=args.batch_size, tta=args.tta, combine=args.combine)
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2))
     for table in _metrics_tables(metrics, clf.classes):
@@ -338,57 +267,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    from visiontune.data.catalog import catalog_from_folders
-    from visiontune.data.split import write_split_folders
+    from visiontune import api
 
-    src = Path(args.src)
-    catalog = catalog_from_folders(src, check=False)
-    result = write_split_folders(catalog, src, Path(args.dst), args.valid, args.seed)
+    result = api.split(args.src, args.dst, args.valid, args.seed)
     console.print(f"{args.dst}: {result['train']} train / {result['valid']} valid images ({result['links']})")
     return 0
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from visiontune.data.demo import DEMOS
+    from visiontune import api
 
-    dest = DEMOS[args.name](args.dest)
-    console.print(f"wrote the {args.name} demo dataset to {dest}")
+    console.print(f"wrote the {args.name} demo dataset to {api.demo_data(args.name, args.dest)}")
     return 0
 
 
-def _cache_build(args: argparse.Namespace, root: Path) -> int:
-    """Warm the cache for a folder of images (no training): every image once through the trunk."""
-    from visiontune.backbones.registry import create_backbone
-    from visiontune.cache.features import cached_activations
 
-    if not args.data:
-        raise DataError("cache build needs a data folder: visiontune cache build DATA")
-    paths = _image_args([args.data])
-    backbone = create_backbone(args.arch, args.weights, num_classes=0, img_size=args.img_size)
-    skipped_total = 0
-    for view in [None, *range(args.views)]:
-        kept, _, skipped = cached_activations(
-            backbone, paths, root, cut=args.cut, view=view, engine=args.engine, load=False,
-            description="caching",
-        )
-        skipped_total += len(skipped)
-    console.print(f"cached {len(kept)} images x {1 + args.views} views at {args.cut} under {root}; {skipped_total} skipped")
-    return 0
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from visiontune.cache.store import cache_info, clear_cache, default_cache_root
+    from visiontune import api
 
-    root = Path(args.cache_dir) if args.cache_dir else default_cache_root()
     if args.action == "build":
-        return _cache_build(args, root)
-    if args.action == "clear":
-        console.print(f"freed {clear_cache(root) / 1e6:.1f} MB under {root}")
+        if not args.data:
+            raise DataError("cache build needs a data folder: visiontune cache build DATA")
+        done = api.warm_cache(args.data, args.cache_dir, args.arch, args.weights, args.img_size, args.cut, args.views, args.engine)
+        console.print(f"cached {done['images']} images x {done['views']} views at {done['cut']} under {done['root']}; "
+                      f"{len(done['skipped'])} skipped")
         return 0
+    if args.action == "clear":
+        root, freed = api.clear_cache(args.cache_dir)
+        console.print(f"freed {freed / 1e6:.1f} MB under {root}")
+        return 0
+    root, entries = api.cache_info(args.cache_dir)
     table = Table(title=f"feature cache: {root}")
     for column in ("arch", "size", "cut", "view", "images", "MB"):
         table.add_column(column)
-    for entry in cache_info(root):
+    for entry in entries:
         key = entry["key"]
         table.add_row(
             key["arch"], str(key["preprocessing"]["input_size"]), key["cut"], key["view"], str(entry["rows"]),
@@ -420,53 +334,43 @@ def _add_tta(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--combine", choices=COMBINE, default="mean", help="how TTA probabilities are combined")
 
 
+def plan_flag_names() -> list[str]:
+    """Plan fields that are `train` flags (declared once, in train/plan.py, with a group)."""
+    from dataclasses import fields
+
+    from visiontune.train.plan import Plan
+
+    return [f.name for f in fields(Plan) if f.metadata.get("group")]
+
+
 def _add_playbook(train: argparse.ArgumentParser) -> None:
-    """The training playbook's flags; each maps to one plan setting (None: the plan decides)."""
-    g = train.add_argument_group("recipe (default: the plan)")
-    g.add_argument("--epochs", type=int, help="epochs on cached activations")
-    g.add_argument("--unfreeze", type=int, help="fine-tuning epochs on images afterwards")
-    g.add_argument("--img-size", type=int, help="input size in pixels")
-    g.add_argument("--cut", help="cached trunk ends here: pooled | blocks.K")
-    g.add_argument("--views", type=int, help="augmented cached views per training image")
-    g.add_argument("--engine", choices=ENGINES, help="engine of the cached trunk pass")
-    g = train.add_argument_group("optimisation")
-    g.add_argument("--lr", type=_number_or_auto(float), help="head learning rate, or auto (LR finder)")
-    g.add_argument("--lr-mult", type=float, help="each layer group down learns this many times slower (10)")
-    g.add_argument("--batch-size", type=_number_or_auto(int), help="a number, or auto (validation + memory search)")
-    g.add_argument("--optimizer", choices=["adamw", "sgd"])
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--schedule", choices=["onecycle", "cosine", "sgdr", "constant"])
-    g.add_argument("--warmup-epochs", type=float, help="linear warm-up (cosine/sgdr/constant)")
-    g.add_argument("--sgdr-cycle", type=int, help="epochs of SGDR's first cycle")
-    g.add_argument("--sgdr-mult", type=int, help="SGDR cycle length multiplier")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the training step")
-    g = train.add_argument_group("freezing")
-    g.add_argument("--freeze-to", help="fine-tune from this layer group up, e.g. blocks.4")
-    g.add_argument("--gradual", action=argparse.BooleanOptionalAction, default=None, help="gradual unfreezing")
-    g.add_argument("--bn-freeze", action=argparse.BooleanOptionalAction, default=None, help="keep BatchNorm statistics fixed")
-    g = train.add_argument_group("loss and regularisation")
-    g.add_argument("--loss", choices=["ce", "focal"])
-    g.add_argument("--label-smoothing", type=float)
-    g.add_argument("--focal-gamma", type=float)
-    g.add_argument("--class-weights", choices=["none", "balanced"])
-    g.add_argument("--sampler", choices=["random", "balanced"])
-    g.add_argument("--head-dropout", type=float)
-    g.add_argument("--aug", choices=AUGMENTATIONS, help="augmentation preset (images and cached views)")
-    g.add_argument("--mixup", type=float, help="mixup alpha (0.2-0.4 typical)")
-    g.add_argument("--cutmix", type=float, help="cutmix alpha (1.0 typical)")
-    g.add_argument("--swa", action=argparse.BooleanOptionalAction, default=None, help="stochastic weight averaging")
-    g.add_argument("--swa-start", type=float, help="fraction of the epochs before SWA starts (0.75)")
-    g.add_argument("--swa-lr", type=float)
-    g.add_argument("--ema", type=float, help="EMA decay of the weights, e.g. 0.999")
-    g.add_argument("--early-stop", type=int, metavar="PATIENCE", help="stop after this many epochs without improvement")
-    g.add_argument("--monitor", choices=["valid_loss", "valid_accuracy"])
-    g.add_argument("--upweight", metavar="CSV", help="draw the images of a hard-examples CSV more often")
-    g.add_argument("--upweight-factor", type=float, help="how much more often (3)")
-    g.add_argument("--fbeta", type=float, help="multi-label: thresholds maximise this F-beta (2)")
-    g = train.add_argument_group("monitoring")
-    g.add_argument("--eval-every", type=int, metavar="STEPS", help="also validate every N steps (metrics.jsonl, tb/)")
-    g.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also checkpoint every N steps")
+    """The recipe and playbook flags, generated from the Plan's field declarations (name, type, default,
+    help, group): a new setting is one line in train/plan.py. None on the command line = the plan decides."""
+    from dataclasses import MISSING, fields
+    from typing import get_type_hints
+
+    from visiontune.train.plan import Plan
+
+    kinds = get_type_hints(Plan)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(Plan):
+        meta = f.metadata
+        if not meta.get("group"):
+            continue
+        group = groups.setdefault(meta["group"], train.add_argument_group(meta["group"]))
+        flag = "--" + (meta["flag"] or f.name).replace("_", "-")
+        shown = f.default is not MISSING and f.default != ""  # recipe fields have none: the plan decides
+        options: dict = {"dest": f.name, "help": meta["help"] + (f" (default: {f.default})" if shown else "")}
+        kind = kinds[f.name]
+        if kind is bool:
+            options.update(action=argparse.BooleanOptionalAction, default=None)
+        else:
+            options["type"] = _number_or_auto(kind) if meta["auto"] else kind
+        if meta["choices"]:
+            options["choices"] = meta["choices"]
+        if meta["metavar"]:
+            options["metavar"] = meta["metavar"]
+        group.add_argument(flag, **options)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.table import Table
 
 from visiontune.backbones.registry import DEFAULT_ARCH, create_backbone
@@ -21,6 +20,7 @@ from visiontune.cache.features import cached_activations
 from visiontune.cache.store import default_cache_root
 from visiontune.data.catalog import discover
 from visiontune.data.stats import duplicate_groups, mean_std
+from visiontune.train.objectives import plain_objective, train_step
 
 
 @dataclass
@@ -46,13 +46,8 @@ def overfit_tiny_subset(features: torch.Tensor, labels: torch.Tensor, steps: int
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    losses = []
-    for _ in range(steps):
-        loss = F.cross_entropy(head(features), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss))
+    objective = plain_objective(head.out_features)
+    losses = [train_step(head, objective, {"x": features, "y": labels}, optimizer)[0] for _ in range(steps)]
     accuracy = float((head(features).argmax(1) == labels).float().mean())
     return {"first_loss": losses[0], "last_loss": losses[-1], "train_accuracy": accuracy, "steps": steps}
 

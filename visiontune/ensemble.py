@@ -96,8 +96,7 @@ class Ensemble(Classifier):
         if not folds:
             raise ArtifactError(f"{run_dir}: no fold-*/classifier folders")
         ensemble = cls.from_members([Classifier.load(p) for p in folds], run_dir=run_dir)
-        import json
+        from visiontune.runs import RunDir
 
-        summary = run_dir / "folds.json"
-        ensemble.metrics = json.loads(summary.read_text()) if summary.exists() else {}
+        ensemble.metrics = RunDir(run_dir).read_json("folds.json", default={})
         return ensemble

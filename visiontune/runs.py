@@ -1,26 +1,87 @@
-"""Run directories: one folder per training run with everything needed to understand and rerun it.
+"""Run directories: one folder per training run, and :class:`RunDir`, the only reader and writer of it.
 
-``runs/<name>/``: ``config.yaml`` (the arguments), ``plan.json``, ``metrics.jsonl`` (one line per
-epoch/phase), ``split.json`` (the files of each part), ``skipped.txt`` (files left out, with reasons),
-``checkpoints/``, ``classifier/``.
+``runs/<name>/``: ``config.yaml`` (the arguments: :class:`RunConfig`), ``plan.json`` (the final
+:class:`~visiontune.train.plan.Plan`, written once), ``profile.json``, ``metrics.jsonl`` (one line per
+epoch/phase), ``split.json`` (the files and labels of each part: :class:`Split`), ``skipped.txt``
+(files left out, with reasons), ``predictions.npz`` (validation probabilities), ``checkpoints/``,
+``classifier/``, ``report.html``, ``tb/``.
 A run never overwrites an existing non-empty folder: a user's earlier run is never lost silently.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 
+from visiontune.backbones.registry import DEFAULT_ARCH
+from visiontune.classifier import read_classifier_meta
 from visiontune.data.catalog import Skipped
+from visiontune.train.plan import Plan
+from visiontune.version import __version__
 
 
 class RunExistsError(Exception):
     """The chosen run folder already holds a run."""
+
+
+@dataclass
+class RunConfig:
+    """The arguments of a run (config.yaml): everything needed to rerun or resume it."""
+
+    data: str
+    labels: str | None = None
+    arch: str = DEFAULT_ARCH
+    weights: str = "default"
+    seed: int = 0
+    budget: str | float | None = None
+    overrides: dict = field(default_factory=dict)  # plan settings given by the user (None-free)
+    auto: list[str] = field(default_factory=list)  # settings given as "auto" (lr, batch_size)
+    cache_dir: str | None = None
+    workers: int = 1
+    report: bool = True
+    folds: int = 0
+
+    def to_yaml_dict(self) -> dict:
+        config = asdict(self)
+        config["data"] = str(Path(self.data).resolve())
+        config["labels"] = str(self.labels) if self.labels else None
+        config["cache_dir"] = str(self.cache_dir) if self.cache_dir else None
+        return {**config, "visiontune": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
+
+    @classmethod
+    def from_yaml_dict(cls, data: dict) -> RunConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class Split:
+    """The exact files of each part, with their labels (and every tag of each image, multi-label)."""
+
+    train: list[str]
+    valid: list[str]
+    classes: list[str]
+    train_labels: list[int] = field(default_factory=list)
+    valid_labels: list[int] = field(default_factory=list)
+    train_tags: list[list[int]] | None = None
+    valid_tags: list[list[int]] | None = None
+
+    def targets(self, part: str) -> np.ndarray:
+        """Class indices of `part`, or its multi-hot matrix when the split has tags."""
+        tags = getattr(self, f"{part}_tags")
+        if tags is None:
+            return np.asarray(getattr(self, f"{part}_labels"), dtype=np.int64)
+        matrix = np.zeros((len(tags), len(self.classes)), dtype=np.int64)
+        for row, found in enumerate(tags):
+            matrix[row, found] = 1
+        return matrix
 
 
 @dataclass
@@ -41,24 +102,69 @@ class RunDir:
             path = Path(out)
             if path.exists() and any(path.iterdir()):
                 raise RunExistsError(
-                    f"{path}: already holds a run; nothing was overwritten. Choose another --out "
-                    "or delete the folder yourself."
+                    f"{path}: already holds a run; nothing was overwritten. Choose another --out, "
+                    f"continue it with `visiontune train --resume {path}`, or delete the folder yourself."
                 )
         (path / "checkpoints").mkdir(parents=True, exist_ok=True)
         return cls(path)
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
-        """An existing run folder (for --resume)."""
+        """An existing run folder (for --resume, report, show, export, ...)."""
         path = Path(path)
-        if not (path / "config.yaml").exists() or not (path / "plan.json").exists():
-            raise FileNotFoundError(f"{path}: not a run folder (no config.yaml/plan.json); give the folder `train` created")
+        if not (path / "config.yaml").exists():
+            raise FileNotFoundError(f"{path}: not a run folder (no config.yaml); give the folder `train` created")
         (path / "checkpoints").mkdir(exist_ok=True)
         return cls(path)
 
-    def read_config(self) -> dict:
-        return yaml.safe_load((self.path / "config.yaml").read_text())
+    # --- paths of the parts other modules write whole (weights, figures, the report) -----------------
+    @property
+    def classifier_dir(self) -> Path:
+        return self.path / "classifier"
 
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / "report.html"
+
+    def file(self, name: str) -> Path:
+        """The path of a run file written by another module (a figure, an export)."""
+        return self.path / name
+
+    # --- config.yaml, plan.json, profile.json ------------------------------------------------------
+    def write_config(self, config: RunConfig, **more) -> None:
+        (self.path / "config.yaml").write_text(yaml.safe_dump({**config.to_yaml_dict(), **more}, sort_keys=False))
+
+    def read_config(self) -> RunConfig:
+        return RunConfig.from_yaml_dict(yaml.safe_load((self.path / "config.yaml").read_text()))
+
+    def has_plan(self) -> bool:
+        return (self.path / "plan.json").exists()
+
+    def write_plan(self, plan: Plan) -> None:
+        (self.path / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+
+    def read_plan(self) -> Plan:
+        return Plan.from_dict(self.read_json("plan.json"))
+
+    def write_json(self, name: str, data) -> Path:
+        """A JSON side file of the run (profile.json, lr_find.json, folds.json, interpretation.json)."""
+        path = self.path / name
+        path.write_text(json.dumps(data, indent=2))
+        return path
+
+    def read_json(self, name: str, default=None):
+        path = self.path / name
+        if not path.exists():
+            if default is not None:
+                return default
+            raise FileNotFoundError(f"{self.path}: no {name} (not a finished visiontune run?)")
+        return json.loads(path.read_text())
+
+    # --- metrics.jsonl ------------------------------------------------------------------------------
     def metrics_lines(self) -> int:
         path = self.path / "metrics.jsonl"
         return len(path.read_text().splitlines()) if path.exists() else 0
@@ -70,43 +176,53 @@ class RunDir:
             kept = path.read_text().splitlines()[:lines]
             path.write_text("".join(line + "\n" for line in kept))
 
-    def logger(self) -> MetricsLogger:
-        return MetricsLogger(self)
-
-    @property
-    def classifier_dir(self) -> Path:
-        return self.path / "classifier"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
-
-    def write_config(self, config: dict) -> None:
-        (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-
     def log_metrics(self, record: dict) -> None:
         """Append one JSON line to metrics.jsonl (flushed at once, so a killed run keeps its history)."""
         with (self.path / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
+    def read_metrics(self) -> list[dict]:
+        path = self.path / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+    def logger(self) -> MetricsLogger:
+        return MetricsLogger(self)
+
+    # --- skipped.txt, split.json, predictions.npz, classifier.json -----------------------------------
     def write_skipped(self, skipped: list[Skipped]) -> None:
         lines = [f"{s.path}\t{s.reason}" for s in skipped]
         (self.path / "skipped.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
 
-    def write_split(
-        self, parts: dict[str, list], labels: dict[str, list[int]] | None = None, classes: list[str] | None = None,
-        tags: dict[str, list[list[int]]] | None = None,
-    ) -> None:
-        """The exact files (and labels; every tag of each image for multi-label data) of each part, so
-        evaluation and reports reuse the same split."""
-        data: dict = {k: [str(p) for p in v] for k, v in parts.items()}
-        for part, values in (labels or {}).items():
-            data[f"{part}_labels"] = [int(v) for v in values]
-        for part, rows in (tags or {}).items():
-            data[f"{part}_tags"] = [[int(t) for t in row] for row in rows]
-        if classes is not None:
-            data["classes"] = list(classes)
+    def write_split(self, split: Split) -> None:
+        """The exact files (and labels, tags) of each part, so evaluation and reports reuse the same split."""
+        data = {k: v for k, v in asdict(split).items() if v is not None}
+        data["train"], data["valid"] = [str(p) for p in split.train], [str(p) for p in split.valid]
         (self.path / "split.json").write_text(json.dumps(data))
+
+    def read_split(self) -> Split | None:
+        """The run's split, or None for a run that stopped before it was written."""
+        if not (self.path / "split.json").exists():
+            return None
+        data = self.read_json("split.json")
+        names = {f.name for f in fields(Split)}
+        return Split(**{"classes": [], **{k: v for k, v in data.items() if k in names}})
+
+    def save_predictions(self, positions: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> None:
+        """Validation probabilities by position in split.json's valid list (numbers only); `labels` are
+        class indices, or a multi-hot [images, classes] matrix for multi-label runs."""
+        np.savez_compressed(self.path / "predictions.npz", positions=np.asarray(positions, dtype=np.int64),
+                            probs=np.asarray(probs, dtype=np.float32), labels=np.asarray(labels, dtype=np.int64))
+
+    def read_predictions(self) -> dict[str, np.ndarray] | None:
+        path = self.path / "predictions.npz"
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in ("positions", "probs", "labels")}
+
+    def classifier_meta(self) -> dict:
+        """classifier.json of the run's classifier, without loading its weights."""
+        return read_classifier_meta(self.classifier_dir)
 
 
 class MetricsLogger:
@@ -138,10 +254,3 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def save_predictions(run_dir: Path, positions: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> None:
-    """Validation probabilities by position in split.json's valid list (predictions.npz: numbers only);
-    `labels` are class indices, or a multi-hot [images, classes] matrix for multi-label runs."""
-    np.savez_compressed(run_dir / "predictions.npz", positions=np.asarray(positions, dtype=np.int64),
-                        probs=np.asarray(probs, dtype=np.float32), labels=np.asarray(labels, dtype=np.int64))

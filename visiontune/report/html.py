@@ -7,7 +7,6 @@ so `visiontune report RUN` can rebuild it at any time; only the few images it sh
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from visiontune.evaluate.interpret import interpret
 from visiontune.evaluate.metrics import classification_metrics, curves
 from visiontune.evaluate.visualize import dead_activation_fractions, feature_maps, kernel_tiles
 from visiontune.report import plots
+from visiontune.report.multilabel import MULTILABEL_SECTIONS, multilabel_sections
 from visiontune.report.parts import (
     class_counts,
     examples_grid,
@@ -26,6 +26,7 @@ from visiontune.report.parts import (
     table_html,
     valid_predictions,
 )
+from visiontune.runs import RunDir
 from visiontune.train.plan import PLAYBOOK_SETTINGS
 
 SECTIONS = {
@@ -45,17 +46,13 @@ SECTIONS = {
 
 def build_report(run_dir: str | Path, screenshot: bool = False) -> Path:
     """Write runs/NAME/report.html (and interpretation.json) from the run's saved outputs."""
-    run_dir = Path(run_dir)
-    classifier = Classifier.load(run_dir)
-    data = valid_predictions(run_dir, classifier)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    plan = json.loads((run_dir / "plan.json").read_text())
-    if classifier.multi_label:
-        from visiontune.report.multilabel import MULTILABEL_SECTIONS, multilabel_sections
-
-        sections, (summary, body) = MULTILABEL_SECTIONS, multilabel_sections(classifier, data)
-    else:
-        sections, (summary, body) = SECTIONS, _single_label_sections(run_dir, classifier, data)
+    run = RunDir.open(run_dir)
+    classifier = Classifier.load(run.path)
+    data = valid_predictions(run, classifier)
+    records = run.read_metrics()
+    plan = run.read_plan().to_dict()
+    sections, build = REPORTS[classifier.task.report]
+    summary, body = build(run, classifier, data)
     final = next((r for r in reversed(records) if r.get("phase") == "final"), {})
     body["summary"] = table_html(["", ""], summary + [
         ["architecture", classifier.arch], ["classes", len(classifier.classes)], ["training seconds", final.get("seconds", "")]])
@@ -65,8 +62,8 @@ def build_report(run_dir: str | Path, screenshot: bool = False) -> Path:
     ]) + "<p>Playbook settings not listed are at their defaults (README, Recipes).</p>"
     body["training"] = figure_html(plots.plot_curves, records) + figure_html(plots.plot_lr_schedule, records)
     body["network"] = _network_section(classifier, data["paths"])
-    out = run_dir / "report.html"
-    out.write_text(_page(f"visiontune report — {run_dir.name}", sections, body))
+    out = run.report_path
+    out.write_text(_page(f"visiontune report — {run.path.name}", sections, body))
     return out
 
 
@@ -88,14 +85,14 @@ nav {{ font-size: 0.9em; }}
 """
 
 
-def _single_label_sections(run_dir: Path, classifier: Classifier, data: dict) -> tuple[list[list], dict[str, str]]:
+def _single_label_sections(run: RunDir, classifier: Classifier, data: dict) -> tuple[list[list], dict[str, str]]:
     """(summary rows, HTML of the sections particular to a single-label run)."""
     classes = classifier.classes
     probs, labels, paths = data["probs"], data["labels"], data["paths"]
     metrics = classification_metrics(labels, probs, classes)
     roc_pr = curves(labels, probs, classes)
     lists = interpret(probs, labels, k=8)
-    (run_dir / "interpretation.json").write_text(json.dumps({"paths": paths, "classes": classes, **lists}))
+    run.write_json("interpretation.json", {"paths": paths, "classes": classes, **lists})
 
     body: dict[str, str] = {}
     summary = [
@@ -153,3 +150,10 @@ def _network_section(classifier: Classifier, paths: list[str]) -> str:
             parts += ["<h3>dead activations: fraction of exact zeros per activation layer (16 images)</h3>",
                       figure_html(plots.plot_bars, fractions, title="zero activations", xlabel="fraction of outputs = 0")]
     return "".join(parts)
+
+
+#: The report of each kind of task (Task.report): its sections and their builder.
+REPORTS = {
+    "single-label": (SECTIONS, _single_label_sections),
+    "multi-label": (MULTILABEL_SECTIONS, lambda run, classifier, data: multilabel_sections(classifier, data)),
+}

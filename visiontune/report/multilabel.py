@@ -13,6 +13,7 @@ from sklearn.metrics import multilabel_confusion_matrix
 from visiontune.classifier import Classifier
 from visiontune.evaluate.metrics import calibration, curves, multilabel_metrics
 from visiontune.report import plots
+from visiontune.task.kinds import thresholds as saved_thresholds
 from visiontune.report.parts import class_counts, figure_html, gradcam_section, table_html, thumbnails
 
 MULTILABEL_SECTIONS = {
@@ -67,7 +68,7 @@ def multilabel_sections(classifier: Classifier, data: dict) -> tuple[list[list],
     classes = classifier.classes
     probs, targets, paths = data["probs"], np.asarray(data["labels"]), data["paths"]
     beta = float(classifier.extra.get("fbeta", 2.0))
-    thresholds = classifier.thresholds
+    thresholds = saved_thresholds(classifier.extra, len(classifier.classes))
     metrics = multilabel_metrics(targets, probs, thresholds, classes, beta)
     at_half = multilabel_metrics(targets, probs, np.full(len(classes), 0.5), classes, beta)
     key = f"f{beta:g}_samples"

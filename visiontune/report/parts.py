@@ -7,8 +7,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +16,7 @@ from visiontune.data.images import ImageError, load_rgb
 from visiontune.data.transforms import denormalise_uint8, eval_transform
 from visiontune.evaluate.visualize import grad_cam, overlay
 from visiontune.report import plots
-from visiontune.runs import save_predictions
+from visiontune.runs import RunDir, Split
 
 
 def figure_html(draw, *args, **kwargs) -> str:
@@ -43,23 +41,19 @@ def thumb(path: str, size: int = 96) -> np.ndarray:
         return np.zeros((size, size, 3), dtype=np.uint8)
 
 
-def valid_predictions(run_dir: Path, classifier: Classifier | None = None) -> dict:
+def valid_predictions(run: RunDir, classifier: Classifier | None = None) -> dict:
     """The run's validation probabilities (predictions.npz), computed and saved when missing."""
-    split = json.loads((run_dir / "split.json").read_text())
-    store = run_dir / "predictions.npz"
-    if not store.exists():
-        classifier = classifier or Classifier.load(run_dir)
-        kept, probs = classifier.probabilities(split["valid"])
-        if "valid_tags" in split:  # multi-label: the multi-hot matrix of every image's tags
-            labels = np.zeros((len(split["valid"]), len(classifier.classes)), dtype=np.int64)
-            for row, tags in enumerate(split["valid_tags"]):
-                labels[row, tags] = 1
-        else:
-            labels = np.asarray(split["valid_labels"])
-        save_predictions(run_dir, kept, probs, labels[kept])
-    data = np.load(store)
-    paths = [split["valid"][i] for i in data["positions"]]
-    return {"paths": paths, "probs": data["probs"], "labels": data["labels"], "split": split}
+    split = run.read_split()
+    if split is None:
+        raise FileNotFoundError(f"{run.path}: no split.json (the run stopped before training); rerun or resume it")
+    saved = run.read_predictions()
+    if saved is None:
+        classifier = classifier or Classifier.load(run.path)
+        kept, probs = classifier.probabilities(split.valid)
+        run.save_predictions(kept, probs, split.targets("valid")[kept])
+        saved = run.read_predictions()
+    paths = [split.valid[i] for i in saved["positions"]]
+    return {"paths": paths, "probs": saved["probs"], "labels": saved["labels"], "split": split}
 
 
 def grid_html(tiles: list[np.ndarray], captions: list[str], per_row: int = 8) -> str:
@@ -81,11 +75,11 @@ def examples_grid(examples: list[dict], paths: list[str], classes: list[str], ti
     return thumbnails([paths[e["index"]] for e in examples], captions, title)
 
 
-def class_counts(split: dict, classes: list[str], key: str) -> dict[str, dict[str, int]]:
+def class_counts(split: Split, classes: list[str], key: str) -> dict[str, dict[str, int]]:
     """Images per class in the train and valid parts of split.json (`key`: "labels", or "tags" for multi-label)."""
     counts = {part: {c: 0 for c in classes} for part in ("train", "valid")}
     for part in counts:
-        for entry in split.get(f"{part}_{key}", []):
+        for entry in getattr(split, f"{part}_{key}") or []:
             for label in entry if isinstance(entry, list) else [entry]:
                 counts[part][classes[label]] += 1
     return counts

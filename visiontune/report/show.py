@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from visiontune.data.images import ImageError, load_rgb
+from visiontune.runs import RunDir
+from visiontune.task.kinds import task_named
+from visiontune.task.kinds import thresholds as saved_thresholds
 
 
 def inline_image_protocol(env: dict | None = None) -> str | None:
@@ -48,16 +49,20 @@ def inline_image(path: str, protocol: str, size: int = 96) -> str:
 
 def show(run: str | Path, mistakes: bool = True, limit: int = 12, console: Console | None = None) -> list[dict]:
     """Print the run's summary and its most confident mistakes; returns the rows shown."""
-    from visiontune.evaluate.interpret import interpret
     from visiontune.report.parts import valid_predictions
 
-    run = Path(run)
+    run_dir = RunDir.open(run)
     console = console or Console()
-    data = valid_predictions(run)
-    meta = json.loads((run / "classifier" / "classifier.json").read_text())
-    classes = meta["classes"]
-    if meta.get("multi_label"):
-        return _show_multilabel(run, data, classes, meta, mistakes, limit, console)
+    data = valid_predictions(run_dir)
+    meta = run_dir.classifier_meta()
+    task = task_named(meta.get("task"), meta)
+    return SHOW[task.report](run_dir.path, data, meta["classes"], meta, mistakes, limit, console)
+
+
+def _show_single_label(run: Path, data: dict, classes: list[str], meta: dict, mistakes: bool, limit: int, console: Console) -> list[dict]:
+    """A single-label run's accuracy and its most confident mistakes (inline images where the terminal can)."""
+    from visiontune.evaluate.interpret import interpret
+
     lists = interpret(data["probs"], data["labels"], k=limit)
     accuracy = float((data["probs"].argmax(1) == data["labels"]).mean())
     console.print(f"{run.name}: validation accuracy {accuracy:.4f} on {len(data['labels'])} images")
@@ -87,7 +92,7 @@ def _show_multilabel(run: Path, data: dict, classes: list[str], meta: dict, mist
     from visiontune.report.multilabel import every_tag_right, worst_pairs
 
     probs, targets = data["probs"], data["labels"]
-    thresholds = np.asarray(meta.get("thresholds", [0.5] * len(classes)))
+    thresholds = saved_thresholds(meta, len(classes))
     right = every_tag_right(targets, probs, thresholds)
     console.print(f"{run.name}: every tag right on {right.mean():.4f} of {len(targets)} validation images")
     if not mistakes:
@@ -102,6 +107,9 @@ def _show_multilabel(run: Path, data: dict, classes: list[str], meta: dict, mist
         table.add_row(data["paths"][r["index"]], r["tag"], "yes" if r["labelled"] else "no", f"{r['p']:.3f}", f"{r['threshold']:.2f}")
     console.print(table)
     return rows
+
+
+SHOW = {"single-label": _show_single_label, "multi-label": _show_multilabel}  # by Task.report
 
 
 def show_gradcam(run: str | Path, images: list[str], out: str | Path | None = None) -> Path:

@@ -1,5 +1,5 @@
-"""Exact-resume checkpoints: model, optimizer, scheduler, averaged weights, early-stopping best, RNG
-state and the position in the epoch — without pickle.
+"""Exact-resume checkpoints: model, optimizer, scheduler, the callbacks' named state dicts (averaged
+weights, early stopping's best), RNG state and the position in the epoch — without pickle.
 
 Tensors go to ``checkpoints/last.safetensors``, everything else (counters, optimizer hyper-parameters,
 scheduler state, history) to ``checkpoints/last.json``. Both are written to temporary names and renamed,
@@ -62,18 +62,15 @@ def save_checkpoint(
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler,
-    averaged: nn.Module | None = None,
-    best: dict[str, torch.Tensor] | None = None,
+    parts: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Write the pair atomically (see module docstring)."""
+    """Write the pair atomically (see module docstring); `parts` are named state dicts (the callbacks')."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in module.state_dict().items()}
     opt_tensors, opt_meta = _flat_optimizer(optimizer.state_dict())
     tensors.update(opt_tensors)
-    if averaged is not None:
-        tensors.update({f"averaged.{k}": v.detach().contiguous().clone() for k, v in averaged.state_dict().items()})
-    for k, v in (best or {}).items():
-        tensors[f"best.{k}"] = v.detach().contiguous().clone()
+    for name, state in (parts or {}).items():
+        tensors.update({f"part.{name}.{k}": v.detach().contiguous().clone() for k, v in state.items()})
     tensors["rng.torch"] = torch.get_rng_state()
     tensor_id = uuid.uuid4().hex
     tmp = folder / f".last-{tensor_id}.safetensors"
@@ -83,8 +80,7 @@ def save_checkpoint(
         "position": asdict(position),
         "optimizer": opt_meta,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "has_averaged": averaged is not None,
-        "has_best": bool(best),
+        "parts": sorted(parts or {}),
     }
     tmp_json = folder / ".last.json.tmp"
     tmp_json.write_text(json.dumps(meta))
@@ -102,8 +98,7 @@ class Checkpoint:
     model: dict[str, torch.Tensor]
     optimizer: dict
     scheduler: dict | None
-    averaged: dict[str, torch.Tensor] | None
-    best: dict[str, torch.Tensor] | None
+    parts: dict[str, dict[str, torch.Tensor]]  # named state dicts of the callbacks
     rng: torch.Tensor
 
     def restore_rng(self) -> None:
@@ -126,7 +121,6 @@ def load_checkpoint(folder: Path) -> Checkpoint | None:
         model=part("model."),
         optimizer=_nested_optimizer(tensors, meta["optimizer"]),
         scheduler=meta["scheduler"],
-        averaged=part("averaged.") if meta["has_averaged"] else None,
-        best=part("best.") if meta["has_best"] else None,
+        parts={name: part(f"part.{name}.") for name in meta.get("parts", [])},
         rng=tensors["rng.torch"],
     )

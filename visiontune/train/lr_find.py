@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from visiontune.train.loop import Phase, _state
-from visiontune.train.losses import make_loss
+from visiontune.train.callbacks import clone_state
+from visiontune.train.loop import Phase, phase_objective
+from visiontune.train.objectives import batch_size_of, train_step
 from visiontune.train.plan import Plan
 from visiontune.train.schedules import make_optimizer
 
@@ -56,14 +57,14 @@ def suggest_lr(lrs: list[float], losses: list[float], beta: float = 0.9) -> tupl
 def lr_find(phase: Phase, plan: Plan, start: float = 1e-6, end: float = 10.0, steps: int = 100, diverge: float = 4.0) -> LRFind:
     """Run the range test on `phase` (the module's weights are left as they were)."""
     module = phase.module
-    saved = _state(module)
+    saved = clone_state(module)
     rng = torch.get_rng_state()
     top = phase.groups[-1]["lr"]
     groups = [{**g, "lr": g["lr"] * start / top} for g in phase.groups]
     optimizer = make_optimizer(groups, plan.optimizer, plan.weight_decay)
     growth = (end / start) ** (1 / max(1, steps - 1))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: growth**step)
-    loss_fn = make_loss(plan.loss, plan.label_smoothing, plan.focal_gamma)
+    objective = phase_objective(phase, plan)  # the same step as training: mixup, the task's loss, ...
     lrs: list[float] = []
     losses: list[float] = []
     best = math.inf
@@ -72,14 +73,12 @@ def lr_find(phase: Phase, plan: Plan, start: float = 1e-6, end: float = 10.0, st
         while len(losses) < steps:
             module.train()
             phase.prepare_epoch(epoch)
-            for inputs, labels in phase.batches(epoch, 0):
+            for batch in phase.batches(epoch, 0):
+                if batch_size_of(batch) == 0:
+                    continue
                 lr = optimizer.param_groups[-1]["lr"]
-                loss = loss_fn(module(inputs), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                value, _ = train_step(module, objective, batch, optimizer, plan.amp)
                 schedule.step()
-                value = float(loss.detach())
                 lrs.append(lr)
                 losses.append(value)
                 current = smooth(losses)[-1]

@@ -22,15 +22,9 @@ from visiontune.data.loader import ImageFiles, iterate_batches
 from visiontune.data.transforms import Preprocessing, augmentation, eval_transform
 from visiontune.inference.stream import collect_outputs
 from visiontune.train.checkpoint import Checkpoint
-from visiontune.train.loop import (
-    Log,
-    Phase,
-    balanced_sample_weights,
-    epoch_order,
-    evaluate_logits,
-    evaluate_multilabel,
-    run_phase,
-)
+from visiontune.evaluate.hard_examples import read_upweighted
+from visiontune.task.kinds import SingleLabel, Task
+from visiontune.train.loop import Log, Phase, balanced_sample_weights, epoch_order, run_phase
 from visiontune.train.plan import Plan
 
 Rows = np.ndarray | CachedRows  # cached activations: in memory, or read batch by batch from the store
@@ -73,8 +67,6 @@ def _sample_weights(plan: Plan, labels: np.ndarray, paths=None) -> torch.Tensor 
     times as often (--upweight hard.csv from `visiontune hard-examples`); None = a plain permutation."""
     weights = balanced_sample_weights(labels) if plan.sampler == "balanced" else None
     if plan.upweight and paths is not None:
-        from visiontune.evaluate.hard_examples import read_upweighted
-
         hard = read_upweighted(plan.upweight)
         boost = torch.tensor([plan.upweight_factor if str(Path(p).resolve()) in hard else 1.0 for p in paths], dtype=torch.float64)
         weights = boost if weights is None else weights * boost
@@ -88,14 +80,28 @@ def _freeze_batchnorm(modules) -> None:
                 sub.eval()
 
 
+def class_indices(targets: np.ndarray) -> np.ndarray:
+    """Class index per row of a task's targets (multi-hot rows: the first tag), for weights and sampling."""
+    targets = np.asarray(targets)
+    return targets.astype(np.int64) if targets.ndim == 1 else targets.argmax(1).astype(np.int64)
+
+
+def target_tensor(targets: np.ndarray) -> torch.Tensor:
+    """Class indices as int64, multi-hot rows as float32 (what the task's losses expect)."""
+    targets = np.asarray(targets)
+    return torch.from_numpy(targets.astype(np.int64) if targets.ndim == 1 else targets.astype(np.float32))
+
+
 def cached_phase(
     tail: Tail, train_views: list[Rows], train_y: np.ndarray, valid_x: Rows, valid_y: np.ndarray, plan: Plan,
-    name: str = "head", train_paths=None, train_targets: np.ndarray | None = None,
-    valid_targets: np.ndarray | None = None,
+    name: str = "head", train_paths=None, task: Task | None = None,
 ) -> Phase:
-    """The tail on cached activations. The classifier starts at zero (uniform predictions): timm's init is
-    scaled for its own features and starts a fresh head with huge logits, which measurably cost accuracy
-    (digits: 0.894 vs 0.942 at the same epochs). Multi-label data passes multi-hot `*_targets`."""
+    """The tail on cached activations; `*_y` are the task's targets (class indices, or multi-hot rows).
+
+    The classifier starts at zero (uniform predictions): timm's init is scaled for its own features and
+    starts a fresh head with huge logits, which measurably cost accuracy (digits: 0.894 vs 0.942 at the
+    same epochs)."""
+    task = task or SingleLabel()
     classifier = tail.model.get_classifier()
     nn.init.zeros_(classifier.weight)
     nn.init.zeros_(classifier.bias)
@@ -105,26 +111,19 @@ def cached_phase(
     ids = {id(p) for p in trained}
     names = {n for n, p in tail.model.named_parameters() if id(p) in ids}
     groups = param_groups(tail.model, plan.lr, plan.lr_mult, trainable=names)
-    labels = np.asarray(train_y, dtype=np.int64)
-    y = torch.from_numpy(labels)
-    vy = torch.from_numpy(np.asarray(valid_y, dtype=np.int64))
+    labels = class_indices(train_y)
+    y, vy = target_tensor(train_y), target_tensor(valid_y)
     weights = _sample_weights(plan, labels, train_paths)
-    targets = y if train_targets is None else torch.from_numpy(np.asarray(train_targets, dtype=np.float32))
 
     def batches(epoch: int, first_step: int):
         order, generator = epoch_order(len(y), plan.seed, epoch, weights)
         choice = torch.randint(len(train_views), (len(y),), generator=generator)
         for start in range(first_step * plan.batch_size, len(y), plan.batch_size):
             batch = order[start : start + plan.batch_size]
-            yield _gather_views(train_views, batch.numpy(), choice[batch].numpy()), targets[batch]
+            yield {"x": _gather_views(train_views, batch.numpy(), choice[batch].numpy()), "y": y[batch]}
 
     def validate(m: nn.Module) -> dict:
-        if not len(vy):
-            return {}
-        logits = predict_cached(m, valid_x)
-        if valid_targets is not None:
-            return evaluate_multilabel(logits, torch.from_numpy(np.asarray(valid_targets, dtype=np.float32)))
-        return evaluate_logits(logits, vy)
+        return task.validate(predict_cached(m, valid_x), vy) if len(vy) else {}
 
     def prepare_epoch(epoch: int) -> None:
         if plan.bn_freeze:
@@ -136,7 +135,7 @@ def cached_phase(
 
     return Phase(
         name=name, module=tail, groups=groups, epochs=plan.epochs, labels=labels,
-        n_classes=classifier.out_features, batches=batches,
+        n_classes=classifier.out_features, task=task, batches=batches,
         validate=validate,
         prepare_epoch=prepare_epoch, batchnorms=lambda m: m.batchnorms() if not plan.bn_freeze else [],
         bn_batches=bn_batches, batch_size=plan.batch_size,
@@ -146,10 +145,10 @@ def cached_phase(
 def train_cached(
     tail: Tail, train_views: list[Rows], train_y: np.ndarray, valid_x: Rows, valid_y: np.ndarray, plan: Plan,
     log: Log, phase: str = "head", checkpoints: Path | None = None, resume: Checkpoint | None = None,
-    metrics_lines=lambda: 0, train_paths=None, train_targets=None, valid_targets=None,
+    metrics_lines=lambda: 0, train_paths=None, task: Task | None = None,
 ) -> list[dict]:
     """Train a tail in place on cached activations (see :func:`cached_phase`)."""
-    setup = cached_phase(tail, train_views, train_y, valid_x, valid_y, plan, phase, train_paths, train_targets, valid_targets)
+    setup = cached_phase(tail, train_views, train_y, valid_x, valid_y, plan, phase, train_paths, task)
     return run_phase(setup, plan, log, checkpoints, resume, metrics_lines)
 
 
@@ -163,7 +162,7 @@ def first_trained_group(model: nn.Module, plan: Plan) -> int:
 
 def finetune_phase(
     model: nn.Module, train: Catalog, valid: Catalog, preprocessing: Preprocessing, plan: Plan,
-    skipped: list[Skipped], workers: int = 1,
+    skipped: list[Skipped], workers: int = 1, task: Task | None = None,
 ) -> Phase:
     """Fine-tune the layer groups from :func:`first_trained_group` up, on augmented images.
 
@@ -171,6 +170,7 @@ def finetune_phase(
     `plan.gradual` the first epoch trains the top two groups and each further epoch one more (ULMFiT's
     gradual unfreezing), down to the first trained group.
     """
+    task = task or SingleLabel()
     groups_names = layer_groups(model)
     first = first_trained_group(model, plan)
     trainable = {n for g in groups_names[first:] for n in g}
@@ -180,7 +180,7 @@ def finetune_phase(
     labels = np.asarray(train.labels, dtype=np.int64)
     weights = _sample_weights(plan, labels, train.paths)
     transform = augmentation(preprocessing, plan.aug)
-    row_targets = torch.from_numpy(train.targets()) if train.multi_label else torch.from_numpy(labels)
+    row_targets = torch.from_numpy(task.targets(train))
     seen_failures: set[str] = set()
     model.to(memory_format=torch.channels_last)
 
@@ -208,7 +208,7 @@ def finetune_phase(
                 if path not in seen_failures:
                     seen_failures.add(path)
                     skipped.append(Skipped(path, reason))
-            yield batch.images.contiguous(memory_format=torch.channels_last), row_targets[batch.labels]
+            yield {"x": batch.images.contiguous(memory_format=torch.channels_last), "y": row_targets[batch.labels]}
 
     def bn_batches():
         plain = ImageFiles(train.paths, train.labels, eval_transform(preprocessing), preprocessing.input_size)
@@ -218,13 +218,11 @@ def finetune_phase(
     def validate(m: nn.Module) -> dict:
         m.eval()
         kept, logits = collect_outputs(m, valid.paths, preprocessing, plan.batch_size, workers, "validating")
-        if valid.multi_label:
-            return evaluate_multilabel(torch.from_numpy(logits), torch.from_numpy(valid.targets()[kept]))
-        return evaluate_logits(torch.from_numpy(logits), torch.tensor(valid.labels)[kept])
+        return task.validate(torch.from_numpy(logits), torch.from_numpy(task.targets(valid)[kept]))
 
     return Phase(
         name="finetune", module=model, groups=groups, epochs=plan.finetune_epochs, labels=labels,
-        n_classes=model.get_classifier().out_features, batches=batches, validate=validate,
+        n_classes=model.get_classifier().out_features, task=task, batches=batches, validate=validate,
         prepare_epoch=prepare_epoch,
         batchnorms=lambda m: [] if plan.bn_freeze else [
             b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)
@@ -236,10 +234,10 @@ def finetune_phase(
 def finetune(
     model: nn.Module, train: Catalog, valid: Catalog, preprocessing: Preprocessing, plan: Plan, log: Log,
     checkpoints: Path | None, skipped: list[Skipped], workers: int = 1, resume: Checkpoint | None = None,
-    metrics_lines=lambda: 0,
+    metrics_lines=lambda: 0, task: Task | None = None,
 ) -> list[dict]:
     """Fine-tune in place (see :func:`finetune_phase`); every parameter trainable again afterwards."""
-    setup = finetune_phase(model, train, valid, preprocessing, plan, skipped, workers)
+    setup = finetune_phase(model, train, valid, preprocessing, plan, skipped, workers, task)
     try:
         return run_phase(setup, plan, log, checkpoints, resume, metrics_lines)
     finally:

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from rich.table import Table
 
 from visiontune.errors import UsageError
-from visiontune.inference.engines import default_engine
+from visiontune.data.transforms import AUGMENTATIONS
+from visiontune.inference.engines import ENGINES, default_engine
+from visiontune.task.kinds import task_named
+from visiontune.train.objectives import OBJECTIVES
 from visiontune.train.profile import DataProfile, SpeedProfile
 
 SMALL_DATA = 10_000
@@ -29,60 +32,75 @@ MEDIUM_DATA = 20_000
 FIXED_OVERHEAD_S = 4.0  # start-up, loading weights, writing the run: measured 3-5 s here
 
 
+def setting(help: str, group: str = "", default=MISSING, flag: str = "", choices: tuple | None = None,
+            auto: bool = False, metavar: str | None = None):
+    """A plan field declared once: its default, help text and (with a `group`) its `visiontune train` flag,
+    which cli.py generates from this declaration. `flag` renames the option; `auto` also accepts "auto"."""
+    meta = {"help": help, "group": group, "flag": flag, "choices": choices, "auto": auto, "metavar": metavar}
+    return field(metadata=meta) if default is MISSING else field(default=default, metadata=meta)
+
+
+RECIPE, OPTIM, FREEZING, LOSS, MONITOR = "recipe (default: the plan)", "optimisation", "freezing", "loss and regularisation", "monitoring"
+
+
 @dataclass
 class Plan:
-    """Everything the training loop needs to know, with a reason for each choice."""
+    """Everything the training loop needs to know, with a reason for each choice.
 
-    recipe: str  # "head" | "last-blocks" | "full"
-    cut: str  # where the cached trunk ends: "pooled" or "blocks.K"
-    views: int  # augmented cached views per training image, on top of the plain one
-    img_size: int
-    batch_size: int
-    epochs: int  # epochs on cached activations
-    lr: float
-    head_dropout: float
-    weight_decay: float
-    finetune_epochs: int  # epochs on images afterwards (whole network or its top groups)
-    finetune_lr: float
-    unfreeze_groups: int  # layer groups trained in fine-tuning, counted from the top; -1 = all
-    bn_freeze: bool  # keep every BatchNorm's running statistics fixed while fine-tuning
-    lr_mult: float  # differential learning rates: each layer group below learns lr_mult times slower
-    engine: str  # the cached trunk pass: "onnxruntime" | "torch" | "torch-bf16"
-    valid_fraction: float
-    seed: int
-    budget_s: float | None = None
-    predicted_s: float | None = None
+    Each field is declared once, with its help; fields with a group are `visiontune train` flags (None on
+    the command line = the plan decides)."""
+
+    recipe: str = setting("head | last-blocks | full")
+    cut: str = setting("cached trunk ends here: pooled | blocks.K", RECIPE)
+    views: int = setting("augmented cached views per training image, on top of the plain one", RECIPE)
+    img_size: int = setting("input size in pixels", RECIPE)
+    batch_size: int = setting("images per step: a number, or auto (validation + memory search)", OPTIM, auto=True)
+    epochs: int = setting("epochs on cached activations", RECIPE)
+    lr: float = setting("peak learning rate of the head, or auto (LR finder)", OPTIM, auto=True)
+    head_dropout: float = setting("dropout before the classifier (never on conv layers)", LOSS)
+    weight_decay: float = setting("AdamW/SGD weight decay", OPTIM)
+    finetune_epochs: int = setting("fine-tuning epochs on images after the cached phase", RECIPE, flag="unfreeze")
+    finetune_lr: float = setting("peak learning rate of the head when fine-tuning on images")
+    unfreeze_groups: int = setting("layer groups trained in fine-tuning, from the top; -1 = all")
+    bn_freeze: bool = setting("keep BatchNorm running statistics fixed while fine-tuning", FREEZING)
+    lr_mult: float = setting("each layer group down learns this many times slower (differential LRs)", OPTIM)
+    engine: str = setting("engine of the cached trunk pass", RECIPE, choices=ENGINES)
+    valid_fraction: float = setting("held-out fraction when the data has no valid/ folder")
+    seed: int = setting("seed of the split, the batches and the initialisation")
+    budget_s: float | None = setting("wall-clock budget in seconds (--budget)", default=None)
+    predicted_s: float | None = setting("predicted wall time of the run (with --budget)", default=None)
     # The training playbook (one flag each); the defaults are the measured recipe, "off" where a trick
     # did not pay on the bench.
-    optimizer: str = "adamw"  # adamw | sgd (Nesterov momentum 0.9)
-    schedule: str = "onecycle"  # onecycle | cosine | sgdr | constant
-    warmup_epochs: float = 0.0  # linear warm-up for cosine / sgdr / constant (one-cycle warms up itself)
-    sgdr_cycle: int = 0  # epochs of SGDR's first cycle (0: a third of the epochs)
-    sgdr_mult: int = 2  # each SGDR cycle this many times longer than the last
-    loss: str = "ce"  # ce | focal
-    label_smoothing: float = 0.0
-    focal_gamma: float = 2.0
-    class_weights: str = "none"  # none | balanced
-    sampler: str = "random"  # random | balanced (classes drawn equally often)
-    aug: str = "light"  # none | light | standard | strong | aerial (images and cached views)
-    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 = off
-    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix (spatial inputs only); 0 = off
-    swa: bool = False  # stochastic weight averaging over the last (1 - swa_start) of the epochs
-    swa_start: float = 0.75
-    swa_lr: float = 0.0  # constant SWA rate; 0: a tenth of each group's peak
-    ema: float = 0.0  # decay of an exponential moving average of the weights; 0 = off
-    early_stop: int = 0  # patience in epochs without improvement of `monitor`; 0 = off
-    monitor: str = "valid_loss"  # valid_loss | valid_accuracy
-    eval_every: int = 0  # also validate every N optimizer steps (0: only per epoch)
-    checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: only per epoch)
-    amp: bool = False  # bf16 autocast on CPU
-    compile: bool = False  # torch.compile the training forward (pays only for long fine-tuning; see README)
-    freeze_to: str = ""  # fine-tune from this layer group up (e.g. blocks.4); "" = unfreeze_groups decides
-    gradual: bool = False  # gradual unfreezing: one more layer group per fine-tuning epoch
-    upweight: str = ""  # CSV of hard examples (visiontune hard-examples) drawn upweight_factor times as often
-    upweight_factor: float = 3.0
-    multi_label: bool = False  # several tags per image (labels CSV "a b c"): sigmoid + BCE, tuned thresholds
-    fbeta: float = 2.0  # multi-label: thresholds maximise F-beta (F2 in the Planet competition)
+    objective: str = setting("training method (a registered objective; see docs/architecture.md)", LOSS, "supervised")
+    optimizer: str = setting("optimizer (sgd: Nesterov momentum 0.9)", OPTIM, "adamw", choices=("adamw", "sgd"))
+    schedule: str = setting("learning-rate schedule", OPTIM, "onecycle", choices=("onecycle", "cosine", "sgdr", "constant"))
+    warmup_epochs: float = setting("linear warm-up epochs (cosine/sgdr/constant; one-cycle warms up itself)", OPTIM, 0.0)
+    sgdr_cycle: int = setting("epochs of SGDR's first cycle (0: a third of the epochs)", OPTIM, 0)
+    sgdr_mult: int = setting("each SGDR cycle this many times longer than the last", OPTIM, 2)
+    loss: str = setting("single-label loss: cross-entropy or focal", LOSS, "ce", choices=("ce", "focal"))
+    label_smoothing: float = setting("label smoothing of the targets, in [0, 1)", LOSS, 0.0)
+    focal_gamma: float = setting("focusing exponent of the focal loss", LOSS, 2.0)
+    class_weights: str = setting("weigh each class's loss by n / (k * count)", LOSS, "none", choices=("none", "balanced"))
+    sampler: str = setting("draw classes equally often (balanced) or as they come", LOSS, "random", choices=("random", "balanced"))
+    aug: str = setting("augmentation preset (images and cached views)", LOSS, "light", choices=AUGMENTATIONS)
+    mixup: float = setting("mixup Beta(alpha, alpha); 0.2-0.4 typical, 0 = off", LOSS, 0.0)
+    cutmix: float = setting("cutmix Beta(alpha, alpha) (maps and images only); 1.0 typical, 0 = off", LOSS, 0.0)
+    swa: bool = setting("stochastic weight averaging over the last epochs", LOSS, False)
+    swa_start: float = setting("fraction of the epochs before SWA starts", LOSS, 0.75)
+    swa_lr: float = setting("constant SWA learning rate (0: a tenth of each group's peak)", LOSS, 0.0)
+    ema: float = setting("decay of an exponential moving average of the weights, e.g. 0.999; 0 = off", LOSS, 0.0)
+    early_stop: int = setting("stop after this many epochs without improvement; 0 = off", LOSS, 0, metavar="PATIENCE")
+    monitor: str = setting("what early stopping watches", LOSS, "valid_loss", choices=("valid_loss", "valid_accuracy"))
+    eval_every: int = setting("also validate every N optimizer steps (metrics.jsonl, tb/); 0 = per epoch only", MONITOR, 0, metavar="STEPS")
+    checkpoint_every: int = setting("also checkpoint every N optimizer steps; 0 = per epoch only", MONITOR, 0, metavar="STEPS")
+    amp: bool = setting("bf16 autocast on CPU", OPTIM, False)
+    compile: bool = setting("torch.compile the training forward (pays only for long fine-tuning)", OPTIM, False)
+    freeze_to: str = setting("fine-tune from this layer group up, e.g. blocks.4 ('' = the recipe decides)", FREEZING, "")
+    gradual: bool = setting("gradual unfreezing: one more layer group per fine-tuning epoch", FREEZING, False)
+    upweight: str = setting("CSV of hard examples (visiontune hard-examples) drawn more often", LOSS, "", metavar="CSV")
+    upweight_factor: float = setting("how many times as often the hard examples are drawn", LOSS, 3.0)
+    task: str = setting("single-label | multi-label: chosen from the data (tags in the labels CSV)", default="single-label")
+    fbeta: float = setting("multi-label: the decision thresholds maximise this F-beta", LOSS, 2.0)
     why: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -110,12 +128,8 @@ class Plan:
         return table
 
 
-#: Settings of the training playbook (issue C), after the recipe's own fields.
-PLAYBOOK_SETTINGS = {f.name for f in fields(Plan)} - {
-    "recipe", "cut", "views", "img_size", "batch_size", "epochs", "lr", "head_dropout", "weight_decay",
-    "finetune_epochs", "finetune_lr", "unfreeze_groups", "bn_freeze", "lr_mult", "engine", "valid_fraction", "seed",
-    "budget_s", "predicted_s", "why",
-}
+#: Settings of the training playbook (issue C): the fields with a default, after the recipe's own.
+PLAYBOOK_SETTINGS = {f.name for f in fields(Plan) if f.default is not MISSING} - {"budget_s", "predicted_s"}
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
@@ -206,15 +220,7 @@ def choose_img_size(data: DataProfile, native_size: int) -> tuple[int, str]:
     return native_size, "the backbone's native input size"
 
 
-CHOICES = {
-    "optimizer": ("adamw", "sgd"),
-    "schedule": ("onecycle", "cosine", "sgdr", "constant"),
-    "loss": ("ce", "focal"),
-    "class_weights": ("none", "balanced"),
-    "sampler": ("random", "balanced"),
-    "aug": ("none", "light", "standard", "strong", "aerial"),
-    "monitor": ("valid_loss", "valid_accuracy"),
-}
+CHOICES = {f.name: f.metadata["choices"] for f in fields(Plan) if f.metadata.get("choices")}
 
 
 def _check_choices(plan: Plan) -> None:
@@ -227,9 +233,9 @@ def _check_choices(plan: Plan) -> None:
         raise UsageError("--ema is a decay in [0, 1), e.g. 0.999")
     if plan.swa and plan.ema:
         raise UsageError("--swa and --ema both average the weights; choose one")
-    if plan.multi_label and (plan.loss != "ce" or plan.class_weights != "none" or plan.sampler != "random"):
-        raise UsageError("multi-label data trains with binary cross-entropy: --loss focal, --class-weights and "
-                         "--sampler balanced are for single-label data")
+    task_named(plan.task).check(plan)
+    if plan.objective not in OBJECTIVES:
+        raise UsageError(f"unknown objective {plan.objective!r}; registered: {', '.join(sorted(OBJECTIVES))}")
 
 
 def make_plan(

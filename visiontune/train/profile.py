@@ -23,6 +23,7 @@ from visiontune.data.catalog import Catalog
 from visiontune.data.images import ImageError, load_rgb
 from visiontune.data.transforms import eval_transform
 from visiontune.inference.engines import RELATIVE_TRUNK_TIME
+from visiontune.train.objectives import plain_objective, train_step
 
 SAMPLE = 32
 
@@ -128,14 +129,12 @@ def profile_speed(
             activations = stem(x)
         tail = Tail(model, cut)
         optimizer = torch.optim.SGD(tail.trainable_parameters(), lr=0.0)
-        labels = torch.zeros(len(x), dtype=torch.long)
+        batch = {"x": activations, "y": torch.zeros(len(x), dtype=torch.long)}
+        objective = plain_objective()
 
         def step() -> None:
             tail.train()
-            loss = torch.nn.functional.cross_entropy(tail(activations), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            train_step(tail, objective, batch, optimizer)
 
         tail_train[cut] = _timed(step) / len(x)
         tail.eval()

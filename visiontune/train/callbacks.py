@@ -1,0 +1,197 @@
+"""Per-step and per-epoch extras of the epoch loop, attached as a short named list instead of wired in.
+
+Events, in the order the loop emits them (fastai's callback events, trimmed to what is used):
+
+=================  ==========================================================================
+``phase_start``    optimizer and schedule exist; nothing trained yet (after a resume too)
+``restore``        resuming: take your state back from the checkpoint (before the optimizer's)
+``epoch_start``    before the epoch's first step
+``step_end``       after each optimizer step and schedule step
+``epoch_end``      after the epoch's last step, before it is validated
+``validated``      the epoch's record is computed (may mark it, or stop the phase)
+``epoch_done``     the record is logged and the position moved to the next epoch
+``phase_end``      the loop is over
+=================  ==========================================================================
+
+A callback keeps its counters in ``loop.extra`` (saved with every checkpoint) and any tensors it needs
+to resume in :meth:`Callback.tensors`. The defaults are :func:`default_callbacks`: weight averaging
+(EMA/SWA), step-wise validation, early stopping, checkpoints — in that order, which is the order their
+step_end and phase_end work must happen in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from visiontune.train.averaging import Averager
+from visiontune.train.checkpoint import Checkpoint, save_checkpoint
+
+if TYPE_CHECKING:  # the loop imports this module; the type is only for hints
+    from visiontune.train.loop import Loop
+
+
+def clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of a module's state (weights to come back to)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class Callback:
+    """Override the events you need; every event receives the running :class:`~visiontune.train.loop.Loop`."""
+
+    name = "callback"
+
+    def phase_start(self, loop: Loop) -> None: ...
+    def restore(self, loop: Loop, checkpoint: Checkpoint) -> None: ...
+    def epoch_start(self, loop: Loop) -> None: ...
+    def step_end(self, loop: Loop) -> None: ...
+    def epoch_end(self, loop: Loop) -> None: ...
+    def validated(self, loop: Loop, record: dict) -> None: ...
+    def epoch_done(self, loop: Loop) -> None: ...
+    def phase_end(self, loop: Loop) -> None: ...
+
+    def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Named state dicts to save with a checkpoint (restored by :meth:`restore`)."""
+        return {}
+
+
+class WeightAveraging(Callback):
+    """EMA of the weights after every step, or SWA over the last epochs (see averaging.py). With EMA the
+    averaged copy is what is validated and kept."""
+
+    name = "weight-averaging"
+
+    def phase_start(self, loop: Loop) -> None:
+        plan, phase = loop.plan, loop.phase
+        self.averager = Averager(phase.module, plan.ema, plan.swa, min(phase.epochs - 1, int(plan.swa_start * phase.epochs)))
+        self.swa_lrs = [plan.swa_lr or g["lr"] * 0.1 for g in loop.optimizer.param_groups]
+        loop.extra.setdefault("swa_schedule", False)
+        loop.evaluated = lambda: self.averager.evaluated(phase.module)
+
+    def _switch_to_swa(self, loop: Loop) -> None:
+        loop.schedule = self.averager.swa_schedule(loop.optimizer, self.swa_lrs, loop.phase.steps_per_epoch)
+        loop.extra["swa_schedule"] = True
+
+    def restore(self, loop: Loop, checkpoint: Checkpoint) -> None:
+        if loop.extra["swa_schedule"]:
+            self._switch_to_swa(loop)
+        if "averaged" in checkpoint.parts and self.averager.model is not None:
+            self.averager.model.load_state_dict(checkpoint.parts["averaged"])
+
+    def epoch_start(self, loop: Loop) -> None:
+        if self.averager.swa_active(loop.position.epoch) and not loop.extra["swa_schedule"]:
+            self._switch_to_swa(loop)
+
+    def step_end(self, loop: Loop) -> None:
+        self.averager.after_step(loop.phase.module)
+
+    def epoch_end(self, loop: Loop) -> None:
+        self.averager.after_epoch(loop.phase.module, loop.position.epoch)
+
+    def phase_end(self, loop: Loop) -> None:
+        phase = loop.phase
+        if self.averager.finish(phase.module, phase.bn_batches, phase.batchnorms):
+            loop.log(loop.validation_record({"epoch": loop.position.epoch, "kind": "averaged",
+                                             "averaging": "ema" if loop.plan.ema else "swa"}))
+
+    def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"averaged": self.averager.model.state_dict()} if self.averager.model is not None else {}
+
+
+class StepValidation(Callback):
+    """Also validate every `every` optimizer steps (--eval-every): finer curves in metrics.jsonl and tb/."""
+
+    name = "step-validation"
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def step_end(self, loop: Loop) -> None:
+        position = loop.position
+        if position.global_step % self.every == 0:
+            steps = loop.phase.steps_per_epoch
+            loop.log(loop.validation_record({"epoch": round(position.epoch + position.step / steps, 3), "kind": "step"}))
+            loop.phase.module.train()
+            loop.phase.prepare_epoch(position.epoch)
+
+
+class EarlyStopping(Callback):
+    """Stop after `patience` epochs without a better `monitor`, then restore the best epoch's weights."""
+
+    name = "early-stopping"
+
+    def __init__(self, patience: int, monitor: str):
+        self.patience, self.monitor = patience, monitor
+        self.best: dict[str, torch.Tensor] | None = None
+
+    def phase_start(self, loop: Loop) -> None:
+        loop.extra.setdefault("best_value", None)
+        loop.extra.setdefault("bad_epochs", 0)
+
+    def restore(self, loop: Loop, checkpoint: Checkpoint) -> None:
+        self.best = checkpoint.parts.get("best")
+
+    def _better(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value < best if self.monitor == "valid_loss" else value > best
+
+    def validated(self, loop: Loop, record: dict) -> None:
+        value = record[self.monitor]
+        if self._better(value, loop.extra["best_value"]):
+            loop.extra["best_value"], loop.extra["bad_epochs"] = value, 0
+            self.best = clone_state(loop.evaluated())
+        else:
+            loop.extra["bad_epochs"] += 1
+            if loop.extra["bad_epochs"] >= self.patience:
+                loop.extra["stopped"] = True
+                record["stopped_early"] = f"no better {self.monitor} for {self.patience} epochs"
+
+    def phase_end(self, loop: Loop) -> None:
+        if self.best is not None:
+            loop.phase.module.load_state_dict(self.best)
+            loop.log({"phase": loop.phase.name, "kind": "restored-best", "step": loop.position.global_step,
+                      self.monitor: loop.extra["best_value"]})
+
+    def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"best": self.best} if self.best else {}
+
+
+class Checkpointing(Callback):
+    """Exact-resume checkpoints into `folder` after every epoch and, with `every`, every N steps."""
+
+    name = "checkpoints"
+
+    def __init__(self, folder: Path, every: int = 0):
+        self.folder, self.every = folder, every
+
+    def save(self, loop: Loop) -> None:
+        position = loop.position
+        position.extra = dict(loop.extra)
+        position.metrics_lines = loop.metrics_lines()
+        parts = {name: state for cb in loop.callbacks for name, state in cb.tensors().items()}
+        save_checkpoint(self.folder, position, loop.phase.module, loop.optimizer, loop.schedule, parts)
+
+    def step_end(self, loop: Loop) -> None:
+        if self.every and loop.position.global_step % self.every == 0:
+            loop.extra["loss_sum"], loop.extra["loss_count"] = loop.loss_sum, loop.loss_count
+            self.save(loop)
+
+    def epoch_done(self, loop: Loop) -> None:
+        self.save(loop)
+
+
+def default_callbacks(plan, checkpoints: Path | None, method: list[Callback] | None = None) -> list[Callback]:
+    """The playbook's extras the plan asks for, with the objective's own (`method`) after weight
+    averaging and before validation, early stopping and checkpoints, which must see their work."""
+    callbacks: list[Callback] = [WeightAveraging(), *(method or [])]
+    if plan.eval_every:
+        callbacks.append(StepValidation(plan.eval_every))
+    if plan.early_stop:
+        callbacks.append(EarlyStopping(plan.early_stop, plan.monitor))
+    if checkpoints is not None:
+        callbacks.append(Checkpointing(checkpoints, plan.checkpoint_every))
+    return callbacks

@@ -1,0 +1,126 @@
+"""The step seam: a training method is an :class:`Objective` that turns (module, batch) into a loss.
+
+A batch is a small dict of tensors: ``x`` (inputs: images or cached activations) and ``y`` (targets:
+class indices or multi-hot rows); methods that learn from more add their own keys (unlabelled views,
+target-domain inputs, sample weights). Every training loop in visiontune — the epoch loop, the LR
+finder, the batch-size search, ``doctor``'s overfit check and the speed profile — runs the same
+:func:`train_step`, so a method behaves the same everywhere it is used.
+
+A new method is one file: subclass :class:`Objective`, decorate it with ``@register_objective("name")``
+and train with ``--objective name`` / ``fit(..., objective="name")``. The shape follows USB's
+(`semilearn`) algorithm classes and Lightning's ``training_step``: the method owns its loss, the loop
+owns optimisation, schedules, checkpoints and logging. Extras a method needs once per step or epoch
+(an EMA teacher, a ramp-up) come as :class:`~visiontune.train.callbacks.Callback` objects from
+:meth:`Objective.callbacks`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from visiontune.errors import UsageError
+from visiontune.task.kinds import SingleLabel, Task
+from visiontune.task.losses import mix_batch
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class ObjectiveSetup:
+    """What a method may read when it is built: the plan's settings, the task, the training labels."""
+
+    settings: Any  # the Plan (or an object with the same attributes)
+    task: Task
+    labels: np.ndarray  # training labels (class indices): class weights, class counts
+    n_classes: int
+
+
+class Objective:
+    """One training method: :meth:`loss` of a batch, plus the logs it wants recorded (floats)."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, setup: ObjectiveSetup):
+        self.setup = setup
+
+    def loss(self, module: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def callbacks(self) -> list:
+        """Per-step/epoch extras this method needs (see train/callbacks.py); none by default."""
+        return []
+
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register_objective(name: str):
+    """Class decorator: make an Objective trainable as `--objective name`."""
+
+    def register(cls: type[Objective]) -> type[Objective]:
+        if name in OBJECTIVES and OBJECTIVES[name] is not cls:
+            raise ValueError(f"objective {name!r} is registered already ({OBJECTIVES[name].__qualname__})")
+        cls.name = name
+        OBJECTIVES[name] = cls
+        return cls
+
+    return register
+
+
+def make_objective(name: str, setup: ObjectiveSetup) -> Objective:
+    """The registered objective `name`, built for this phase."""
+    if name not in OBJECTIVES:
+        raise UsageError(f"unknown objective {name!r}; registered: {', '.join(sorted(OBJECTIVES))}")
+    return OBJECTIVES[name](setup)
+
+
+@register_objective("supervised")
+class Supervised(Objective):
+    """The labelled-data objective: the task's loss (cross-entropy, focal, class-weighted, label-smoothed,
+    or BCE for multi-label) on the batch, mixed first by mixup/cutmix when the plan asks for them."""
+
+    def __init__(self, setup: ObjectiveSetup):
+        super().__init__(setup)
+        self.criterion = setup.task.criterion(setup.settings, setup.labels, setup.n_classes)
+        self.mixup = getattr(setup.settings, "mixup", 0.0)
+        self.cutmix = getattr(setup.settings, "cutmix", 0.0)
+
+    def loss(self, module: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        x, y = batch["x"], batch["y"]
+        if self.mixup or self.cutmix:
+            x, y = mix_batch(x, y, self.setup.n_classes, self.mixup, self.cutmix)
+        return self.criterion(module(x), y), {}
+
+
+#: Loss settings of plain cross-entropy: no smoothing, weights, focusing or mixing.
+PLAIN = SimpleNamespace(loss="ce", label_smoothing=0.0, focal_gamma=2.0, class_weights="none", sampler="random",
+                        fbeta=2.0, mixup=0.0, cutmix=0.0)
+
+
+def plain_objective(n_classes: int = 0) -> Objective:
+    """Plain single-label cross-entropy, for steps taken before a plan exists (the speed profile,
+    doctor's overfit check)."""
+    return Supervised(ObjectiveSetup(PLAIN, SingleLabel(), np.zeros(0, dtype=np.int64), n_classes))
+
+
+def batch_size_of(batch: Batch) -> int:
+    """Labelled items in a batch (what the running training loss is averaged over)."""
+    return len(batch["y"]) if "y" in batch else len(batch["x"])
+
+
+def train_step(
+    module: nn.Module, objective: Objective, batch: Batch, optimizer: torch.optim.Optimizer, amp: bool = False
+) -> tuple[float, dict[str, float]]:
+    """One optimizer step of `objective` on `batch` (bf16 autocast with `amp`); returns (loss, logs)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        loss, logs = objective.loss(module, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach()), logs

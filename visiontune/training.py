@@ -1,0 +1,296 @@
+"""One training run from a data folder to a saved classifier: the playbook read top to bottom.
+
+catalog -> split -> backbone -> profile -> plan -> cached trunk activations -> (auto choices) -> tail on
+cached activations -> (fine-tune on images) -> the task's final metrics -> classifier + report. Each step
+lives in its own module; this one wires them for :func:`visiontune.api.fit` and
+:func:`visiontune.api.resume`, and writes the run directory only through :class:`~visiontune.runs.RunDir`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visiontune.backbones.cuts import Tail, cut_points
+from visiontune.backbones.registry import Backbone, create_backbone, resolve_arch
+from visiontune.cache.features import cached_activations
+from visiontune.cache.store import CachedRows, default_cache_root
+from visiontune.classifier import Classifier
+from visiontune.clock import seconds_since_process_start
+from visiontune.data.catalog import Catalog, DataError, Skipped, Source, discover
+from visiontune.data.split import kfold_indices, split_catalog
+from visiontune.inference.engines import default_engine
+from visiontune.progress import console
+from visiontune.runs import RunConfig, RunDir, Split
+from visiontune.task.kinds import Task, task_for
+from visiontune.train.checkpoint import load_checkpoint
+from visiontune.train.phases import cached_phase, finetune, predict_cached, train_cached
+from visiontune.train.plan import Plan, choose_img_size, epochs_for_remaining, make_plan, parse_duration
+from visiontune.train.profile import DataProfile, SpeedProfile, profile_data, profile_speed
+
+FINAL_OVERHEAD_S = 2.0  # final metrics and saving the classifier, measured ~1-2 s here
+REPORT_S = 4.0  # building report.html: 3.7 s measured on the Fashion-MNIST bench (2,000 validation images)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same numbers on CPU: python, numpy and torch generators, deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@dataclass
+class Prepared:
+    """Everything decided before training: data, split, task, backbone, measured profiles and the plan."""
+
+    source: Source
+    train: Catalog
+    valid: Catalog
+    task: Task
+    backbone: Backbone
+    data_profile: DataProfile
+    speed: SpeedProfile | None
+    plan: Plan
+
+
+def concat(a: Catalog, b: Catalog) -> Catalog:
+    tags = a.tags + b.tags if a.tags is not None and b.tags is not None else None
+    return Catalog(a.paths + b.paths, a.labels + b.labels, a.classes, a.skipped + b.skipped, tags=tags)
+
+
+def prepare(config: RunConfig, fold: tuple[int, int] | None = None, reserve_s: float = 0.0) -> Prepared:
+    """Catalog and split the data (or take fold `fold` = (k, K) of a K-fold), choose the task, load the
+    backbone, measure the data (and speed) and choose the plan; a budget keeps `reserve_s` seconds for
+    the work after training (the report)."""
+    seed_everything(config.seed)
+    arch = resolve_arch(config.arch)  # typos in the name or the budget fail before any folder is scanned
+    budget_s = parse_duration(config.budget)
+    overrides = {**config.overrides, **{k: None for k in config.auto}}
+    source = discover(config.data, labels=config.labels)
+    if fold is not None:
+        everything = source.train if source.valid is None else concat(source.train, source.valid)
+        train_idx, valid_idx = kfold_indices(everything.labels, fold[1], fold[0], config.seed)
+        train_cat, valid_cat = everything.subset(train_idx), everything.subset(valid_idx)
+    elif source.valid is None:
+        train_cat, valid_cat = split_catalog(source.train, overrides.get("valid_fraction") or 0.2, config.seed)
+        if len(valid_cat) == 0:
+            raise DataError(f"{config.data}: too few images to hold any out for validation; add images per class.")
+    else:
+        train_cat, valid_cat = source.train, source.valid
+    task = task_for(train_cat)
+    backbone = create_backbone(arch, config.weights, num_classes=len(source.classes))
+    native = backbone.preprocessing.input_size
+    data_profile = profile_data(backbone, train_cat, len(valid_cat))
+    size = overrides.get("img_size") or choose_img_size(data_profile, native)[0]
+    backbone.preprocessing = backbone.preprocessing.with_size(size)
+    cuts = cut_points(backbone.model)
+    engine = overrides.get("engine") or default_engine()
+    speed = profile_speed(backbone, train_cat, cuts[:4], engine) if budget_s is not None else None
+    overrides = {**overrides, "seed": config.seed, "task": task.name}
+    plan = make_plan(data_profile, native, cuts, overrides, budget_s, speed, seconds_since_process_start() + reserve_s)
+    plan.why["task"] = {"multi-label": "labels CSV has several space-separated tags per image: sigmoid + BCE, thresholds for F-beta"}.get(
+        task.name, "one class per image")
+    return Prepared(source, train_cat, valid_cat, task, backbone, data_profile, speed, plan)
+
+
+@dataclass
+class CachedInputs:
+    """Trunk activations at the plan's cut: the training views (plain + augmented) and validation."""
+
+    train_views: list[CachedRows]
+    valid: CachedRows
+    skipped: list[Skipped]
+
+
+def cache_inputs(prep: Prepared, config: RunConfig) -> CachedInputs:
+    """Cache (or read) the activations of every image; drops the files that fail from the catalogs."""
+    plan, backbone = prep.plan, prep.backbone
+    cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_root()
+    common = {"cut": plan.cut, "seed": plan.seed, "batch_size": plan.batch_size, "workers": config.workers,
+              "engine": plan.engine}
+    skipped: list[Skipped] = []
+    kept_va, x_va, bad = cached_activations(backbone, prep.valid.paths, cache_root, description="valid", **common)
+    skipped += bad
+    views = []
+    kept_tr = None
+    for view in [None, *range(plan.views)]:
+        kept, x, bad = cached_activations(
+            backbone, prep.train.paths, cache_root, view=view, description="train", aug=plan.aug, **common
+        )
+        if view is None:
+            skipped += bad
+            kept_tr = kept
+        views.append(x[np.isin(kept, kept_tr)])
+    prep.train = prep.train.subset([int(i) for i in kept_tr])
+    prep.valid = prep.valid.subset([int(i) for i in kept_va])
+    return CachedInputs(views, x_va, skipped)
+
+
+def choose_auto(prep: Prepared, config: RunConfig, run: RunDir, inputs: CachedInputs) -> None:
+    """`lr="auto"`: the LR finder on the cached phase; `batch_size="auto"`: the notes' search on it, capped
+    by the memory-fit search when fine-tuning on images follows."""
+    plan, task = prep.plan, prep.task
+    y_train, y_valid = task.targets(prep.train), task.targets(prep.valid)
+    if "lr" in config.auto:
+        from visiontune.report.plots import plot_lr_find
+        from visiontune.train.lr_find import lr_find
+
+        tail = Tail(prep.backbone.model, plan.cut, dropout=plan.head_dropout)
+        found = lr_find(cached_phase(tail, inputs.train_views, y_train, inputs.valid, y_valid, plan, task=task), plan)
+        plot_lr_find(found, run.file("lr_find.png"))
+        run.write_json("lr_find.json", found.to_dict())
+        plan.lr = round(found.suggestion, 6)
+        plan.why["lr"] = f"LR finder ({found.rule}); plot: lr_find.png"
+        console.print(f"LR finder suggests {plan.lr:.2g} ({found.rule})")
+    if "batch_size" in config.auto:
+        from visiontune.train.batch_size import memory_fit_batch_size, search_batch_size
+
+        def score(size: int) -> float:
+            trial = replace(plan, batch_size=size, early_stop=0, checkpoint_every=0, eval_every=0, why={})
+            tail = Tail(prep.backbone.model, plan.cut, dropout=plan.head_dropout)
+            saved = {k: v.clone() for k, v in tail.model.state_dict().items()}
+            history = train_cached(tail, inputs.train_views, y_train, inputs.valid, y_valid, trial, lambda r: None,
+                                   "batch-size", task=task)
+            tail.model.load_state_dict(saved)
+            return history[-1].get("valid_accuracy", 0.0)
+
+        size, tried = search_batch_size(score, smallest=8, largest=max(8, len(y_train)))
+        reason = "validation accuracy by batch size " + ", ".join(f"{b}: {v:.4f}" for b, v in sorted(tried.items()))
+        if plan.finetune_epochs > 0:
+            fit_size, memory = memory_fit_batch_size(prep.backbone.model, plan.img_size)
+            if fit_size < size:
+                size, reason = fit_size, reason + f"; capped to {fit_size} by memory ({memory['per_image_bytes'] / 1e6:.1f} MB/image)"
+        plan.batch_size = size
+        plan.why["batch_size"] = reason
+        console.print(f"batch size {size} ({reason})")
+
+
+def refit_to_budget(prep: Prepared, config: RunConfig) -> None:
+    """With a budget, re-decide the epochs once caching is done (caching time varies most)."""
+    plan = prep.plan
+    if plan.budget_s is None or prep.speed is None or config.overrides.get("epochs") is not None:
+        return
+    remaining = plan.budget_s - seconds_since_process_start() - FINAL_OVERHEAD_S - (REPORT_S if config.report else 0)
+    planned = plan.epochs
+    plan.epochs = epochs_for_remaining(remaining, planned, prep.data_profile, prep.speed, plan.cut)
+    plan.why["epochs"] = f"re-fitted after caching to the {remaining:.0f}s left (planned {planned})"
+    console.print(f"budget: {remaining:.0f}s left after caching -> {plan.epochs} epochs (planned {planned})")
+
+
+def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = False) -> Classifier:
+    """Cache, train (cached phase, then fine-tuning), evaluate and save one run; resumable.
+
+    config.yaml is written first; plan.json once the plan is final (after caching and the automatic
+    choices), so a resumed run trains with exactly the plan it started."""
+    started = time.perf_counter()
+    backbone, classes, task = prep.backbone, prep.source.classes, prep.task
+    checkpoint = load_checkpoint(run.checkpoints) if resuming else None
+    expected = run.read_split() if resuming else None
+    if not resuming:
+        run.write_config(config)
+        run.write_json("profile.json", {"data": prep.data_profile.to_dict(), "speed": prep.speed.to_dict() if prep.speed else None})
+    else:
+        run.truncate_metrics(checkpoint.position.metrics_lines if checkpoint else 0)
+        where = f"{checkpoint.position.phase} epoch {checkpoint.position.epoch + 1}, step {checkpoint.position.step}" if checkpoint else "the start"
+        console.print(f"resuming {run.path} from {where}")
+    console.print(
+        f"[bold]{prep.source.layout}[/] layout: {len(prep.train)} train / {len(prep.valid)} valid images, "
+        f"{len(classes)} classes ({task.name}); backbone {backbone.arch} ({backbone.weights})"
+    )
+    console.print(prep.plan.table())
+    inputs = cache_inputs(prep, config)
+    skipped = list(prep.source.skipped) + inputs.skipped
+    if expected is not None and [str(p) for p in prep.train.paths] != expected.train:
+        raise DataError(f"{config.data}: the data changed since {run.path} started (its split.json differs); start a new run.")
+    run.write_skipped(skipped)
+    run.write_split(Split(
+        [str(p) for p in prep.train.paths], [str(p) for p in prep.valid.paths], list(classes),
+        list(prep.train.labels), list(prep.valid.labels), prep.train.tags, prep.valid.tags,
+    ))
+    if skipped:
+        console.print(f"[yellow]skipped {len(skipped)} unusable files[/] (listed in {run.file('skipped.txt')})")
+    if not run.has_plan():
+        choose_auto(prep, config, run, inputs)
+        refit_to_budget(prep, config)
+        run.write_plan(prep.plan)
+    plan = prep.plan
+
+    y_train, y_valid = task.targets(prep.train), task.targets(prep.valid)
+    model = backbone.model
+    tail = Tail(model, plan.cut, dropout=plan.head_dropout)
+    in_finetune = checkpoint is not None and checkpoint.position.phase == "finetune"
+    logger = run.logger()
+    if not in_finetune:
+        train_cached(
+            tail, inputs.train_views, y_train, inputs.valid, y_valid, plan, logger, phase=f"cached:{plan.cut}",
+            checkpoints=run.checkpoints, resume=checkpoint, metrics_lines=run.metrics_lines,
+            train_paths=prep.train.paths, task=task,
+        )
+    classifier = Classifier(model.eval(), backbone.arch, classes, backbone.preprocessing, run_dir=run.path,
+                            extra={"task": task.name})
+    if plan.finetune_epochs > 0:
+        finetune(
+            model, prep.train, prep.valid, backbone.preprocessing, plan, logger, run.checkpoints, skipped,
+            config.workers, resume=checkpoint if in_finetune else None, metrics_lines=run.metrics_lines, task=task,
+        )
+        run.write_skipped(skipped)
+        kept, probs = classifier.probabilities(prep.valid.paths, plan.batch_size)
+    else:
+        kept = np.arange(len(y_valid))
+        probs = task.activation(predict_cached(tail, inputs.valid)).numpy()
+    targets = y_valid[kept]
+    metrics, decisions = task.finish(targets, probs, classes, plan)
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+    metrics["wall_seconds"] = round(seconds_since_process_start(), 1)
+    if plan.predicted_s is not None:
+        metrics["predicted_seconds"] = plan.predicted_s
+        console.print(
+            f"time since start: predicted {plan.predicted_s:.1f}s, actual {metrics['wall_seconds']:.1f}s "
+            f"(budget {plan.budget_s:.0f}s)"
+        )
+    logger({"phase": "final", **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}})
+    logger.close()
+    classifier.metrics = {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "confusion_matrix_normalized")}
+    classifier.extra = {"weights": backbone.weights, "trained_on": str(Path(config.data).resolve()), "task": task.name,
+                        "multi_label": task.name == "multi-label", **decisions}
+    classifier.save(run.classifier_dir)
+    run.save_predictions(kept, probs, targets)
+    if config.report:
+        from visiontune.report.html import build_report
+
+        report_started = time.perf_counter()
+        console.print(f"report: {build_report(run.path)} ({time.perf_counter() - report_started:.1f}s)")
+    return classifier
+
+
+def fit_folds(config: RunConfig, out: str | Path | None, runs_root: Path) -> Classifier:
+    """K models on a stratified K-fold; each fold is a run under the parent run folder."""
+    from visiontune.ensemble import Ensemble
+
+    folds = config.folds
+    parent = RunDir.create(out, Path(config.data).resolve().name or "data", runs_root)
+    parent.write_config(config)
+    members = []
+    for k in range(folds):
+        console.rule(f"fold {k + 1}/{folds}")
+        prep = prepare(config, fold=(k, folds))
+        run = RunDir.create(parent.path / f"fold-{k + 1}", "fold", runs_root)
+        members.append(train_run(prep, run, config))
+    summary: dict = {"folds": folds}
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "log_loss"):
+        values = [float(m.metrics[key]) for m in members if key in m.metrics]
+        summary[key] = values
+        summary[f"{key}_mean"], summary[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
+    parent.write_json("folds.json", summary)
+    console.print(
+        f"[bold]{folds}-fold validation accuracy {summary['accuracy_mean']:.4f} ± {summary['accuracy_std']:.4f}[/]"
+    )
+    ensemble = Ensemble.from_members(members, run_dir=parent.path)
+    ensemble.metrics = summary
+    return ensemble
