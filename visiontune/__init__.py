@@ -1,23 +1,27 @@
 """visiontune: a folder of labelled images -> a strong, explained, deployable image classifier, on CPU.
 
-The Python API is :mod:`visiontune.api` (one function per command); the most used ones are here too.
+The Python API is :mod:`visiontune.api` (one function per command); its most used names are reachable
+here too (`visiontune.fit`, `visiontune.load`, ...). They are imported on first use (PEP 562), so
+importing a low layer such as `visiontune.data.catalog` does not pull in torch and the whole API.
 """
 
-from visiontune.version import __version__
-from visiontune import api  # noqa: E402
-from visiontune.api import (  # noqa: E402
-    Classifier,
-    Plan,
-    Prediction,
-    ensemble_runs,
-    evaluate,
-    find_lr,
-    fit,
-    load,
-    predict,
-    resume,
-)
-from visiontune.train.objectives import Objective, register_objective  # noqa: E402
+from __future__ import annotations
 
-__all__ = ["api", "fit", "resume", "find_lr", "load", "predict", "evaluate", "ensemble_runs", "Classifier", "Prediction",
-           "Plan", "Objective", "register_objective", "__version__"]
+import importlib
+
+from visiontune.version import __version__
+
+_FROM_API = {"fit", "resume", "find_lr", "load", "predict", "evaluate", "ensemble_runs", "Classifier", "Prediction", "Plan"}
+_FROM_OBJECTIVES = {"Objective", "register_objective"}
+
+__all__ = ["api", *sorted(_FROM_API), *sorted(_FROM_OBJECTIVES), "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "api":
+        return importlib.import_module("visiontune.api")
+    if name in _FROM_API:
+        return getattr(importlib.import_module("visiontune.api"), name)
+    if name in _FROM_OBJECTIVES:
+        return getattr(importlib.import_module("visiontune.train.objectives"), name)
+    raise AttributeError(f"module 'visiontune' has no attribute {name!r}")
