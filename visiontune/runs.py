@@ -130,6 +130,10 @@ class RunDir:
     def report_path(self) -> Path:
         return self.path / "report.html"
 
+    def write_report(self, page: str) -> Path:
+        self.report_path.write_text(page)
+        return self.report_path
+
     def file(self, name: str) -> Path:
         """The path of a run file written by another module (a figure, an export)."""
         return self.path / name

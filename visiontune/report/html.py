@@ -62,9 +62,7 @@ def build_report(run_dir: str | Path, screenshot: bool = False) -> Path:
     ]) + "<p>Playbook settings not listed are at their defaults (README, Recipes).</p>"
     body["training"] = figure_html(plots.plot_curves, records) + figure_html(plots.plot_lr_schedule, records)
     body["network"] = _network_section(classifier, data["paths"])
-    out = run.report_path
-    out.write_text(_page(f"visiontune report — {run.path.name}", sections, body))
-    return out
+    return run.write_report(_page(f"visiontune report — {run.path.name}", sections, body))
 
 
 def _page(title: str, sections: dict[str, str], body: dict[str, str]) -> str:
