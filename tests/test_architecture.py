@@ -20,7 +20,7 @@ LAYERS = [
     ("backbones", ["visiontune.backbones"]),
     ("inference", ["visiontune.inference"]),
     ("cache", ["visiontune.cache"]),
-    ("evaluate", ["visiontune.evaluate"]),
+    ("evaluation", ["visiontune.evaluation"]),
     ("task", ["visiontune.task"]),
     ("train", ["visiontune.train"]),
     ("methods", ["visiontune.semi", "visiontune.adapt"]),

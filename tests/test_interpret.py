@@ -10,11 +10,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from visiontune.data.transforms import Preprocessing, eval_transform
-from visiontune.evaluate.hard_examples import classify_hardness
-from visiontune.evaluate.interpret import Interpreter, interpret
-from visiontune.evaluate.metrics import calibration, classification_metrics, curves
+from visiontune.evaluation.hard_examples import classify_hardness
+from visiontune.evaluation.interpret import Interpreter, interpret
+from visiontune.evaluation.metrics import calibration, classification_metrics, curves
 from visiontune.inference.tta import TTA_MODES, combine, tta_transform, tta_views
-from visiontune.evaluate.visualize import dead_activation_fractions, feature_maps, grad_cam, kernel_tiles
+from visiontune.evaluation.visualize import dead_activation_fractions, feature_maps, grad_cam, kernel_tiles
 from visiontune.report.show import inline_image, inline_image_protocol
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 import visiontune as vt
 from visiontune.data.catalog import catalog_from_csv
-from visiontune.evaluate.metrics import multilabel_metrics, tune_thresholds
+from visiontune.evaluation.metrics import multilabel_metrics, tune_thresholds
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 50, 220)}
 

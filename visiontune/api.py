@@ -23,7 +23,7 @@ from visiontune.classifier import Classifier, Prediction
 from visiontune.data.catalog import Catalog, DataError, Skipped, catalog_from_csv, catalog_from_folders
 from visiontune.data.images import is_image_name
 from visiontune.errors import UsageError
-from visiontune.evaluate.metrics import classification_metrics
+from visiontune.evaluation.metrics import classification_metrics
 from visiontune.runs import RunConfig, RunDir
 from visiontune.train.plan import Plan
 from visiontune.training import REPORT_S, Prepared, cache_inputs, fit_folds, prepare, train_run
@@ -184,7 +184,7 @@ def predict_to_file(
             handle.write("\n]\n")
         elif fmt == "csv":
             writer = csv.writer(handle)
-            writer.writerow(["path", "label", "prob", "topk"] + (["tags"] if clf.multi_label else []))
+            writer.writerow(["path", "label", "prob", "topk"] + (["tags"] if clf.task.tags else []))
             for p in predictions:
                 topk = ";".join(f"{c}:{q:.4f}" for c, q in zip(p.classes, p.probs))
                 writer.writerow([p.path, p.label, f"{p.probs[0]:.6f}", topk] + ([" ".join(p.tags)] if p.tags is not None else []))
@@ -283,8 +283,7 @@ def evaluate(
     clf = _classifier(classifier)
     catalog = evaluation_catalog(data, clf.classes, labels)
     task = clf.task
-    if task.name == "multi-label" and not catalog.multi_label:
-        raise DataError(f"{data}: a multi-label classifier needs a tags CSV (--labels) to evaluate on")
+    task.check_data(catalog, str(data))
     skipped: list[Skipped] = list(catalog.skipped)
     kept, probs = clf.probabilities(catalog.paths, batch_size, skipped=skipped, tta=tta, combine=combine, engine=engine)
     metrics = task.evaluate(task.targets(catalog)[kept], probs, clf.classes, clf.extra)
@@ -364,7 +363,7 @@ def hard_examples(
 ) -> tuple[list, Path, int]:
     """The training images the run's model gets wrong or barely right, most suspicious first, written as a
     CSV that `fit(..., upweight=CSV)` draws more often; returns (examples, CSV path, training images)."""
-    from visiontune.evaluate.hard_examples import mine_hard_examples, write_hard_examples
+    from visiontune.evaluation.hard_examples import mine_hard_examples, write_hard_examples
 
     run_dir = RunDir(Path(run))
     split = run_dir.read_split()
@@ -437,6 +436,15 @@ def split(src: str | Path, dst: str | Path, valid: float = 0.2, seed: int = 0) -
     return write_split_folders(catalog, Path(src), Path(dst), valid, seed)
 
 
+def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: int = 10,
+          max_pixels: int = 40_000_000, max_concurrent: int = 4) -> None:
+    """Serve a classifier over HTTP (FastAPI + uvicorn) with a small web page; blocks until stopped."""
+    from visiontune.serve.app import serve as run_server
+
+    run_server(run, host, port, max_upload_bytes=max_upload_mb * 1024 * 1024, max_pixels=max_pixels,
+               max_concurrent=max_concurrent)
+
+
 def demo_data(name: str, dest: str | Path) -> Path:
     """Write an offline demo dataset (digits, fashion-mnist) as image folders."""
     from visiontune.data.demo import DEMOS
@@ -447,6 +455,6 @@ def demo_data(name: str, dest: str | Path) -> Path:
 __all__ = [
     "fit", "resume", "plan", "find_lr", "load", "predict", "iter_predictions", "predict_to_file", "submission",
     "ensemble_runs", "evaluate", "export", "report", "show", "show_gradcam", "show_feature_maps", "hard_examples",
-    "warm_cache", "cache_info", "clear_cache", "doctor", "augment_preview", "split", "demo_data", "Classifier",
+    "warm_cache", "cache_info", "clear_cache", "doctor", "augment_preview", "split", "serve", "demo_data", "Classifier",
     "Prediction", "Plan",
 ]

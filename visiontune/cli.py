@@ -73,14 +73,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             seed=args.seed, cache_dir=args.cache_dir, workers=args.workers, folds=args.folds,
             valid_fraction=args.valid, report=args.report, **settings,
         )
-    if clf.multi_label:
-        key, value = clf.task.headline(clf.metrics)
-        console.print(f"[bold green]multi-label {key} {value:.4f}[/] (mAP {clf.metrics['mean_average_precision']:.4f}, "
-                      f"subset accuracy {clf.metrics['subset_accuracy']:.4f}) in {clf.metrics['seconds']} s")
-    elif "per_class" in clf.metrics:
+    if "per_class" in clf.metrics:
         for table in _metrics_tables(clf.metrics, clf.classes):
             console.print(table)
-        console.print(f"[bold green]validation accuracy {clf.metrics['accuracy']:.4f}[/] in {clf.metrics['seconds']} s")
+    if "seconds" in clf.metrics:  # a --folds ensemble reports the folds' spread instead (printed above)
+        key, value = clf.task.headline(clf.metrics)
+        more = {k: clf.metrics[k] for k in ("mean_average_precision", "subset_accuracy") if k in clf.metrics}
+        extra = " (" + ", ".join(f"{k} {v:.4f}" for k, v in more.items()) + ")" if more else ""
+        console.print(f"[bold green]validation {key} {value:.4f}[/]{extra} in {clf.metrics['seconds']} s")
         console.print(f"metrics per epoch: {clf.run_dir / 'metrics.jsonl'}")
     console.print(f"run: {clf.run_dir}")
     return 0
@@ -148,12 +148,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from visiontune.serve.app import serve
+    from visiontune import api
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]serving on {args.host}: reachable from other machines[/]")
-    serve(args.run, args.host, args.port, max_upload_bytes=args.max_upload_mb * 1024 * 1024, max_pixels=args.max_pixels,
-          max_concurrent=args.max_concurrent)
+    api.serve(args.run, args.host, args.port, args.max_upload_mb, args.max_pixels, args.max_concurrent)
     return 0
 
 

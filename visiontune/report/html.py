@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from visiontune.classifier import Classifier
-from visiontune.evaluate.interpret import interpret
-from visiontune.evaluate.metrics import classification_metrics, curves
-from visiontune.evaluate.visualize import dead_activation_fractions, feature_maps, kernel_tiles
+from visiontune.evaluation.interpret import interpret
+from visiontune.evaluation.metrics import classification_metrics, curves
+from visiontune.evaluation.visualize import dead_activation_fractions, feature_maps, kernel_tiles
 from visiontune.report import plots
 from visiontune.report.multilabel import MULTILABEL_SECTIONS, multilabel_sections
 from visiontune.report.parts import (

@@ -11,7 +11,7 @@ import numpy as np
 from sklearn.metrics import multilabel_confusion_matrix
 
 from visiontune.classifier import Classifier
-from visiontune.evaluate.metrics import calibration, curves, multilabel_metrics
+from visiontune.evaluation.metrics import calibration, curves, multilabel_metrics
 from visiontune.report import plots
 from visiontune.task.kinds import thresholds as saved_thresholds
 from visiontune.report.parts import class_counts, figure_html, gradcam_section, table_html, thumbnails

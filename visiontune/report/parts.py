@@ -14,7 +14,7 @@ import torch
 from visiontune.classifier import Classifier
 from visiontune.data.images import ImageError, load_rgb
 from visiontune.data.transforms import denormalise_uint8, eval_transform
-from visiontune.evaluate.visualize import grad_cam, overlay
+from visiontune.evaluation.visualize import grad_cam, overlay
 from visiontune.report import plots
 from visiontune.runs import RunDir, Split
 

@@ -61,7 +61,7 @@ def show(run: str | Path, mistakes: bool = True, limit: int = 12, console: Conso
 
 def _show_single_label(run: Path, data: dict, classes: list[str], meta: dict, mistakes: bool, limit: int, console: Console) -> list[dict]:
     """A single-label run's accuracy and its most confident mistakes (inline images where the terminal can)."""
-    from visiontune.evaluate.interpret import interpret
+    from visiontune.evaluation.interpret import interpret
 
     lists = interpret(data["probs"], data["labels"], k=limit)
     accuracy = float((data["probs"].argmax(1) == data["labels"]).mean())
@@ -130,7 +130,7 @@ def show_feature_maps(run: str | Path, image: str, layer: str, out: str | Path |
     """The first `limit` channels of module `layer`'s output for one image -> PNG."""
     from visiontune.classifier import Classifier
     from visiontune.errors import UsageError
-    from visiontune.evaluate.visualize import feature_maps
+    from visiontune.evaluation.visualize import feature_maps
     from visiontune.report.parts import preprocessed_image
     from visiontune.report.plots import image_grid
 

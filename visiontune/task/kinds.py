@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from visiontune.data.catalog import Catalog
+from visiontune.data.catalog import Catalog, DataError
 from visiontune.errors import UsageError
-from visiontune.evaluate.metrics import classification_metrics, multilabel_metrics, tune_thresholds
+from visiontune.evaluation.metrics import classification_metrics, multilabel_metrics, tune_thresholds
 from visiontune.task.losses import Loss, class_weights, make_loss
 
 
@@ -37,6 +37,7 @@ class Task:
 
     name: ClassVar[str]
     report: ClassVar[str]  # which report the run gets (report/html.py keys its section builders by this)
+    tags: ClassVar[bool] = False  # predictions carry the list of classes decided for each image
 
     def targets(self, catalog: Catalog) -> np.ndarray:
         """Per-image training targets, in catalog order."""
@@ -68,6 +69,9 @@ class Task:
 
     def check(self, settings: LossSettings) -> None:
         """Refuse settings that make no sense for this task, with a message saying what to use."""
+
+    def check_data(self, catalog: Catalog, where: str) -> None:
+        """Refuse labelled data this task cannot be evaluated on, saying what to give instead."""
 
     def headline(self, metrics: dict) -> tuple[str, float]:
         """(name, value) of the one number a run is judged by."""
@@ -109,6 +113,7 @@ class MultiLabel(Task):
 
     name = "multi-label"
     report = "multi-label"
+    tags = True
 
     def targets(self, catalog: Catalog) -> np.ndarray:
         return catalog.targets()
@@ -151,6 +156,10 @@ class MultiLabel(Task):
         if settings.loss != "ce" or settings.class_weights != "none" or settings.sampler != "random":
             raise UsageError("multi-label data trains with binary cross-entropy: --loss focal, --class-weights and "
                              "--sampler balanced are for single-label data")
+
+    def check_data(self, catalog: Catalog, where: str) -> None:
+        if not catalog.multi_label:
+            raise DataError(f"{where}: a multi-label classifier needs a tags CSV (--labels) to evaluate on")
 
     def headline(self, metrics: dict) -> tuple[str, float]:
         key = next(k for k in metrics if k.startswith("f") and k.endswith("_samples"))

@@ -22,7 +22,7 @@ from visiontune.data.loader import ImageFiles, iterate_batches
 from visiontune.data.transforms import Preprocessing, augmentation, eval_transform
 from visiontune.inference.stream import collect_outputs
 from visiontune.train.checkpoint import Checkpoint
-from visiontune.evaluate.hard_examples import read_upweighted
+from visiontune.evaluation.hard_examples import read_upweighted
 from visiontune.task.kinds import SingleLabel, Task
 from visiontune.train.loop import Log, Phase, balanced_sample_weights, epoch_order, run_phase
 from visiontune.train.plan import Plan

@@ -1,0 +1,37 @@
+"""The run contract of docs/architecture.md: RunDir writes plan.json once, with the final plan; images
+are read once on the way in for their header check and content hash."""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+
+import visiontune as vt
+from visiontune.data.catalog import discover
+from visiontune.data.images import content_hash
+from visiontune.runs import RunDir
+
+
+def test_plan_json_is_written_once_with_the_final_plan(class_folders, tmp_path, monkeypatch):
+    written = []
+    original = RunDir.write_plan
+    monkeypatch.setattr(RunDir, "write_plan", lambda self, plan: (written.append(plan.batch_size), original(self, plan)))
+    vt.fit(class_folders, out=tmp_path / "run", img_size=64, epochs=2, batch_size="auto", report=False)
+    saved = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert written == [saved["batch_size"]]  # once, after the batch-size search chose
+    assert saved["why"]["batch_size"].startswith("validation accuracy by batch size")
+
+
+def test_header_check_and_content_hash_come_from_one_read(class_folders, monkeypatch):
+    source = discover(class_folders)  # checks every header and hashes the same bytes
+    paths = [str(p) for p in source.train.paths]
+    real_open = builtins.open
+
+    def no_second_read(file, *args, **kwargs):
+        assert str(file) not in paths, f"{file} read again after the catalog check"
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_second_read)
+    for path in source.train.paths:
+        assert content_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()[:32]
