@@ -25,7 +25,7 @@ LAYERS = [
     ("train", ["visiontune.train"]),
     ("methods", ["visiontune.semi", "visiontune.adapt"]),
     ("artifact", ["visiontune.classifier", "visiontune.ensemble", "visiontune.runs"]),
-    ("products", ["visiontune.training", "visiontune.report", "visiontune.export", "visiontune.serve",
+    ("products", ["visiontune.training", "visiontune.beyond", "visiontune.report", "visiontune.export", "visiontune.serve",
                   "visiontune.submission", "visiontune.doctor"]),
     ("api", ["visiontune.api"]),
     ("cli", ["visiontune.cli", "visiontune.__main__", "visiontune"]),

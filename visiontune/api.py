@@ -32,12 +32,17 @@ from visiontune.training import REPORT_S, Prepared, cache_inputs, fit_folds, pre
 ALIASES = {"unfreeze": "finetune_epochs"}
 
 
+#: fit() arguments that name more images rather than plan settings.
+INPUTS = ("unlabeled", "target", "target_labels")
+
+
 def _run_config(data, arch, weights, labels, budget, seed, cache_dir, workers, report, folds, settings) -> RunConfig:
     settings = {ALIASES.get(k, k): v for k, v in settings.items()}
+    inputs = {k: str(settings.pop(k)) if settings.get(k) else None for k in INPUTS}
     auto = sorted(k for k in ("lr", "batch_size") if settings.get(k) == "auto")
     overrides = {k: v for k, v in settings.items() if v is not None and k not in auto}
     return RunConfig(str(data), str(labels) if labels else None, arch, weights, seed, budget, overrides, auto,
-                     str(cache_dir) if cache_dir else None, workers, report, folds)
+                     str(cache_dir) if cache_dir else None, workers, report, folds, **inputs)
 
 
 def fit(
@@ -63,6 +68,11 @@ def fit(
     `swa`, `ema`, `early_stop`, `aug`, `objective` (a registered training method), ...; None lets the plan
     decide. `budget` ("90s", "5m") is a wall-clock target the plan fits. `folds=K` trains K models on a
     stratified K-fold and returns their mean-probability ensemble with the folds' mean and spread in `metrics`.
+
+    Beyond the labelled folder: `unlabeled="DIR"` (with `ssl="fixmatch"|"pseudo"|"pi"|"mean-teacher"|
+    "cotrain"|"auto"`) learns from unlabelled images too; `target="DIR"` (with `adapt="coral"|"mmd"|"tca"|
+    "jda"|"dann"|"self-train"|"none"|"auto"`) adapts to another domain's images, and `target_labels="DIR"`
+    (class folders) evaluates on labelled target images after training — never used to train or choose.
     """
     config = _run_config(data, arch, weights, labels, budget, seed, cache_dir, workers, report, folds, settings)
     if folds and folds > 1:
@@ -413,11 +423,13 @@ def clear_cache(cache_dir: str | Path | None = None) -> tuple[Path, int]:
     return root, clear(root)
 
 
-def doctor(data: str | Path, labels: str | Path | None = None, arch: str = DEFAULT_ARCH, weights: str = "default", seed: int = 0):
-    """Check data and pipeline before training: balance, duplicates, mean/std, overfitting a tiny subset."""
+def doctor(data: str | Path, labels: str | Path | None = None, arch: str = DEFAULT_ARCH, weights: str = "default",
+           seed: int = 0, target: str | Path | None = None):
+    """Check data and pipeline before training: balance, duplicates, mean/std, overfitting a tiny subset;
+    with `target`, how far the target domain is from the source in the backbone's feature space."""
     from visiontune.doctor import doctor as check
 
-    return check(data, labels=labels, arch=arch, weights=weights, seed=seed)
+    return check(data, labels=labels, arch=arch, weights=weights, seed=seed, target=target)
 
 
 def augment_preview(data: str | Path, out: str | Path = "augment-preview.png", aug: str = "standard", images: int = 4,

@@ -71,7 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         clf = api.fit(
             args.data, arch=args.arch, weights=args.weights, out=args.out, labels=args.labels, budget=args.budget,
             seed=args.seed, cache_dir=args.cache_dir, workers=args.workers, folds=args.folds,
-            valid_fraction=args.valid, report=args.report, **settings,
+            valid_fraction=args.valid, report=args.report, unlabeled=args.unlabeled, target=args.target,
+            target_labels=args.target_labels, **settings,
         )
     if "per_class" in clf.metrics:
         for table in _metrics_tables(clf.metrics, clf.classes):
@@ -194,7 +195,8 @@ def cmd_hard_examples(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from visiontune import api
 
-    report = api.doctor(args.data, labels=args.labels, arch=args.arch, weights=args.weights, seed=args.seed)
+    report = api.doctor(args.data, labels=args.labels, arch=args.arch, weights=args.weights, seed=args.seed,
+                        target=args.target)
     Console().print(report.table())
     for line in report.advice:
         console.print(f"[yellow]•[/] {line}")
@@ -387,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cache-dir", help="feature cache (default: $VISIONTUNE_CACHE or ~/.cache/visiontune)")
     train.add_argument("--workers", type=int, default=1, help="image-decoding processes")
     train.add_argument("--report", action=argparse.BooleanOptionalAction, default=True, help="write report.html (default)")
+    train.add_argument("--unlabeled", metavar="DIR", help="also learn from these unlabelled images (recursive; --ssl picks the method)")
+    train.add_argument("--target", metavar="DIR", help="adapt to this domain's unlabelled images (--adapt picks the method)")
+    train.add_argument("--target-labels", metavar="DIR", help="labelled target images (class folders): evaluation only, after training")
     _add_playbook(train)
     train.set_defaults(func=cmd_train)
 
@@ -458,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="check data and pipeline: balance, duplicates, mean/std, overfit a tiny subset")
     _add_data_and_backbone(doctor)
+    doctor.add_argument("--target", metavar="DIR", help="also measure how far this domain's images are from DATA")
     doctor.set_defaults(func=cmd_doctor)
 
     plan = sub.add_parser("plan", help="print the plan for a data folder without training")

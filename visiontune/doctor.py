@@ -29,6 +29,7 @@ class DoctorReport:
     advice: list[str] = field(default_factory=list)
     healthy: bool = True
     overfit: dict = field(default_factory=dict)
+    domain: dict | None = None  # with a target folder: proxy A-distance, mean shift, class shares
 
     def table(self) -> Table:
         table = Table(title="visiontune doctor")
@@ -54,7 +55,7 @@ def overfit_tiny_subset(features: torch.Tensor, labels: torch.Tensor, steps: int
 
 def doctor(
     data: str | Path, labels: str | Path | None = None, arch: str = DEFAULT_ARCH, weights: str = "default",
-    seed: int = 0, per_class: int = 4,
+    seed: int = 0, per_class: int = 4, target: str | Path | None = None,
 ) -> DoctorReport:
     report = DoctorReport()
     source = discover(data, labels=labels)
@@ -106,7 +107,48 @@ def doctor(
     if not fell:
         report.healthy = False
         report.advice.append("the head could not overfit a tiny subset: check the labels, the files and the backbone weights")
+    if target is not None:
+        report.domain = domain_shift(backbone, paths, ys, catalog.classes, target, seed)
+        report.rows += report.domain.pop("rows")
+        report.advice += report.domain.pop("advice")
     return report
+
+
+#: Proxy A-distance bands and what they predict (0 = indistinguishable, 2 = perfectly separable). A linear
+#: domain classifier on ImageNet features separates almost any two photo collections a little, so only
+#: clear separations are read as shift.
+PAD_BANDS = ((0.5, "close: a model trained on the source should transfer; adaptation has little to fix"),
+             (1.5, "moderately apart: expect some drop on the target; --adapt (coral, mmd, self-train) is worth trying"),
+             (2.01, "far apart: expect a large drop on the target; adapt (--adapt auto) or label some target images"))
+
+
+def domain_shift(backbone, paths: list, labels: list, classes: list[str], target: str | Path, seed: int = 0, sample: int = 1000) -> dict:
+    """Before any training: how far the target images are from the source in the backbone's pooled
+    features — the proxy A-distance from a linear domain classifier (cross-validated), the mean shift in
+    units of the source spread, and per class the share of target images nearest to that class's source
+    centroid against the class's share of the source (a hint of prior shift; no target label is used)."""
+    from visiontune.beyond import domain_picture
+    from visiontune.data.catalog import unlabelled_catalog
+
+    rng = np.random.default_rng(seed)
+    source_pick = np.sort(rng.choice(len(paths), min(len(paths), sample), replace=False))
+    target_catalog = unlabelled_catalog(target, "target")
+    target_pick = np.sort(rng.choice(len(target_catalog), min(len(target_catalog), sample), replace=False))
+    root = default_cache_root()
+    kept_s, xs, _ = cached_activations(backbone, [paths[i] for i in source_pick], root, description="doctor source")
+    _, xt, _ = cached_activations(backbone, [target_catalog.paths[i] for i in target_pick], root, description="doctor target")
+    xs, xt = np.asarray(xs, dtype=np.float32), np.asarray(xt, dtype=np.float32)
+    picture = domain_picture(xs, xt, seed)
+    ys = np.asarray(labels)[source_pick][kept_s]
+    centroids = np.stack([xs[ys == c].mean(0) if (ys == c).any() else np.full(xs.shape[1], np.inf) for c in range(len(classes))])
+    nearest = np.argmin(((xt[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
+    share = {c: (float((ys == i).mean()), float((nearest == i).mean())) for i, c in enumerate(classes)}
+    pad = picture["proxy_a_distance"]
+    verdict = next(text for limit, text in PAD_BANDS if pad < limit)
+    rows = [("domain distance", f"proxy A-distance {pad:.2f} (0 = same, 2 = separable; domain classifier accuracy "
+                                f"{picture['domain_classifier_accuracy']:.2f}), mean shift {picture['mean_shift']:.2f} source SDs"),
+            ("target by nearest class", ", ".join(f"{c} {t:.0%} (source {s:.0%})" for c, (s, t) in share.items()))]
+    return {"rows": rows, "advice": [f"target domain {verdict}"], **picture, "class_share": share}
 
 
 def augment_preview(

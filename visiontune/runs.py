@@ -47,6 +47,9 @@ class RunConfig:
     workers: int = 1
     report: bool = True
     folds: int = 0
+    unlabeled: str | None = None  # a folder of unlabelled images (semi-supervised learning)
+    target: str | None = None  # a folder of target-domain images without labels (domain adaptation)
+    target_labels: str | None = None  # labelled target images (class folders): read only to evaluate
 
     def to_yaml_dict(self) -> dict:
         config = asdict(self)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from visiontune import beyond
 from visiontune.backbones.cuts import Tail, cut_points
 from visiontune.backbones.registry import Backbone, create_backbone, resolve_arch
 from visiontune.cache.features import cached_activations
@@ -94,6 +95,8 @@ def prepare(config: RunConfig, fold: tuple[int, int] | None = None, reserve_s: f
     speed = profile_speed(backbone, train_cat, cuts[:4], engine) if budget_s is not None else None
     overrides = {**overrides, "seed": config.seed, "task": task.name}
     plan = make_plan(data_profile, native, cuts, overrides, budget_s, speed, seconds_since_process_start() + reserve_s)
+    beyond.check_request(plan, config.unlabeled, config.target, task.name)
+    beyond.settle_plan(plan, config.unlabeled, config.target)
     plan.why["task"] = {"multi-label": "labels CSV has several space-separated tags per image: sigmoid + BCE, thresholds for F-beta"}.get(
         task.name, "one class per image")
     return Prepared(source, train_cat, valid_cat, task, backbone, data_profile, speed, plan)
@@ -205,7 +208,11 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
     )
     console.print(prep.plan.table())
     inputs = cache_inputs(prep, config)
-    skipped = list(prep.source.skipped) + inputs.skipped
+    extra = None
+    if config.unlabeled or config.target:
+        extra = beyond.cache_extra("u" if config.unlabeled else "xt", config.unlabeled or config.target, backbone,
+                                   prep.plan, config.cache_dir, config.workers)
+    skipped = list(prep.source.skipped) + inputs.skipped + (extra.skipped if extra else [])
     if expected is not None and [str(p) for p in prep.train.paths] != expected.train:
         raise DataError(f"{config.data}: the data changed since {run.path} started (its split.json differs); start a new run.")
     run.write_skipped(skipped)
@@ -215,23 +222,29 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
     ))
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} unusable files[/] (listed in {run.file('skipped.txt')})")
+    y_train, y_valid = task.targets(prep.train), task.targets(prep.valid)
+    model = backbone.model
+    tail = Tail(model, prep.plan.cut, dropout=prep.plan.head_dropout)
     if not run.has_plan():
         choose_auto(prep, config, run, inputs)
         refit_to_budget(prep, config)
+        if extra is not None:
+            choose_beyond(prep, run, tail, inputs, y_train, extra)
         run.write_plan(prep.plan)
     plan = prep.plan
+    before = beyond.domain_picture(beyond.pooled_rows(tail, inputs.train_views[0]), beyond.pooled_rows(tail, extra.views[0]), plan.seed) \
+        if extra is not None and extra.key == "xt" else None
 
-    y_train, y_valid = task.targets(prep.train), task.targets(prep.valid)
-    model = backbone.model
-    tail = Tail(model, plan.cut, dropout=plan.head_dropout)
     in_finetune = checkpoint is not None and checkpoint.position.phase == "finetune"
     logger = run.logger()
-    if not in_finetune:
-        train_cached(
-            tail, inputs.train_views, y_train, inputs.valid, y_valid, plan, logger, phase=f"cached:{plan.cut}",
-            checkpoints=run.checkpoints, resume=checkpoint, metrics_lines=run.metrics_lines,
-            train_paths=prep.train.paths, task=task,
-        )
+    run_options = {"phase": f"cached:{plan.cut}", "checkpoints": run.checkpoints, "resume": checkpoint,
+                   "metrics_lines": run.metrics_lines, "train_paths": prep.train.paths}
+    if extra is not None:
+        method = plan.ssl or plan.adapt
+        chosen = beyond.candidate(method, plan, tail, inputs.train_views[0], y_train, extra)
+        beyond.train_candidate(tail, chosen, inputs.train_views, y_train, inputs.valid, y_valid, extra, task, logger, **run_options)
+    elif not in_finetune:
+        train_cached(tail, inputs.train_views, y_train, inputs.valid, y_valid, plan, logger, task=task, **run_options)
     classifier = Classifier(model.eval(), backbone.arch, classes, backbone.preprocessing, run_dir=run.path,
                             extra={"task": task.name})
     if plan.finetune_epochs > 0:
@@ -259,6 +272,8 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
     classifier.metrics = {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "confusion_matrix_normalized")}
     classifier.extra = {"weights": backbone.weights, "trained_on": str(Path(config.data).resolve()), "task": task.name,
                         "multi_label": task.name == "multi-label", **decisions}
+    if extra is not None:
+        classifier.metrics.update(finish_beyond(prep, config, run, tail, inputs, extra, before))
     classifier.save(run.classifier_dir)
     run.save_predictions(kept, probs, targets)
     if config.report:
@@ -267,6 +282,41 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
         report_started = time.perf_counter()
         console.print(f"report: {build_report(run.path)} ({time.perf_counter() - report_started:.1f}s)")
     return classifier
+
+
+def choose_beyond(prep: Prepared, run: RunDir, tail: Tail, inputs: CachedInputs, y_train: np.ndarray, extra) -> None:
+    """Settle `--ssl/--adapt auto` (a criterion without validation or target labels) and the objective."""
+    plan = prep.plan
+    kind = "ssl" if extra.key == "u" else "adapt"
+    if getattr(plan, kind) == "auto":
+        chosen, info = beyond.choose_method(kind, tail, plan, inputs.train_views, y_train, extra, prep.task)
+        setattr(plan, kind, chosen)
+        plan.why[kind] = f"auto: {chosen}, by {info['criterion']} (scores in auto.json)"
+        run.write_json("auto.json", info)
+    method = getattr(plan, kind)
+    plan.objective = method if method not in ("none", "tca", "jda") else "supervised"
+
+
+def finish_beyond(prep: Prepared, config: RunConfig, run: RunDir, tail: Tail, inputs: CachedInputs, extra, before) -> dict:
+    """After training: the target evaluation (the only read of target labels) and the domain picture."""
+    plan, summary = prep.plan, {"method": plan_method(prep.plan), "extra_images": len(extra.catalog)}
+    if extra.key == "xt":
+        after = beyond.domain_picture(beyond.pooled_rows(tail, inputs.train_views[0]), beyond.pooled_rows(tail, extra.views[0]), plan.seed)
+        report = {"before": before, "after": after}
+        if config.target_labels:
+            catalog = beyond.target_catalog(config.target_labels, list(prep.source.classes))
+            metrics, _, _ = beyond.evaluate_target(tail, catalog, prep.backbone, plan, list(prep.source.classes),
+                                                   config.cache_dir, config.workers)
+            report["target"] = {k: v for k, v in metrics.items() if k != "confusion_matrix_normalized"}
+            summary["target_accuracy"] = metrics["accuracy"]
+            console.print(f"[bold]target accuracy {metrics['accuracy']:.4f}[/] on {metrics['n']} labelled target images")
+        run.write_json("adaptation.json", report)
+        summary["proxy_a_distance_before"], summary["proxy_a_distance_after"] = before["proxy_a_distance"], after["proxy_a_distance"]
+    return {"beyond": summary, **({"target_accuracy": summary["target_accuracy"]} if "target_accuracy" in summary else {})}
+
+
+def plan_method(plan: Plan) -> str:
+    return plan.ssl or plan.adapt or "supervised"
 
 
 def fit_folds(config: RunConfig, out: str | Path | None, runs_root: Path) -> Classifier:

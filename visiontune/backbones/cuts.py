@@ -65,14 +65,22 @@ class Tail(nn.Module):
         self.dropout = dropout
         self.k = None if cut == POOLED else _block_index(model, cut)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Activations at the cut -> the pooled features the classifier reads (what domain adaptation aligns)."""
         m = self.model
         if self.k is not None:
             for block in m.blocks[self.k :]:
                 x = block(x)
             x = m.forward_head(m.bn2(m.conv_head(x)), pre_logits=True)
-        x = nn.functional.dropout(x, p=self.dropout, training=self.training)
-        return m.get_classifier()(x)
+        return x
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled features -> logits (dropout first while training)."""
+        features = nn.functional.dropout(features, p=self.dropout, training=self.training)
+        return self.model.get_classifier()(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.features(x))
 
     def tail_modules(self) -> list[nn.Module]:
         """The modules this tail runs (the trunk's stay frozen)."""

@@ -251,3 +251,41 @@ def discover(root: str | Path, labels: str | Path | None = None, check: bool = T
     train = catalog_from_folders(root, check=check)
     _require_trainable(train, root)
     return Source(root, "folders", train, None)
+
+
+def unlabelled_catalog(root: str | Path, what: str = "unlabelled", check: bool = True) -> Catalog:
+    """Every image file below `root`, recursively, without labels (label -1): an unlabelled folder for
+    semi-supervised learning or a target-domain folder for adaptation. Class sub-folders are allowed and
+    ignored; hidden files are left out, other non-image names and unreadable files are skipped with the
+    reason."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder of {what} images. Pass a folder (searched recursively).")
+    paths, skipped = [], []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or _is_hidden(path, root):
+            continue
+        if is_image_name(path):
+            paths.append(path)
+        else:
+            skipped.append(Skipped(str(path), f"not an image file name ({path.suffix or 'no extension'})"))
+    labels = [-1] * len(paths)
+    if check:
+        paths, labels, bad = _check_files(paths, labels, what)
+        skipped += bad
+    if not paths:
+        raise DataError(f"{root}: no usable {what} images found (searched recursively); {len(skipped)} files skipped.")
+    return Catalog(paths, labels, [], skipped)
+
+
+def labelled_like(root: str | Path, classes: list[str], labels: str | Path | None = None) -> Catalog:
+    """Labelled images to *evaluate* on with a known class list: class folders (or a labels CSV)."""
+    root = Path(root).expanduser()
+    catalog = catalog_from_csv(root, Path(labels)) if labels else catalog_from_folders(root, classes=classes)
+    if catalog.classes != classes:
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = sorted(set(catalog.classes) - set(classes))
+        if unknown:
+            raise DataError(f"{root}: classes the training data does not have: {', '.join(unknown)}")
+        catalog = Catalog(catalog.paths, [index[catalog.classes[y]] for y in catalog.labels], classes, catalog.skipped)
+    return catalog

@@ -101,6 +101,24 @@ class WeightAveraging(Callback):
         return {"averaged": self.averager.model.state_dict()} if self.averager.model is not None else {}
 
 
+class ObjectiveState(Callback):
+    """Saves and restores the objective's own modules (a discriminator, a peer head, a teacher) with
+    every checkpoint, so a method with state resumes exactly."""
+
+    name = "objective-state"
+
+    def __init__(self, objective):
+        self.objective = objective
+
+    def restore(self, loop: Loop, checkpoint: Checkpoint) -> None:
+        for name, module in self.objective.state_modules().items():
+            if f"objective.{name}" in checkpoint.parts:
+                module.load_state_dict(checkpoint.parts[f"objective.{name}"])
+
+    def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {f"objective.{name}": module.state_dict() for name, module in self.objective.state_modules().items()}
+
+
 class StepValidation(Callback):
     """Also validate every `every` optimizer steps (--eval-every): finer curves in metrics.jsonl and tb/."""
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from visiontune.progress import progress_bar
 from visiontune.task.kinds import Task
-from visiontune.train.callbacks import Callback, default_callbacks
+from visiontune.train.callbacks import Callback, ObjectiveState, default_callbacks
 from visiontune.train.checkpoint import Checkpoint, Position
 from visiontune.train.objectives import Batch, Objective, ObjectiveSetup, batch_size_of, make_objective, train_step
 from visiontune.train.plan import Plan
@@ -50,15 +50,19 @@ class Phase:
     bn_batches: Callable[[], Iterable[torch.Tensor]] | None = None  # training inputs for that
     batch_size: int = 64
     pct_start: float = 0.3  # one-cycle warm-up fraction
+    steps: int | None = None  # optimizer steps per epoch when not one pass over `labels` (unlabelled data)
+    input_shape: tuple[int, ...] | None = None  # one input's shape, for methods that size a module from it
 
     @property
     def steps_per_epoch(self) -> int:
-        return max(1, -(-len(self.labels) // self.batch_size))
+        return self.steps or max(1, -(-len(self.labels) // self.batch_size))
 
 
 def phase_objective(phase: Phase, plan: Plan) -> Objective:
     """The plan's objective (``--objective``, default ``supervised``) built for this phase."""
-    return make_objective(plan.objective, ObjectiveSetup(plan, phase.task, phase.labels, phase.n_classes))
+    return make_objective(plan.objective, ObjectiveSetup(
+        plan, phase.task, phase.labels, phase.n_classes, phase.module, phase.epochs * phase.steps_per_epoch,
+        phase.input_shape))
 
 
 def epoch_order(n: int, seed: int, epoch: int, sample_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Generator]:
@@ -78,9 +82,14 @@ def balanced_sample_weights(labels: np.ndarray) -> torch.Tensor:
 class Loop:
     """The running state of one phase, which the callbacks read and change."""
 
-    def __init__(self, phase: Phase, plan: Plan, log: Log, metrics_lines: Callable[[], int], callbacks: list[Callback]):
+    def __init__(self, phase: Phase, plan: Plan, log: Log, metrics_lines: Callable[[], int], callbacks: list[Callback],
+                 objective: Objective | None = None):
         self.phase, self.plan, self.log, self.metrics_lines, self.callbacks = phase, plan, log, metrics_lines, callbacks
-        self.optimizer = make_optimizer(phase.groups, plan.optimizer, plan.weight_decay)
+        groups = list(phase.groups)
+        extra = [p for module in (objective.modules().values() if objective else []) for p in module.parameters()]
+        if extra:  # a method's own trainable parts (a domain discriminator, a peer head) learn at the head's rate
+            groups.append({"params": extra, "lr": phase.groups[-1]["lr"]})
+        self.optimizer = make_optimizer(groups, plan.optimizer, plan.weight_decay)
         self.schedule = make_schedule(
             self.optimizer, plan.schedule, phase.epochs, phase.steps_per_epoch, plan.warmup_epochs, plan.sgdr_cycle,
             plan.sgdr_mult, phase.pct_start,
@@ -122,10 +131,10 @@ def run_phase(
     """Train `phase.module` in place for `phase.epochs` epochs; returns the per-epoch records."""
     objective = phase_objective(phase, plan)
     if callbacks is None:
-        callbacks = default_callbacks(plan, checkpoints, objective.callbacks())
+        callbacks = default_callbacks(plan, checkpoints, [ObjectiveState(objective), *objective.callbacks()])
     module, steps = phase.module, phase.steps_per_epoch
     forward = torch.compile(module) if plan.compile else module  # shares the parameters; state stays uncompiled
-    loop = Loop(phase, plan, log, metrics_lines, callbacks)
+    loop = Loop(phase, plan, log, metrics_lines, callbacks, objective)
     loop.emit("phase_start")
     if resume is not None:
         loop.restore(resume)
@@ -145,6 +154,7 @@ def run_phase(
                 n = batch_size_of(batch)
                 if n == 0:
                     continue
+                objective.step = position.global_step
                 loss, logs = train_step(forward, objective, batch, loop.optimizer, plan.amp)
                 loop.schedule.step()
                 loop.loss_sum += loss * n

@@ -39,12 +39,16 @@ class ObjectiveSetup:
     task: Task
     labels: np.ndarray  # training labels (class indices): class weights, class counts
     n_classes: int
+    module: nn.Module | None = None  # what trains (a Tail, or the whole model): methods may copy it (teachers)
+    total_steps: int = 0  # optimizer steps in the phase: ramp-ups and schedules of a method
+    input_shape: tuple[int, ...] | None = None  # one input's shape (cached activations: (C, H, W) or (D,))
 
 
 class Objective:
     """One training method: :meth:`loss` of a batch, plus the logs it wants recorded (floats)."""
 
     name: ClassVar[str] = ""
+    step: int = 0  # the phase's optimizer step, set by the loop before each call of `loss` (exact on resume)
 
     def __init__(self, setup: ObjectiveSetup):
         self.setup = setup
@@ -55,6 +59,16 @@ class Objective:
     def callbacks(self) -> list:
         """Per-step/epoch extras this method needs (see train/callbacks.py); none by default."""
         return []
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The method's own trainable modules (a domain discriminator, a peer head): the loop optimizes
+        them beside the phase's parameters; saved with checkpoints."""
+        return {}
+
+    def state_modules(self) -> dict[str, nn.Module]:
+        """Everything of the method's to save with a checkpoint: its trainable modules and any others
+        (an EMA teacher)."""
+        return self.modules()
 
 
 OBJECTIVES: dict[str, type[Objective]] = {}

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -92,19 +93,53 @@ def target_tensor(targets: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(targets.astype(np.int64) if targets.ndim == 1 else targets.astype(np.float32))
 
 
+@dataclass
+class Unlabelled:
+    """Cached activations of images without labels that a training method learns from.
+
+    Each batch carries `ratio` of them per labelled item under `key` (the plain view) and `key + "_aug"`
+    (one of the augmented views, or the plain one again when none is cached). `key` is ``u`` for an
+    unlabelled folder (semi-supervised) and ``xt`` for target-domain images (domain adaptation)."""
+
+    key: str
+    views: list[Rows]  # plain view first, then augmented views
+    ratio: int = 3
+
+
+def _extra_batches(extra: Unlabelled, seed: int, epoch: int, steps: int, per_step: int) -> list[dict[str, torch.Tensor]]:
+    """The epoch's batches of one unlabelled source: seeded permutations, cycled, one view drawn per item."""
+    n = len(extra.views[0])
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_777_777 * (1 + len(extra.key)))
+    needed = steps * per_step
+    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-needed // n))])[:needed]
+    choice = torch.randint(1, max(2, len(extra.views)), (needed,), generator=generator) if len(extra.views) > 1 else torch.zeros(needed, dtype=torch.long)
+    out = []
+    for step in range(steps):
+        rows = order[step * per_step : (step + 1) * per_step].numpy()
+        out.append({
+            extra.key: _gather_views(extra.views, rows, np.zeros(len(rows), dtype=np.int64)),
+            f"{extra.key}_aug": _gather_views(extra.views, rows, choice[step * per_step : (step + 1) * per_step].numpy()),
+        })
+    return out
+
+
 def cached_phase(
     tail: Tail, train_views: list[Rows], train_y: np.ndarray, valid_x: Rows, valid_y: np.ndarray, plan: Plan,
-    name: str = "head", train_paths=None, task: Task | None = None,
+    name: str = "head", train_paths=None, task: Task | None = None, extras: list[Unlabelled] | None = None,
+    fresh_classifier: bool = True,
 ) -> Phase:
     """The tail on cached activations; `*_y` are the task's targets (class indices, or multi-hot rows).
 
     The classifier starts at zero (uniform predictions): timm's init is scaled for its own features and
     starts a fresh head with huge logits, which measurably cost accuracy (digits: 0.894 vs 0.942 at the
-    same epochs)."""
+    same epochs); `fresh_classifier=False` continues from the current one (a second phase). With `extras`
+    (unlabelled or target-domain activations) an epoch is long enough for each extra source to be seen
+    once, the labelled data cycling as often as that takes."""
     task = task or SingleLabel()
     classifier = tail.model.get_classifier()
-    nn.init.zeros_(classifier.weight)
-    nn.init.zeros_(classifier.bias)
+    if fresh_classifier:
+        nn.init.zeros_(classifier.weight)
+        nn.init.zeros_(classifier.bias)
     trained = tail.trainable_parameters()
     for p in trained:
         p.requires_grad_(True)
@@ -115,12 +150,30 @@ def cached_phase(
     y, vy = target_tensor(train_y), target_tensor(valid_y)
     weights = _sample_weights(plan, labels, train_paths)
 
+    extras = extras or []
+    labelled_steps = max(1, -(-len(y) // plan.batch_size))
+    steps = max([labelled_steps] + [-(-len(e.views[0]) // (e.ratio * plan.batch_size)) for e in extras])
+
     def batches(epoch: int, first_step: int):
-        order, generator = epoch_order(len(y), plan.seed, epoch, weights)
-        choice = torch.randint(len(train_views), (len(y),), generator=generator)
-        for start in range(first_step * plan.batch_size, len(y), plan.batch_size):
-            batch = order[start : start + plan.batch_size]
-            yield {"x": _gather_views(train_views, batch.numpy(), choice[batch].numpy()), "y": y[batch]}
+        if not extras:
+            order, generator = epoch_order(len(y), plan.seed, epoch, weights)
+            choice = torch.randint(len(train_views), (len(y),), generator=generator)
+            for start in range(first_step * plan.batch_size, len(y), plan.batch_size):
+                batch = order[start : start + plan.batch_size]
+                yield {"x": _gather_views(train_views, batch.numpy(), choice[batch].numpy()), "y": y[batch]}
+            return
+        cycles = [epoch_order(len(y), plan.seed, epoch * 1000 + c, weights) for c in range(-(-steps // labelled_steps))]
+        order = torch.cat([o for o, _ in cycles])
+        choice = torch.cat([torch.randint(len(train_views), (len(y),), generator=g) for _, g in cycles])
+        extra_batches = [_extra_batches(e, plan.seed, epoch, steps, e.ratio * plan.batch_size) for e in extras]
+        for step in range(first_step, steps):
+            cycle, start = divmod(step, labelled_steps)
+            picked = order[cycle * len(y) + start * plan.batch_size : cycle * len(y) + min(len(y), (start + 1) * plan.batch_size)]
+            rows = choice[cycle * len(y) + start * plan.batch_size : cycle * len(y) + min(len(y), (start + 1) * plan.batch_size)]
+            batch = {"x": _gather_views(train_views, picked.numpy(), rows.numpy()), "y": y[picked]}
+            for source in extra_batches:
+                batch.update(source[step])
+            yield batch
 
     def validate(m: nn.Module) -> dict:
         return task.validate(predict_cached(m, valid_x), vy) if len(vy) else {}
@@ -138,17 +191,19 @@ def cached_phase(
         n_classes=classifier.out_features, task=task, batches=batches,
         validate=validate,
         prepare_epoch=prepare_epoch, batchnorms=lambda m: m.batchnorms() if not plan.bn_freeze else [],
-        bn_batches=bn_batches, batch_size=plan.batch_size,
+        bn_batches=bn_batches, batch_size=plan.batch_size, steps=steps if extras else None,
+        input_shape=tuple(train_views[0].shape[1:]),
     )
 
 
 def train_cached(
     tail: Tail, train_views: list[Rows], train_y: np.ndarray, valid_x: Rows, valid_y: np.ndarray, plan: Plan,
     log: Log, phase: str = "head", checkpoints: Path | None = None, resume: Checkpoint | None = None,
-    metrics_lines=lambda: 0, train_paths=None, task: Task | None = None,
+    metrics_lines=lambda: 0, train_paths=None, task: Task | None = None, extras: list[Unlabelled] | None = None,
+    fresh_classifier: bool = True,
 ) -> list[dict]:
     """Train a tail in place on cached activations (see :func:`cached_phase`)."""
-    setup = cached_phase(tail, train_views, train_y, valid_x, valid_y, plan, phase, train_paths, task)
+    setup = cached_phase(tail, train_views, train_y, valid_x, valid_y, plan, phase, train_paths, task, extras, fresh_classifier)
     return run_phase(setup, plan, log, checkpoints, resume, metrics_lines)
 
 

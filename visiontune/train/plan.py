@@ -41,6 +41,7 @@ def setting(help: str, group: str = "", default=MISSING, flag: str = "", choices
 
 
 RECIPE, OPTIM, FREEZING, LOSS, MONITOR = "recipe (default: the plan)", "optimisation", "freezing", "loss and regularisation", "monitoring"
+BEYOND = "unlabelled and target-domain images (--unlabeled DIR / --target DIR)"
 
 
 @dataclass
@@ -100,6 +101,18 @@ class Plan:
     upweight: str = setting("CSV of hard examples (visiontune hard-examples) drawn more often", LOSS, "", metavar="CSV")
     upweight_factor: float = setting("how many times as often the hard examples are drawn", LOSS, 3.0)
     task: str = setting("single-label | multi-label: chosen from the data (tags in the labels CSV)", default="single-label")
+    ssl: str = setting("semi-supervised method on --unlabeled images: pseudo | pi | mean-teacher | fixmatch | "
+                       "cotrain | auto (chosen on an inner split of the labelled training images)", BEYOND, "")
+    adapt: str = setting("domain adaptation to --target images: coral | mmd | tca | jda | dann | self-train | none | "
+                         "auto (chosen without target labels: deep embedded validation)", BEYOND, "")
+    extra_epochs: int = setting("passes over the unlabelled/target images, after a labelled-only warm start", BEYOND, 3)
+    unlabeled_ratio: int = setting("unlabelled (or target) images per labelled image in a batch", BEYOND, 3)
+    unlabeled_views: int = setting("augmented cached views per unlabelled/target image (a trunk pass each)", BEYOND, 1)
+    threshold: float = setting("confidence a pseudo-label needs (pseudo, fixmatch, cotrain, self-train)", BEYOND, 0.95)
+    unlabeled_weight: float = setting("weight of the unlabelled or adaptation loss once ramped up", BEYOND, 1.0)
+    rampup: float = setting("fraction of the steps over which that weight ramps up (sigmoid)", BEYOND, 0.3)
+    teacher_ema: float = setting("EMA decay of the mean teacher's weights", BEYOND, 0.99)
+    tca_dim: int = setting("TCA/JDA: dimension of the subspace shared by source and target", BEYOND, 64)
     fbeta: float = setting("multi-label: the decision thresholds maximise this F-beta", LOSS, 2.0)
     why: dict[str, str] = field(default_factory=dict)
 

@@ -1,0 +1,155 @@
+"""Semi-supervised learning and domain adaptation (issue F) on small synthetic folders: every method trains
+through `visiontune.fit`, uses the unlabelled / target images (its weights change when they change), leaves
+the labelled-only path alone, and never reads the target's evaluation labels while training."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import visiontune as vt
+from visiontune import cli
+from visiontune.adapt.coral import coral_distance
+from visiontune.adapt.dann import GradientReversal
+from visiontune.adapt.mmd import mmd2
+from visiontune.adapt.subspace import fit_jda, fit_tca
+from visiontune.errors import UsageError
+from conftest import COLOURS, make_image, write_class_folders
+
+FAST = {"img_size": 64, "epochs": 2, "extra_epochs": 1, "report": False, "cut": "pooled"}
+SHIFTED = {name: tuple(int(0.5 * c + 60) for c in colour) for name, colour in COLOURS.items()}
+
+
+def _flat(folder, classes, per_class, seed):
+    """Unlabelled images of `classes` colours, flat in one folder (no class sub-folders)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i in range(per_class * len(classes)):
+        name = list(classes)[i % len(classes)]
+        make_image(classes[name], rng).save(folder / f"{i:04d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("beyond")
+    FAST["cache_dir"] = str(root / "cache")  # one feature cache for the module: each folder is cached once
+    return {
+        "labelled": write_class_folders(root / "labelled", per_class=8),
+        "unlabelled": _flat(root / "unlabelled", COLOURS, 12, seed=1),
+        "other_unlabelled": _flat(root / "other_unlabelled", COLOURS, 12, seed=5),
+        "target": _flat(root / "target", SHIFTED, 12, seed=2),
+        "other_target": _flat(root / "other_target", SHIFTED, 12, seed=6),
+        "target_eval": write_class_folders(root / "target_eval", per_class=6, seed=3, classes=SHIFTED),
+    }
+
+
+def _weights(run):
+    return load_file(str(run / "classifier" / "model.safetensors"))
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["pseudo", "pi", "mean-teacher", "fixmatch", "cotrain"])
+def test_each_ssl_method_learns_from_the_unlabelled_images(folders, tmp_path, method):
+    clf = vt.fit(folders["labelled"], out=tmp_path / "a", unlabeled=folders["unlabelled"], ssl=method, threshold=0.5, **FAST)
+    vt.fit(folders["labelled"], out=tmp_path / "b", unlabeled=folders["other_unlabelled"], ssl=method, threshold=0.5, **FAST)
+    assert clf.metrics["beyond"]["method"] == method and clf.metrics["beyond"]["extra_images"] == 36
+    assert not _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))  # other unlabelled images, other model
+    records = (tmp_path / "a" / "metrics.jsonl").read_text()
+    assert f":{method}\"" in records and ":warm\"" in records and "train_unlabelled_loss" in records
+
+
+@pytest.mark.parametrize("method", ["coral", "mmd", "dann", "self-train", "tca", "jda"])
+def test_each_adaptation_method_uses_the_target_images(folders, tmp_path, method):
+    kw = {"adapt": method, "target_labels": folders["target_eval"], "threshold": 0.5, **FAST}
+    clf = vt.fit(folders["labelled"], out=tmp_path / "a", target=folders["target"], **kw)
+    vt.fit(folders["labelled"], out=tmp_path / "b", target=folders["other_target"], **kw)
+    assert 0 <= clf.metrics["target_accuracy"] <= 1 and clf.metrics["beyond"]["method"] == method
+    assert not _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    assert (tmp_path / "a" / "adaptation.json").exists()
+
+
+def test_without_extra_images_the_labelled_path_is_untouched(folders, tmp_path):
+    plain = vt.fit(folders["labelled"], out=tmp_path / "plain", **FAST)
+    assert "beyond" not in plain.metrics
+    records = (tmp_path / "plain" / "metrics.jsonl").read_text()
+    assert "warm" not in records and "unlabelled" not in records
+    again = vt.fit(folders["labelled"], out=tmp_path / "again", **FAST)
+    assert _same(_weights(tmp_path / "plain"), _weights(tmp_path / "again"))
+
+
+def test_target_evaluation_labels_are_never_read_in_training(folders, tmp_path):
+    """Poison the target labels (every image moved to another class folder): same weights, other score."""
+    poisoned = tmp_path / "poisoned"
+    names = sorted(SHIFTED)
+    for k, name in enumerate(names):
+        shutil.copytree(folders["target_eval"] / name, poisoned / names[(k + 1) % len(names)], dirs_exist_ok=True)
+    for target_labels, out in ((folders["target_eval"], "run-clean"), (poisoned, "run-poisoned")):
+        vt.fit(folders["labelled"], out=tmp_path / out, target=folders["target"], target_labels=target_labels,
+               adapt="auto", **FAST)
+    assert _same(_weights(tmp_path / "run-clean"), _weights(tmp_path / "run-poisoned"))
+    clean = vt.load(tmp_path / "run-clean").metrics["target_accuracy"]
+    assert clean != vt.load(tmp_path / "run-poisoned").metrics["target_accuracy"]
+    assert (tmp_path / "run-clean" / "auto.json").read_text() == (tmp_path / "run-poisoned" / "auto.json").read_text()
+
+
+def test_ssl_auto_chooses_without_validation_labels(folders, tmp_path):
+    """A train/valid layout whose valid labels are poisoned gives the same choice and the same weights."""
+    for poison in (False, True):
+        data = tmp_path / f"split-{poison}"
+        shutil.copytree(folders["labelled"], data / "train")
+        names = sorted(COLOURS)
+        for k, name in enumerate(names):
+            shutil.copytree(folders["labelled"] / name,
+                            data / "valid" / (names[(k + 1) % 3] if poison else name), dirs_exist_ok=True)
+        vt.fit(data, out=tmp_path / f"run-{poison}", unlabeled=folders["unlabelled"], ssl="auto", **FAST)
+    assert _same(_weights(tmp_path / "run-False"), _weights(tmp_path / "run-True"))
+    assert (tmp_path / "run-False" / "auto.json").read_text() == (tmp_path / "run-True" / "auto.json").read_text()
+
+
+def test_cli_and_doctor(folders, tmp_path, capsys):
+    code = cli.main(["train", str(folders["labelled"]), "--out", str(tmp_path / "run"), "--unlabeled",
+                     str(folders["unlabelled"]), "--ssl", "pseudo", "--img-size", "64", "--epochs", "2", "--cut", "pooled",
+                     "--extra-epochs", "1", "--no-report", "--cache-dir", FAST["cache_dir"]])
+    assert code == 0
+    report = vt.api.doctor(folders["labelled"], target=folders["target"])
+    assert 0 <= report.domain["proxy_a_distance"] <= 2
+    assert any(check == "domain distance" for check, _ in report.rows)
+
+
+def test_refused_requests_say_what_to_do(folders, tmp_path):
+    with pytest.raises(UsageError, match="--unlabeled"):
+        vt.fit(folders["labelled"], out=tmp_path / "a", ssl="fixmatch", **FAST)
+    with pytest.raises(UsageError, match="choose from"):
+        vt.fit(folders["labelled"], out=tmp_path / "b", unlabeled=folders["unlabelled"], ssl="magic", **FAST)
+
+
+def test_discrepancies_measure_shift():
+    rng = torch.Generator().manual_seed(0)
+    a, b = torch.randn(200, 8, generator=rng), torch.randn(200, 8, generator=rng)
+    shifted = b * 2 + 1
+    assert mmd2(a, shifted) > 5 * mmd2(a, b)
+    assert coral_distance(a, shifted) > 5 * coral_distance(a, b)
+    x = torch.ones(3, requires_grad=True)
+    GradientReversal.apply(x, 0.5).sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), -0.5))
+
+
+def test_subspace_projections_fold_into_a_linear_classifier():
+    rng = np.random.default_rng(0)
+    xs, xt, ys = rng.normal(size=(120, 20)), rng.normal(size=(80, 20)) + 2, rng.integers(0, 3, 120)
+    for projection in (fit_tca(xs, xt, 5), fit_jda(xs, ys, xt, 5, iterations=2)):
+        weight, bias = rng.normal(size=(3, 20)), rng.normal(size=3)
+        folded_w, folded_b = projection.fold(weight, bias)
+        assert np.allclose(projection.padded(xt, 20) @ weight.T + bias, xt @ folded_w.T + folded_b, atol=1e-4)
+        # the projected domains are closer than the raw ones (their mean gap shrinks)
+        raw_gap = np.linalg.norm(xs.mean(0) - xt.mean(0)) / xs.std()
+        projected_gap = np.linalg.norm(projection(xs).mean(0) - projection(xt).mean(0)) / projection(xs).std()
+        assert projected_gap < raw_gap

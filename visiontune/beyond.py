@@ -1,0 +1,276 @@
+"""Beyond the labelled folder: semi-supervised learning on unlabelled images and adaptation to a
+target domain, wired into a training run (visiontune/training.py calls this module).
+
+* The unlabelled (``--unlabeled DIR``) or target (``--target DIR``) images are catalogued like any folder
+  (recursive, bad files skipped with reasons) and cached at the plan's cut: the plain view plus
+  ``--unlabeled-views`` augmented views (the ``strong`` preset). The cached phase then draws
+  ``--unlabeled-ratio`` of them per labelled image into every batch (train/phases.py: Unlabelled).
+* The method is an objective registered in semi/ or adapt/ (``--ssl``/``--adapt`` name it), or for TCA
+  and JDA a closed-form projection of pooled features, folded into the classifier afterwards.
+* ``auto`` trains every candidate and keeps the best by a criterion that reads no validation or target
+  label: for semi-supervised methods, accuracy on an inner split carved from the labelled *training*
+  images; for adaptation, deep embedded validation (You et al. 2019) — the loss on that inner source split
+  weighted by a domain classifier's density ratio towards the target, with its control variate.
+* ``--target-labels DIR`` (class folders of labelled target images) is read only after training, to
+  evaluate on the target: per-class accuracy, and the feature-space picture of both domains for the report.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from visiontune import adapt, semi
+from visiontune.adapt.subspace import fit_jda, fit_tca
+from visiontune.backbones.cuts import POOLED, Tail
+from visiontune.cache.features import cached_activations
+from visiontune.cache.store import default_cache_root
+from visiontune.data.catalog import Catalog, Skipped, labelled_like, unlabelled_catalog
+from visiontune.data.split import stratified_split
+from visiontune.errors import UsageError
+from visiontune.evaluation.metrics import classification_metrics
+from visiontune.progress import console
+from visiontune.train.phases import Unlabelled, predict_cached, train_cached
+from visiontune.train.plan import Plan
+
+UNLABELLED_AUG = "strong"  # augmented cached views of unlabelled/target images: FixMatch's "strong" side
+
+
+@dataclass
+class Extra:
+    """The unlabelled or target images of a run, cached."""
+
+    key: str  # "u" (semi-supervised) or "xt" (target domain)
+    catalog: Catalog
+    views: list  # cached rows: plain view first
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def unlabelled(self, plan: Plan) -> Unlabelled:
+        return Unlabelled(self.key, self.views, plan.unlabeled_ratio)
+
+
+def check_request(plan: Plan, unlabeled: str | None, target: str | None, task_name: str) -> None:
+    """Refuse combinations that cannot run, before anything is cached."""
+    if plan.ssl and not unlabeled:
+        raise UsageError(f"--ssl {plan.ssl} needs --unlabeled DIR (a folder of images without labels)")
+    if plan.adapt and not target:
+        raise UsageError(f"--adapt {plan.adapt} needs --target DIR (images of the domain to adapt to)")
+    if unlabeled and target:
+        raise UsageError("--unlabeled and --target together are not supported yet: run one of them")
+    if (unlabeled or target) and task_name != "single-label":
+        raise UsageError("semi-supervised learning and domain adaptation are for single-label data")
+    if (unlabeled or target) and plan.finetune_epochs > 0:
+        raise UsageError("--unlabeled/--target train on cached activations: drop --unfreeze (fine-tuning on images)")
+    if plan.ssl and plan.ssl not in (*semi.SSL_METHODS, "auto"):
+        raise UsageError(f"--ssl {plan.ssl!r}: choose from {', '.join(semi.SSL_METHODS)} or auto")
+    if plan.adapt and plan.adapt not in (*adapt.ADAPT_METHODS, "auto"):
+        raise UsageError(f"--adapt {plan.adapt!r}: choose from {', '.join(adapt.ADAPT_METHODS)} or auto")
+
+
+def settle_plan(plan: Plan, unlabeled: str | None, target: str | None) -> None:
+    """Defaults when unlabelled or target images are given, each with its reason: FixMatch for unlabelled
+    images (the strongest of the classic methods in USB's benchmarks), auto for a target domain (which
+    method helps depends on the shift)."""
+    if unlabeled and not plan.ssl:
+        plan.ssl = "fixmatch"
+        plan.why["ssl"] = "unlabelled images given: FixMatch (confident weak-view pseudo-labels on strong views)"
+    if target and not plan.adapt:
+        plan.adapt = "auto"
+        plan.why["adapt"] = "target images given: every method tried, the best kept by deep embedded validation"
+
+
+def cache_extra(key: str, folder: str, backbone, plan: Plan, cache_dir: str | None, workers: int) -> Extra:
+    """Catalog and cache an unlabelled or target folder at the plan's cut."""
+    what = "unlabelled" if key == "u" else "target"
+    catalog = unlabelled_catalog(folder, what)
+    root = Path(cache_dir) if cache_dir else default_cache_root()
+    common = {"cut": plan.cut, "seed": plan.seed, "batch_size": plan.batch_size, "workers": workers, "engine": plan.engine}
+    kept, plain, skipped = cached_activations(backbone, catalog.paths, root, description=what, **common)
+    views = [plain]
+    for view in range(plan.unlabeled_views):
+        kept_v, rows, _ = cached_activations(backbone, catalog.paths, root, view=view, description=what, aug=UNLABELLED_AUG, **common)
+        views.append(rows[np.isin(kept_v, kept)])
+    catalog = catalog.subset([int(i) for i in kept])
+    console.print(f"{what}: {len(catalog)} images ({len(catalog.skipped) + len(skipped)} skipped), {len(views)} cached views")
+    return Extra(key, catalog, views, list(catalog.skipped) + skipped)
+
+
+@dataclass
+class Candidate:
+    """What training one method needs beyond the plan: its objective and, for TCA/JDA, a projection."""
+
+    method: str
+    plan: Plan
+    projection: object | None = None
+
+
+def candidate(method: str, plan: Plan, tail: Tail, train_rows, y_train: np.ndarray, extra: Extra | None) -> Candidate:
+    """The plan for one method (its objective). TCA/JDA fit their projection on the pooled features of
+    the pretrained tail (at any cut: the tail's blocks then stay pretrained and only the classifier learns)."""
+    if method in ("none", "", "supervised"):
+        return Candidate("none", replace(plan, objective="supervised"))
+    if method in adapt.SUBSPACE_METHODS:
+        source, target = pooled_rows(tail, train_rows), pooled_rows(tail, extra.views[0])
+        fit = fit_tca(source, target, plan.tca_dim, seed=plan.seed) if method == "tca" else \
+            fit_jda(source, y_train, target, plan.tca_dim, seed=plan.seed)
+        return Candidate(method, replace(plan, objective="supervised"), fit)
+    return Candidate(method, replace(plan, objective=method))
+
+
+def train_candidate(
+    tail: Tail, cand: Candidate, train_views: list, y_train: np.ndarray, valid_x, y_valid: np.ndarray,
+    extra: Extra | None, task, log, **run,
+) -> list[dict]:
+    """Train the tail in place with one method (the phase's loop, callbacks and checkpoints as usual); TCA
+    and JDA train the classifier on projected pooled features and fold the projection into it."""
+    if cand.projection is not None:
+        width = tail.model.num_features
+        train_views = [cand.projection.padded(pooled_rows(tail, v), width) for v in train_views]
+        valid_x = cand.projection.padded(pooled_rows(tail, valid_x), width)
+        trained, extras = Tail(tail.model, POOLED, dropout=tail.dropout), None
+    else:
+        trained = tail
+        extras = [extra.unlabelled(cand.plan)] if extra is not None and cand.method != "none" else None
+    if extras:
+        return warm_then_extra(tail, cand.plan, train_views, y_train, valid_x, y_valid, extras, task, log, **run)
+    history = train_cached(trained, train_views, y_train, valid_x, y_valid, cand.plan, log, task=task, **run)
+    if cand.projection is not None:
+        classifier = tail.model.get_classifier()
+        weight, bias = cand.projection.fold(classifier.weight.detach().numpy(), classifier.bias.detach().numpy())
+        with torch.no_grad():
+            classifier.weight.copy_(torch.from_numpy(weight))
+            classifier.bias.copy_(torch.from_numpy(bias))
+    return history
+
+
+def warm_then_extra(tail: Tail, plan: Plan, train_views, y_train, valid_x, y_valid, extras, task, log,
+                    phase: str = "cached", checkpoints=None, resume=None, **run) -> list[dict]:
+    """A labelled-only warm start (the default recipe), then ``extra_epochs`` passes over the extra images
+    with the method's objective from there. Starting from a model that already predicts well makes the
+    first pseudo-labels and feature statistics useful at once, so a few passes over the unlabelled images
+    do what many would from scratch (the cost that matters on a CPU). The second phase uses a cosine
+    schedule from half the peak rate, since it refines a trained model. Resumable in either phase."""
+    warm_name, extra_name = f"{phase}:warm", f"{phase}:{plan.objective}"
+    history: list[dict] = []
+    in_extra = resume is not None and resume.position.phase == extra_name
+    if not in_extra:
+        history += train_cached(tail, train_views, y_train, valid_x, y_valid, replace(plan, objective="supervised"), log,
+                                phase=warm_name, checkpoints=checkpoints, resume=resume, task=task, **run)
+    second = replace(plan, epochs=plan.extra_epochs, lr=plan.lr / 2, schedule="cosine", warmup_epochs=0.0)
+    history += train_cached(tail, train_views, y_train, valid_x, y_valid, second, log, phase=extra_name,
+                            checkpoints=checkpoints, resume=resume if in_extra else None, task=task, extras=extras,
+                            fresh_classifier=False, **run)
+    return history
+
+
+def _inner_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    inner_train, inner_valid = stratified_split(list(map(int, y)), 0.2, seed + 17)
+    return np.asarray(inner_train), np.asarray(inner_valid)
+
+
+def _take(rows, index: np.ndarray):
+    return rows[index] if isinstance(rows, np.ndarray) else np.asarray(rows.take(index), dtype=np.float32)
+
+
+def deep_embedded_validation(features_train: np.ndarray, features_target: np.ndarray, features_valid: np.ndarray,
+                             losses_valid: np.ndarray) -> float:
+    """DEV (You et al. 2019): the source validation loss weighted by the density ratio p_t(x)/p_s(x) from a
+    domain classifier, with the control variate that cuts its variance. Lower is better; reads no target label."""
+    x = np.vstack([features_train, features_target])
+    d = np.r_[np.zeros(len(features_train)), np.ones(len(features_target))]
+    domain = LogisticRegression(max_iter=1000, C=1.0).fit(x, d)
+    p = np.clip(domain.predict_proba(features_valid)[:, 1], 1e-6, 1 - 1e-6)
+    w = p / (1 - p) * len(features_train) / len(features_target)
+    weighted = w * losses_valid
+    var = np.var(w)
+    eta = -np.cov(weighted, w)[0, 1] / var if var > 0 else 0.0
+    return float(weighted.mean() + eta * w.mean() - eta)
+
+
+def pooled_rows(tail: Tail, rows) -> np.ndarray:
+    tail.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(rows), 256):
+            x = torch.from_numpy(np.ascontiguousarray(_take(rows, np.arange(start, min(start + 256, len(rows)))), dtype=np.float32))
+            out.append(tail.features(x).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, tail.model.num_features), np.float32)
+
+
+def choose_method(
+    kind: str, tail: Tail, plan: Plan, train_views: list, y_train: np.ndarray, extra: Extra, task,
+) -> tuple[str, dict]:
+    """`--ssl auto` / `--adapt auto`: train each candidate on an inner split of the labelled training images
+    and keep the best by a criterion that reads no validation or target label."""
+    methods = semi.SSL_METHODS if kind == "ssl" else adapt.ADAPT_METHODS
+    inner_train, inner_valid = _inner_split(y_train, plan.seed)
+    views_tr = [_take(v, inner_train) for v in train_views]
+    x_iv, y_iv = _take(train_views[0], inner_valid), y_train[inner_valid]
+    saved = copy.deepcopy(tail.model.state_dict())
+    scores: dict[str, float] = {}
+    for method in methods:
+        cand = candidate(method, replace(plan, checkpoint_every=0, eval_every=0, early_stop=0), tail, views_tr[0],
+                         y_train[inner_train], extra)
+        train_candidate(tail, cand, views_tr, y_train[inner_train], x_iv, y_iv, extra, task, lambda r: None,
+                        phase=f"auto:{method}")
+        probs = task.activation(predict_cached(tail, x_iv)).numpy()
+        if kind == "ssl":
+            scores[method] = float((probs.argmax(1) == y_iv).mean())
+        else:
+            losses = -np.log(np.clip(probs[np.arange(len(y_iv)), y_iv], 1e-12, 1.0))
+            target_rows = _take(extra.views[0], np.arange(min(len(extra.views[0]), 2000)))
+            scores[method] = deep_embedded_validation(pooled_rows(tail, views_tr[0]), pooled_rows(tail, target_rows),
+                                                      pooled_rows(tail, x_iv), losses)
+        tail.model.load_state_dict(saved)
+        console.print(f"auto {kind}: {method} -> {scores[method]:.4f}")
+    best = max(scores, key=scores.get) if kind == "ssl" else min(scores, key=scores.get)
+    criterion = ("accuracy on an inner 20 % of the labelled training images" if kind == "ssl"
+                 else "deep embedded validation on an inner 20 % of the source training images (lower is better)")
+    return best, {"criterion": criterion, "scores": scores, "chosen": best}
+
+
+def evaluate_target(tail: Tail, catalog: Catalog, backbone, plan: Plan, classes: list[str], cache_dir, workers,
+                    projection=None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics of the trained tail on labelled target images (read only now, after training)."""
+    root = Path(cache_dir) if cache_dir else default_cache_root()
+    kept, rows, _ = cached_activations(backbone, catalog.paths, root, cut=plan.cut, seed=plan.seed,
+                                       batch_size=plan.batch_size, workers=workers, engine=plan.engine,
+                                       description="target evaluation")
+    probs = tail_probs(tail, rows)
+    labels = np.asarray(catalog.labels)[kept]
+    return classification_metrics(labels, probs, classes), probs, labels
+
+
+def tail_probs(tail: Tail, rows) -> np.ndarray:
+    return predict_cached(tail, rows).float().softmax(-1).numpy()
+
+
+def target_catalog(folder: str, classes: list[str]) -> Catalog:
+    return labelled_like(folder, classes)
+
+
+def domain_picture(source: np.ndarray, target: np.ndarray, seed: int = 0, points: int = 300) -> dict:
+    """Proxy A-distance (Ben-David et al.) from a linear domain classifier's held-out error, and a 2-D PCA
+    of a sample of both domains: how far apart the domains are in a feature space."""
+    from sklearn.decomposition import PCA
+    from sklearn.model_selection import cross_val_score
+
+    rng = np.random.default_rng(seed)
+    s = source[rng.choice(len(source), min(len(source), 1000), replace=False)]
+    t = target[rng.choice(len(target), min(len(target), 1000), replace=False)]
+    x = np.vstack([s, t])
+    d = np.r_[np.zeros(len(s)), np.ones(len(t))]
+    accuracy = cross_val_score(LogisticRegression(max_iter=1000), x, d, cv=3).mean()
+    error = 1.0 - accuracy
+    pca = PCA(2, random_state=seed).fit(x)
+    return {
+        "proxy_a_distance": float(2 * (1 - 2 * min(error, 0.5))),
+        "domain_classifier_accuracy": float(accuracy),
+        "mean_shift": float(np.linalg.norm(s.mean(0) - t.mean(0)) / (np.linalg.norm(s.std(0)) + 1e-12)),
+        "scatter": {"source": pca.transform(s[:points]).round(3).tolist(), "target": pca.transform(t[:points]).round(3).tolist()},
+    }

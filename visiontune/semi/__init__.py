@@ -1,0 +1,6 @@
+"""Semi-supervised methods, one file each; importing this package registers them as objectives."""
+
+from visiontune.semi import cotrain, fixmatch, mean_teacher, pi, pseudo  # noqa: F401
+
+#: The methods `--ssl` accepts (besides auto).
+SSL_METHODS = ("pseudo", "pi", "mean-teacher", "fixmatch", "cotrain")
