@@ -119,6 +119,8 @@ def candidate(method: str, plan: Plan, tail: Tail, train_rows, y_train: np.ndarr
         fit = fit_tca(source, target, plan.tca_dim, seed=plan.seed) if method == "tca" else \
             fit_jda(source, y_train, target, plan.tca_dim, seed=plan.seed)
         return Candidate(method, replace(plan, objective="supervised"), fit)
+    if method == "self-train":
+        return Candidate(method, replace(plan, objective="supervised"))
     return Candidate(method, replace(plan, objective=method))
 
 
@@ -136,6 +138,8 @@ def train_candidate(
     else:
         trained = tail
         extras = [extra.unlabelled(cand.plan)] if extra is not None and cand.method != "none" else None
+    if cand.method == "self-train":
+        return self_train(tail, cand.plan, train_views, y_train, valid_x, y_valid, extra, task, log, **run)
     if extras:
         return warm_then_extra(tail, cand.plan, train_views, y_train, valid_x, y_valid, extras, task, log, **run)
     history = train_cached(trained, train_views, y_train, valid_x, y_valid, cand.plan, log, task=task, **run)
@@ -165,6 +169,49 @@ def warm_then_extra(tail: Tail, plan: Plan, train_views, y_train, valid_x, y_val
     history += train_cached(tail, train_views, y_train, valid_x, y_valid, second, log, phase=extra_name,
                             checkpoints=checkpoints, resume=resume if in_extra else None, task=task, extras=extras,
                             fresh_classifier=False, **run)
+    return history
+
+
+def _concat_views(labelled: list, extra: list, rows: np.ndarray) -> list[np.ndarray]:
+    """Training views of labelled images followed by the chosen extra images (their views cycled to match)."""
+    count = max(len(labelled), len(extra))
+    return [np.concatenate([np.asarray(labelled[v % len(labelled)], dtype=np.float32),
+                            _take(extra[v % len(extra)], rows)]) for v in range(count)]
+
+
+def self_train(tail: Tail, plan: Plan, train_views, y_train, valid_x, y_valid, extra: Extra, task, log,
+               phase: str = "cached", checkpoints=None, resume=None, **run) -> list[dict]:
+    """Self-training (Yarowsky 1995; noisy student, Xie et al. 2020, without the larger student): the
+    labelled-only model labels the extra images; those it gives at least ``--threshold`` probability join
+    the labelled ones, and the tail is trained again from its pretrained weights on both, with the
+    default recipe (``--extra-epochs`` epochs) and the augmented cached views as noise. Retraining on a
+    fixed, larger labelled set costs one forward and backward pass per image and epoch — about half of an
+    online method's step (a second, weak forward per unlabelled image) — which buys more epochs on a CPU.
+    For a target domain this is class-agnostic self-training on the target (CBST without the class
+    balance). Resumable in either of its two phases."""
+    warm_name, extra_name = f"{phase}:warm", f"{phase}:self-train"
+    pretrained = copy.deepcopy(tail.model.state_dict())
+    in_extra = resume is not None and resume.position.phase == extra_name
+    supervised = replace(plan, objective="supervised")
+    history: list[dict] = []
+    if not in_extra:
+        history += train_cached(tail, train_views, y_train, valid_x, y_valid, supervised, log, phase=warm_name,
+                                checkpoints=checkpoints, resume=resume, task=task, **run)
+    probs = tail_probs(tail, extra.views[0]) if not in_extra else None
+    if in_extra:  # the warm model is gone: rebuild it to label the same images (deterministic)
+        tail.model.load_state_dict(pretrained)
+        train_cached(tail, train_views, y_train, valid_x, y_valid, supervised, lambda r: None, phase=warm_name, task=task)
+        probs = tail_probs(tail, extra.views[0])
+    confident = np.flatnonzero(probs.max(1) >= plan.threshold)
+    pseudo = probs.argmax(1)[confident]
+    log({"phase": extra_name, "kind": "pseudo-labels", "given": int(len(confident)), "of": int(len(probs)),
+         "per_class": np.bincount(pseudo, minlength=probs.shape[1]).tolist()})
+    tail.model.load_state_dict(pretrained)
+    views = _concat_views(train_views, extra.views, confident)
+    targets = np.concatenate([np.asarray(y_train), pseudo])
+    history += train_cached(tail, views, targets, valid_x, y_valid, replace(supervised, epochs=plan.extra_epochs), log,
+                            phase=extra_name, checkpoints=checkpoints, resume=resume if in_extra else None, task=task,
+                            **{k: v for k, v in run.items() if k != "train_paths"})
     return history
 
 

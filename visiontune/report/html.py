@@ -62,6 +62,9 @@ def build_report(run_dir: str | Path, screenshot: bool = False) -> Path:
     ]) + "<p>Playbook settings not listed are at their defaults (README, Recipes).</p>"
     body["training"] = figure_html(plots.plot_curves, records) + figure_html(plots.plot_lr_schedule, records)
     body["network"] = _network_section(classifier, data["paths"])
+    beyond = _beyond_section(run, records)
+    if beyond:
+        sections, body["beyond"] = {**sections, "beyond": "Beyond labels"}, beyond
     return run.write_report(_page(f"visiontune report — {run.path.name}", sections, body))
 
 
@@ -130,6 +133,32 @@ def _single_label_sections(run: RunDir, classifier: Classifier, data: dict) -> t
         classifier, [paths[e["index"]] for e in shown], [f"true {classes[e['true']]}" for e in shown],
         "Top losses, then most correct: each image, then where the predicted class's evidence is.")
     return summary, body
+
+
+def _beyond_section(run: RunDir, records: list[dict]) -> str:
+    """Semi-supervised and domain-adaptive runs: the pseudo-labels over time, the domains before and after,
+    and the per-class accuracy on labelled target images (when given; read only after training)."""
+    parts = []
+    pseudo = [r for r in records if r.get("kind") is None and "train_pseudo_fraction" in r]
+    if pseudo:
+        series = {"given a pseudo-label": [r["train_pseudo_fraction"] for r in pseudo]}
+        if all("train_confidence" in r for r in pseudo):
+            series["mean confidence"] = [r["train_confidence"] for r in pseudo]
+        parts.append("<h3>pseudo-labels</h3>" + figure_html(plots.plot_series, series, title="unlabelled images per epoch",
+                                                             ylabel="fraction"))
+    adaptation = run.read_json("adaptation.json", default={})
+    if adaptation.get("before") and adaptation.get("after"):
+        parts.append("<h3>source and target features</h3>" + figure_html(plots.plot_domains, adaptation["before"], adaptation["after"]))
+    if adaptation.get("target"):
+        target = adaptation["target"]
+        rows = [[c, f"{v['recall']:.3f}", f"{v['precision']:.3f}", v["support"]] for c, v in target["per_class"].items()]
+        parts.append(f"<h3>labelled target images: accuracy {target['accuracy']:.4f} on {target['n']}</h3>"
+                     + table_html(["class", "accuracy (recall)", "precision", "images"], rows))
+    auto = run.read_json("auto.json", default={})
+    if auto:
+        parts.append(f"<h3>auto: {html.escape(str(auto['chosen']))}</h3><p>by {html.escape(auto['criterion'])}</p>"
+                     + table_html(["method", "score"], [[m, f"{v:.4f}"] for m, v in auto["scores"].items()]))
+    return "".join(parts)
 
 
 def _network_section(classifier: Classifier, paths: list[str]) -> str:

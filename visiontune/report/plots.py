@@ -164,3 +164,26 @@ def image_grid(
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def plot_domains(before: dict, after: dict, path: Target) -> Target:
+    """Source vs target features in 2-D (PCA of each), before and after adaptation, with the proxy A-distance."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for ax, (title, picture) in zip(axes, (("before (pretrained features)", before), ("after adaptation", after))):
+        for domain, colour in (("source", "tab:blue"), ("target", "tab:orange")):
+            points = np.asarray(picture["scatter"][domain])
+            if len(points):
+                ax.scatter(points[:, 0], points[:, 1], s=5, alpha=0.5, c=colour, label=domain)
+        ax.set(title=f"{title}\nproxy A-distance {picture['proxy_a_distance']:.2f}", xticks=[], yticks=[])
+        ax.legend(loc="best", fontsize=7)
+    return _save(fig, path)
+
+
+def plot_series(series: dict[str, list[float]], path: Target, title: str, ylabel: str) -> Target:
+    """Lines over epochs (e.g. the fraction of unlabelled images given a pseudo-label)."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for name, values in series.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
+    ax.set(xlabel="epoch of the unlabelled phase", ylabel=ylabel, title=title, ylim=(0, 1.02))
+    ax.legend(fontsize=7)
+    return _save(fig, path)

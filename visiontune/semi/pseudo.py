@@ -19,9 +19,3 @@ class PseudoLabel(SemiSupervised):
         with torch.no_grad():
             labels, mask, logs = confident_targets(module(plain), self.threshold)
         return masked_cross_entropy(module(feature_augment(augmented, 0.5)), labels, mask), logs
-
-
-@register_objective("self-train")
-class SelfTraining(PseudoLabel):
-    """Pseudo-labelling on target-domain images (``--adapt self-train``): the simplest adaptation, and a
-    strong one when the source model is already better than chance on the target."""
