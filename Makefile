@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test browser test-slow fashion-mnist bench-speed bench-memory bench-playbook clean
+.PHONY: install demo test browser test-slow fashion-mnist bench-speed bench-memory bench-playbook bench-beyond clean
 
 # pip's wheel cache is off: torch alone is 5.5 GB in the venv, and a second copy in ~/.cache can fill a small disk.
 export PIP_NO_CACHE_DIR := 1
@@ -46,6 +46,10 @@ bench-speed: $(VENV)/.bench fashion-mnist
 bench-playbook: $(STAMP) fashion-mnist
 	$(BIN)/python bench/playbook.py
 	$(BIN)/python bench/compile_check.py
+
+bench-beyond: $(STAMP) fashion-mnist
+	$(BIN)/python bench/beyond_labels.py ssl
+	$(BIN)/python bench/beyond_labels.py adapt
 
 bench-memory: $(VENV)/.bench
 	$(BIN)/python bench/cache_memory.py

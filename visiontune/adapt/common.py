@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from visiontune.semi.common import sigmoid_rampup
-from visiontune.train.objectives import Batch, Objective, ObjectiveSetup, Supervised
+from visiontune.semi.common import LabelledPlus
+from visiontune.train.objectives import Batch
 
 
 def pooled_features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -28,16 +28,10 @@ def aligned_layer_is_features(module: nn.Module) -> bool:
     return getattr(module, "k", 0) is not None
 
 
-class Adaptation(Objective):
+class Adaptation(LabelledPlus):
     """Base of the feature-alignment methods: the task's loss on labelled source images plus a ramped-up
     discrepancy between source and target representations from :meth:`discrepancy` — the pooled features,
     or the logits where the features have nothing trainable below them."""
-
-    def __init__(self, setup: ObjectiveSetup):
-        super().__init__(setup)
-        self.supervised = Supervised(setup)
-        self.weight = float(getattr(setup.settings, "unlabeled_weight", 1.0))
-        self.rampup = float(getattr(setup.settings, "rampup", 0.3))
 
     def loss(self, module: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         if "xt" not in batch:
@@ -48,7 +42,7 @@ class Adaptation(Objective):
         labelled = self.supervised.criterion(logits[:n], batch["y"])
         aligned = features if aligned_layer_is_features(module) else logits
         gap = self.discrepancy(aligned[:n].float(), aligned[n:].float())
-        weight = self.weight * sigmoid_rampup(self.step, self.setup.total_steps, self.rampup)
+        weight = self.ramp()
         return labelled + weight * gap, {"discrepancy": float(gap.detach()), "weight": weight}
 
     def discrepancy(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

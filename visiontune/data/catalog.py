@@ -110,16 +110,21 @@ def _scan_class_folders(root: Path) -> tuple[dict[str, list[Path]], list[Skipped
     files: dict[str, list[Path]] = {}
     skipped: list[Skipped] = []
     for class_dir in class_dirs:
-        found = []
-        for path in sorted(class_dir.rglob("*")):
-            if not path.is_file() or _is_hidden(path, root):
-                continue
-            if is_image_name(path):
-                found.append(path)
-            else:
-                skipped.append(Skipped(str(path), f"not an image file name ({path.suffix or 'no extension'})"))
-        files[class_dir.name] = found
+        files[class_dir.name] = _image_files(class_dir, root, skipped)
     return files, skipped
+
+
+def _image_files(folder: Path, root: Path, skipped: list[Skipped]) -> list[Path]:
+    """Image files below `folder` (recursively, sorted, hidden ones left out); other names go to `skipped`."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or _is_hidden(path, root):
+            continue
+        if is_image_name(path):
+            found.append(path)
+        else:
+            skipped.append(Skipped(str(path), f"not an image file name ({path.suffix or 'no extension'})"))
+    return found
 
 
 def _check_files(paths: list[Path], labels: list[int], what: str) -> tuple[list[Path], list[int], list[Skipped]]:
@@ -261,14 +266,8 @@ def unlabelled_catalog(root: str | Path, what: str = "unlabelled", check: bool =
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"{root}: no such folder of {what} images. Pass a folder (searched recursively).")
-    paths, skipped = [], []
-    for path in sorted(root.rglob("*")):
-        if not path.is_file() or _is_hidden(path, root):
-            continue
-        if is_image_name(path):
-            paths.append(path)
-        else:
-            skipped.append(Skipped(str(path), f"not an image file name ({path.suffix or 'no extension'})"))
+    skipped: list[Skipped] = []
+    paths = _image_files(root, root, skipped)
     labels = [-1] * len(paths)
     if check:
         paths, labels, bad = _check_files(paths, labels, what)

@@ -50,10 +50,10 @@ def feature_augment(x: torch.Tensor, strength: float) -> torch.Tensor:
     return x + torch.randn_like(x) * (0.1 * strength * x.detach().std())
 
 
-class SemiSupervised(Objective):
-    """Base of the unlabelled-data methods: the labelled loss of :class:`Supervised` (the task's loss,
-    mixup/cutmix) plus a ramped-up unlabelled term from :meth:`unlabelled_loss`. Without unlabelled
-    images in the batch the labelled loss is all there is."""
+class LabelledPlus(Objective):
+    """Base of every method that adds a term to the labelled loss: the labelled loss of :class:`Supervised`
+    (the task's loss, mixup/cutmix), the term's weight (``--unlabeled-weight``), its sigmoid ramp-up
+    (``--rampup``) and the pseudo-label threshold (``--threshold``)."""
 
     def __init__(self, setup: ObjectiveSetup):
         super().__init__(setup)
@@ -64,6 +64,11 @@ class SemiSupervised(Objective):
 
     def ramp(self) -> float:
         return self.weight * sigmoid_rampup(self.step, self.setup.total_steps, self.rampup)
+
+
+class SemiSupervised(LabelledPlus):
+    """Base of the unlabelled-data methods: the labelled loss plus a ramped-up unlabelled term from
+    :meth:`unlabelled_loss`. Without unlabelled images in the batch the labelled loss is all there is."""
 
     def loss(self, module: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         labelled, logs = self.supervised.loss(module, batch)
