@@ -37,7 +37,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent
 DATA = ROOT / ".data"
 RESULTS = ROOT / "results"
-SSL_METHODS = ["pseudo", "pi", "mean-teacher", "fixmatch", "cotrain"]
+SSL_METHODS = ["pseudo", "pi", "mean-teacher", "fixmatch", "cotrain", "self-train"]
 ADAPT_METHODS = ["coral", "mmd", "tca", "jda", "dann", "self-train"]
 
 
