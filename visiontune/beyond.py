@@ -30,7 +30,7 @@ from visiontune.adapt.subspace import fit_jda, fit_tca
 from visiontune.backbones.cuts import POOLED, Tail
 from visiontune.cache.features import cached_activations
 from visiontune.cache.store import default_cache_root
-from visiontune.data.catalog import Catalog, Skipped, labelled_like, unlabelled_catalog
+from visiontune.data.catalog import Catalog, Skipped, unlabelled_catalog
 from visiontune.data.split import stratified_split
 from visiontune.errors import UsageError
 from visiontune.evaluation.metrics import classification_metrics
@@ -281,24 +281,17 @@ def choose_method(
     return best, {"criterion": criterion, "scores": scores, "chosen": best}
 
 
-def evaluate_target(tail: Tail, catalog: Catalog, backbone, plan: Plan, classes: list[str], cache_dir, workers,
-                    projection=None) -> tuple[dict, np.ndarray, np.ndarray]:
+def evaluate_target(tail: Tail, catalog: Catalog, backbone, plan: Plan, classes: list[str], cache_dir, workers) -> dict:
     """Metrics of the trained tail on labelled target images (read only now, after training)."""
     root = Path(cache_dir) if cache_dir else default_cache_root()
     kept, rows, _ = cached_activations(backbone, catalog.paths, root, cut=plan.cut, seed=plan.seed,
                                        batch_size=plan.batch_size, workers=workers, engine=plan.engine,
                                        description="target evaluation")
-    probs = tail_probs(tail, rows)
-    labels = np.asarray(catalog.labels)[kept]
-    return classification_metrics(labels, probs, classes), probs, labels
+    return classification_metrics(np.asarray(catalog.labels)[kept], tail_probs(tail, rows), classes)
 
 
 def tail_probs(tail: Tail, rows) -> np.ndarray:
     return predict_cached(tail, rows).float().softmax(-1).numpy()
-
-
-def target_catalog(folder: str, classes: list[str]) -> Catalog:
-    return labelled_like(folder, classes)
 
 
 def domain_picture(source: np.ndarray, target: np.ndarray, seed: int = 0, points: int = 300) -> dict:

@@ -23,7 +23,7 @@ from visiontune.cache.features import cached_activations
 from visiontune.cache.store import CachedRows, default_cache_root
 from visiontune.classifier import Classifier
 from visiontune.clock import seconds_since_process_start
-from visiontune.data.catalog import Catalog, DataError, Skipped, Source, discover
+from visiontune.data.catalog import Catalog, DataError, Skipped, Source, discover, labelled_like
 from visiontune.data.split import kfold_indices, split_catalog
 from visiontune.inference.engines import default_engine
 from visiontune.progress import console
@@ -304,8 +304,8 @@ def finish_beyond(prep: Prepared, config: RunConfig, run: RunDir, tail: Tail, in
         after = beyond.domain_picture(beyond.pooled_rows(tail, inputs.train_views[0]), beyond.pooled_rows(tail, extra.views[0]), plan.seed)
         report = {"before": before, "after": after}
         if config.target_labels:
-            catalog = beyond.target_catalog(config.target_labels, list(prep.source.classes))
-            metrics, _, _ = beyond.evaluate_target(tail, catalog, prep.backbone, plan, list(prep.source.classes),
+            catalog = labelled_like(config.target_labels, list(prep.source.classes))
+            metrics = beyond.evaluate_target(tail, catalog, prep.backbone, plan, list(prep.source.classes),
                                                    config.cache_dir, config.workers)
             report["target"] = {k: v for k, v in metrics.items() if k != "confusion_matrix_normalized"}
             summary["target_accuracy"] = metrics["accuracy"]
