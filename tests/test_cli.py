@@ -58,6 +58,7 @@ def test_predict_reports_unreadable_images(trained_run, tmp_path):
     "args,message",
     [
         (["train", "{tmp}/missing"], "no such folder"),
+        (["evaluate", "{tmp}", "{tmp}"], "not a visiontune classifier"),
         (["predict", "{tmp}", "{tmp}"], "not a visiontune classifier"),
         (["train", "{tmp}", "--arch", "nope_net"], "unknown architecture"),
         (["train", "{tmp}", "--budget", "soon"], "cannot read the duration"),
@@ -75,3 +76,34 @@ def test_split_and_cache_commands(class_folders, tmp_path):
     assert len(list((tmp_path / "split" / "valid").rglob("*.png"))) == 9
     info = run("cache", "info", "--cache-dir", str(tmp_path / "c"))
     assert info.returncode == 0
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["predict", "--help"], ["train", "/no/such/folder"],
+                                  ["predict", "/", "x.png"], ["trian"]])
+def test_help_and_argument_errors_answer_without_loading_torch(args):
+    """`--help`, a mistyped path or command must answer in well under a second: torch never loads."""
+    code = ("import sys\nfrom visiontune.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, 'numpy' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().splitlines()[-1] == "False False", result.stderr
+    if "--help" not in args:
+        assert "error:" in result.stderr and "--help` lists the options" in result.stderr
+        assert "usage:" not in result.stderr  # one message, not the whole option list
+
+
+def test_every_command_help_has_examples_and_every_option_a_help_text():
+    import argparse
+
+    from visiontune.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        assert "examples:\n  visiontune" in (command.epilog or "") or "examples:\n  curl" in (command.epilog or ""), name
+        for action in command._actions:
+            assert action.help, f"visiontune {name} {action.option_strings or action.dest} has no help text"
+
+
+def test_python_dash_m_runs_the_command_line():
+    result = subprocess.run([sys.executable, "-m", "visiontune", "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip()

@@ -23,12 +23,9 @@ from visiontune.data.catalog import Skipped
 from visiontune.data.transforms import Preprocessing
 from visiontune.task.kinds import Task, task_named
 from visiontune.inference.stream import gather, stream_outputs
+from visiontune.errors import ArtifactError  # noqa: F401  (raised here; defined light for the CLI)
 
 ARTIFACT_FORMAT = 1
-
-
-class ArtifactError(Exception):
-    """A classifier directory that cannot be loaded; the message says why."""
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The `visiontune` command: parses arguments, calls the API, prints with rich. No logic of its own."""
+"""The `visiontune` command: parses arguments, calls the API, prints with rich (results to stdout, messages to stderr)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from visiontune.version import __version__
-from visiontune.backbones.providers import WeightsError
-from visiontune.classifier import ArtifactError
-from visiontune.data.catalog import DataError
-from visiontune.data.images import ImageError
-from visiontune.data.transforms import AUGMENTATIONS
-from visiontune.inference.engines import ENGINES, default_engine
-from visiontune.errors import UsageError
+from visiontune.errors import ArtifactError, DataError, ImageError, RunExistsError, UsageError, WeightsError
+from visiontune.names import AUGMENTATIONS, COMBINE, ENGINES, TTA_MODES, default_engine
 from visiontune.progress import console
-from visiontune.runs import RunExistsError
+from visiontune.version import __version__
 
 USER_ERRORS = (DataError, WeightsError, ArtifactError, RunExistsError, FileNotFoundError, UsageError, ImageError)
 
@@ -313,25 +307,105 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as two short lines (the message, where to look) instead of the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the options, with examples)\n")
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Examples keep their lines; every option with a real default shows it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "(default" in text or not action.option_strings:
+            return text
+        if action.default in (None, False, "", argparse.SUPPRESS) or isinstance(action, argparse.BooleanOptionalAction):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _path_kind(check, what: str):
+    """An argparse type that fails fast (before torch loads) with the path and what to pass instead."""
+
+    def parse(text: str) -> str:
+        problem = check(Path(text))
+        if problem:
+            raise argparse.ArgumentTypeError(f"{text}: {problem}")
+        return text
+
+    parse.__name__ = what
+    return parse
+
+
+def _where(path: Path) -> str:
+    return "" if path.is_absolute() else f" (looked in {Path.cwd()})"
+
+
+def _missing(path: Path) -> str | None:
+    return None if path.exists() else f"no such file or folder{_where(path)}. Check the path."
+
+
+def _not_folder(path: Path) -> str | None:
+    if not path.exists():
+        return f"no such folder{_where(path)}. Check the path."
+    return None if path.is_dir() else "is a file, not a folder of images"
+
+
+def _not_classifier(path: Path) -> str | None:
+    if not path.is_dir():
+        return _not_folder(path)
+    marks = ("classifier.json", "classifier/classifier.json", "ensemble.json", "fold-*/classifier/classifier.json")
+    if any(next(iter(path.glob(mark)), None) for mark in marks):
+        return None
+    runs = sorted(p.name for p in Path("runs").glob("*/classifier")) if Path("runs").is_dir() else []
+    known = f"; runs here: {', '.join('runs/' + r for r in runs[-3:])}" if runs else ""
+    return ("not a visiontune classifier (needs classifier.json and model.safetensors). "
+            f"Pass a run folder (runs/NAME) or its classifier/ folder{known}")
+
+
+FOLDER = _path_kind(_not_folder, "folder")
+EXISTING = _path_kind(_missing, "path")
+CLASSIFIER = _path_kind(_not_classifier, "run")
+
+
+def _command(sub, name: str, summary: str, description: str, *examples: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=description, epilog=_examples(*examples),
+                          formatter_class=_Help)
+
+
 def _add_backbone(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", default="tf_efficientnet_lite0", help="timm architecture (default: %(default)s)")
-    parser.add_argument("--weights", default="default", help="default (packaged) | PATH | none | hub (online)")
+    parser.add_argument("--arch", default="tf_efficientnet_lite0", help="timm architecture")
+    parser.add_argument("--weights", default="default",
+                        help="default (the packaged ImageNet weights, offline) | PATH (.safetensors/.pth) | none | hub (online)")
+
+
+def _add_seed(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the batches and the initialisation: "
+                        "the same seed gives the same numbers on CPU")
 
 
 def _add_data_and_backbone(parser: argparse.ArgumentParser, optional: bool = False) -> None:
-    """Arguments shared by `train` and `plan`: what to learn from, with which backbone, which seed."""
+    """Arguments shared by `train`, `plan`, `doctor` and `lr-find`: the data, the backbone, the seed."""
     parser.add_argument(
-        "data", nargs="?" if optional else None, help="class folders, train/ + valid/ folders, or images named by --labels"
+        "data", nargs="?" if optional else None, type=FOLDER,
+        help="folder of images: one sub-folder per class, or train/ + valid/ with class sub-folders, or any "
+             "folder with --labels",
     )
-    parser.add_argument("--labels", help="CSV with filename,label columns (paths relative to DATA)")
+    parser.add_argument("--labels", type=EXISTING, metavar="CSV",
+                        help="CSV of filename,label (paths relative to DATA; several space-separated tags = multi-label)")
     _add_backbone(parser)
-    parser.add_argument("--seed", type=int, default=0)
+    _add_seed(parser)
 
 
 def _add_tta(parser: argparse.ArgumentParser) -> None:
-    from visiontune.inference.tta import COMBINE, TTA_MODES
-
-    parser.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation views")
+    parser.add_argument("--tta", choices=TTA_MODES, default="none",
+                        help="test-time augmentation: average the probabilities of flipped/cropped views")
     parser.add_argument("--combine", choices=COMBINE, default="mean", help="how TTA probabilities are combined")
 
 
@@ -342,6 +416,9 @@ def plan_flag_names() -> list[str]:
     from visiontune.train.plan import Plan
 
     return [f.name for f in fields(Plan) if f.metadata.get("group")]
+
+
+METAVARS = {int: "N", float: "X", str: "NAME"}
 
 
 def _add_playbook(train: argparse.ArgumentParser) -> None:
@@ -367,153 +444,237 @@ def _add_playbook(train: argparse.ArgumentParser) -> None:
             options.update(action=argparse.BooleanOptionalAction, default=None)
         else:
             options["type"] = _number_or_auto(kind) if meta["auto"] else kind
+            options["metavar"] = meta["metavar"] or METAVARS.get(kind)
         if meta["choices"]:
             options["choices"] = meta["choices"]
-        if meta["metavar"]:
-            options["metavar"] = meta["metavar"]
+            options.pop("metavar", None)
         group.add_argument(flag, **options)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="visiontune", description=__doc__)
-    parser.add_argument("--version", action="version", version=__version__)
-    sub = parser.add_subparsers(dest="command", required=True)
+DESCRIPTION = """\
+visiontune turns a folder of labelled images into a strong image classifier by transfer learning,
+on an ordinary CPU and offline: it checks the data, chooses a recipe from its size, trains on cached
+backbone activations, explains the model's mistakes in a report, and ships it (predict, export, serve).
 
-    train = sub.add_parser("train", help="train a classifier on a folder of labelled images")
+The usual order: doctor -> plan -> train -> report/show -> evaluate/predict -> export/serve.
+Run `visiontune COMMAND --help` for each command's options and examples."""
+
+TOP_EXAMPLES = (
+    "visiontune demo-data digits data/digits        # an offline dataset to try it on",
+    "visiontune train data/digits                   # writes runs/digits-<time>/ with report.html",
+    "visiontune predict runs/digits-<time> photo.png more_photos/",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="visiontune", description=DESCRIPTION, epilog=_examples(*TOP_EXAMPLES),
+                                     formatter_class=_Help)
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = _command(sub, "demo-data", "write an offline demo dataset as class folders",
+                    "Write a dataset that ships with the install (scikit-learn digits, or Fashion-MNIST from the "
+                    "Debian package dataset-fashion-mnist) as one PNG folder per class.",
+                    "visiontune demo-data digits data/digits", "visiontune demo-data fashion-mnist data/fmnist")
+    demo.add_argument("name", choices=["digits", "fashion-mnist"], help="which dataset")
+    demo.add_argument("dest", help="new folder to write (one sub-folder per class)")
+    demo.set_defaults(func=cmd_demo_data)
+
+    doctor = _command(sub, "doctor", "check the data before training: balance, duplicates, mean/std, a tiny overfit",
+                      "Check a data folder and the training pipeline: unreadable files, class balance, identical images "
+                      "(also under two labels), per-channel mean/std, and whether the model can overfit 4 images per "
+                      "class. Exit code 1 when something needs fixing. With --target, also how far another domain's "
+                      "images are from DATA in the backbone's feature space.",
+                      "visiontune doctor data/", "visiontune doctor source/ --target other_camera/")
+    _add_data_and_backbone(doctor)
+    doctor.add_argument("--target", metavar="DIR", type=FOLDER, help="also measure how far this domain's images are from DATA")
+    doctor.set_defaults(func=cmd_doctor)
+
+    plan = _command(sub, "plan", "print the recipe train would use, with its reasons, without training",
+                    "Measure the data (size, colour, distance from ImageNet) and print the plan `train` would follow, "
+                    "each setting with the reason it was chosen. With --budget, time a few batches and fit the budget.",
+                    "visiontune plan data/", "visiontune plan data/ --budget 2m")
+    _add_data_and_backbone(plan)
+    plan.add_argument("--budget", help="wall-clock target such as 90s, 5m or 1h")
+    plan.set_defaults(func=cmd_plan)
+
+    train = _command(
+        sub, "train", "train a classifier on a folder of labelled images -> runs/NAME/",
+        "Check the data, choose the recipe from its size (printed with its reasons; every setting below "
+        "overrides it), cache the backbone's activations, train, evaluate on the validation images and write "
+        "runs/NAME/: the classifier, metrics, predictions and report.html. Ctrl-C stops with a checkpoint; "
+        "--resume continues it exactly.",
+        "visiontune train data/",
+        "visiontune train data/ --budget 5m --out runs/quick",
+        "visiontune train data/ --unfreeze 3 --aug standard --lr auto",
+        "visiontune train --resume runs/quick",
+    )
     _add_data_and_backbone(train, optional=True)
     train.add_argument("--out", help="run folder (default: runs/<data>-<time>); never overwritten")
-    train.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
-    train.add_argument("--folds", type=int, default=0, help="K-fold cross-validation: K models, mean ± std")
-    train.add_argument("--budget", help="wall-clock target, e.g. 90s or 5m: the plan picks what fits")
-    train.add_argument("--valid", type=float, help="validation fraction when DATA is not split (default 0.2)")
-    train.add_argument("--cache-dir", help="feature cache (default: $VISIONTUNE_CACHE or ~/.cache/visiontune)")
-    train.add_argument("--workers", type=int, default=1, help="image-decoding processes")
-    train.add_argument("--report", action=argparse.BooleanOptionalAction, default=True, help="write report.html (default)")
-    train.add_argument("--unlabeled", metavar="DIR", help="also learn from these unlabelled images (recursive; --ssl picks the method)")
-    train.add_argument("--target", metavar="DIR", help="adapt to this domain's unlabelled images (--adapt picks the method)")
-    train.add_argument("--target-labels", metavar="DIR", help="labelled target images (class folders): evaluation only, after training")
+    train.add_argument("--resume", metavar="RUN", type=FOLDER, help="continue an interrupted run from its last checkpoint")
+    train.add_argument("--folds", type=int, default=0, metavar="K", help="K-fold cross-validation: K models, mean ± std; 0 = off")
+    train.add_argument("--budget", help="wall-clock target such as 90s, 5m or 1h: the plan picks the recipe that fits")
+    train.add_argument("--valid", type=float, metavar="FRACTION", help="validation fraction when DATA is not split (default: 0.2)")
+    train.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: $VISIONTUNE_CACHE or ~/.cache/visiontune)")
+    train.add_argument("--workers", type=int, default=1, metavar="N", help="image-decoding processes")
+    train.add_argument("--report", action=argparse.BooleanOptionalAction, default=True, help="write report.html (default: yes)")
+    train.add_argument("--unlabeled", metavar="DIR", type=FOLDER, help="also learn from these unlabelled images (recursive; --ssl picks the method)")
+    train.add_argument("--target", metavar="DIR", type=FOLDER, help="adapt to this domain's unlabelled images (--adapt picks the method)")
+    train.add_argument("--target-labels", metavar="DIR", type=FOLDER, help="labelled target images (class folders): evaluation only, after training")
     _add_playbook(train)
     train.set_defaults(func=cmd_train)
 
-    lr_find = sub.add_parser("lr-find", help="learning-rate range test on the cached phase: plot + suggestion")
+    lr_find = _command(sub, "lr-find", "learning-rate range test on the cached phase: plot and suggestion",
+                       "Sweep the learning rate from 1e-6 to 10 over the cached phase, plot the loss and suggest a "
+                       "rate (a tenth of the rate at the smoothed minimum). `train --lr auto` does the same inside a run.",
+                       "visiontune lr-find data/", "visiontune lr-find data/ --cut blocks.6 --out lr.png")
     _add_data_and_backbone(lr_find)
     lr_find.add_argument("--out", default="lr_find.png", help="PNG of loss vs learning rate")
-    lr_find.add_argument("--cut", help="pooled | blocks.K (default: plan)")
-    lr_find.add_argument("--img-size", type=int)
+    lr_find.add_argument("--cut", help="pooled | blocks.K (default: the plan's)")
+    lr_find.add_argument("--img-size", type=int, metavar="PX", help="input size (default: the plan's)")
     lr_find.set_defaults(func=cmd_lr_find)
 
-    preview = sub.add_parser("augment-preview", help="image grid of an augmentation preset on your images")
-    preview.add_argument("data", help="folder of images (searched recursively)")
-    preview.add_argument("--aug", default="standard", choices=AUGMENTATIONS)
-    preview.add_argument("--out", default="augment-preview.png")
-    preview.add_argument("--images", type=int, default=4, help="rows: source images")
-    preview.add_argument("--samples", type=int, default=6, help="columns: augmented samples per image")
-    preview.add_argument("--img-size", type=int, default=224)
-    preview.add_argument("--seed", type=int, default=0)
+    preview = _command(sub, "augment-preview", "a grid of an augmentation preset applied to your images",
+                       "Write a PNG grid: rows are your images, columns random augmentations of them, so you see what "
+                       "--aug does before training with it.",
+                       "visiontune augment-preview data/ --aug strong", "visiontune augment-preview data/ --aug aerial --out aerial.png")
+    preview.add_argument("data", type=FOLDER, help="folder of images (searched recursively)")
+    preview.add_argument("--aug", default="standard", choices=AUGMENTATIONS, help="augmentation preset")
+    preview.add_argument("--out", default="augment-preview.png", help="PNG to write")
+    preview.add_argument("--images", type=int, default=4, metavar="N", help="rows: source images")
+    preview.add_argument("--samples", type=int, default=6, metavar="N", help="columns: augmented samples per image")
+    preview.add_argument("--img-size", type=int, default=224, metavar="PX", help="output size of each sample")
+    _add_seed(preview)
     preview.set_defaults(func=cmd_augment_preview)
 
-    ens = sub.add_parser("ensemble", help="evaluate runs and their ensemble; error correlation; save it")
-    ens.add_argument("runs", nargs="+", help="run folders (same classes and preprocessing)")
-    ens.add_argument("--data", required=True, help="labelled images to evaluate on (class folders or split folder)")
-    ens.add_argument("--labels", help="CSV with filename,label columns")
-    ens.add_argument("--method", choices=["mean", "vote", "weighted"], default="mean")
-    ens.add_argument("--out", help="save the ensemble here")
-    ens.add_argument("--batch-size", type=int, default=64)
-    ens.set_defaults(func=cmd_ensemble)
-
-    export = sub.add_parser("export", help="ONNX or TorchScript file with a parity check (and int8 quantization)")
-    export.add_argument("run")
-    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-    export.add_argument("--out", help="file to write (default: RUN/export/model.onnx|.pt); never overwritten")
-    export.add_argument("--quantize", choices=["int8"], help="also write a static int8 ONNX model")
-    export.add_argument("--parity-images", type=int, default=64, help="validation images for the parity check")
-    export.set_defaults(func=cmd_export)
-
-    serve = sub.add_parser("serve", help="HTTP API + web page for a classifier (FastAPI + uvicorn)")
-    serve.add_argument("run")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-upload-mb", type=int, default=10)
-    serve.add_argument("--max-pixels", type=int, default=40_000_000)
-    serve.add_argument("--max-concurrent", type=int, default=4)
-    serve.set_defaults(func=cmd_serve)
-
-    report = sub.add_parser("report", help="(re)build the run's self-contained report.html")
-    report.add_argument("run")
+    run_help = "a run folder written by `visiontune train` (runs/NAME)"
+    report = _command(sub, "report", "(re)build a run's self-contained report.html",
+                      "Rebuild RUN/report.html from the run's saved predictions: metrics, per-class table, confusion "
+                      "matrix, calibration, ROC, the most confidently wrong / uncertain / correct images per class.",
+                      "visiontune report runs/digits-20261125-1200")
+    report.add_argument("run", type=CLASSIFIER, help=run_help)
     report.set_defaults(func=cmd_report)
 
-    show = sub.add_parser("show", help="a run's mistakes in the terminal (inline images in iTerm2/kitty)")
-    show.add_argument("run")
-    show.add_argument("--mistakes", action="store_true", help="the most confident mistakes (default: summary)")
-    show.add_argument("--limit", type=int, default=12)
-    show.add_argument("--gradcam", nargs="+", metavar="IMAGE", help="write Grad-CAM overlays of these images (PNG)")
-    show.add_argument("--feature-maps", metavar="IMAGE", help="write the feature maps of --layer for this image (PNG)")
+    show = _command(sub, "show", "a run's summary and mistakes in the terminal; Grad-CAM and feature maps as PNG",
+                    "Print a run's summary, or its most confident mistakes (images inline in iTerm2/kitty); write "
+                    "Grad-CAM overlays or a layer's feature maps for images you choose.",
+                    "visiontune show runs/NAME --mistakes", "visiontune show runs/NAME --gradcam cat.jpg dog.jpg",
+                    "visiontune show runs/NAME --feature-maps cat.jpg --layer blocks.4")
+    show.add_argument("run", type=CLASSIFIER, help=run_help)
+    show.add_argument("--mistakes", action="store_true", help="the most confident mistakes (default: the summary)")
+    show.add_argument("--limit", type=int, default=12, metavar="N", help="how many mistakes")
+    show.add_argument("--gradcam", nargs="+", metavar="IMAGE", type=EXISTING, help="write Grad-CAM overlays of these images (PNG)")
+    show.add_argument("--feature-maps", metavar="IMAGE", type=EXISTING, help="write the feature maps of --layer for this image (PNG)")
     show.add_argument("--layer", default="blocks.2", help="module name for --feature-maps, e.g. conv_stem, blocks.4")
     show.add_argument("--out", help="PNG to write (default: inside the run folder)")
     show.set_defaults(func=cmd_show)
 
-    hard = sub.add_parser("hard-examples", help="training images the model gets wrong or barely right -> CSV")
-    hard.add_argument("run")
+    hard = _command(sub, "hard-examples", "training images the model gets wrong or barely right -> CSV",
+                    "Score the training images with the trained model: likely label errors (confidently wrong), "
+                    "wrong, and barely right. Retrain with --upweight CSV to draw them more often.",
+                    "visiontune hard-examples runs/NAME", "visiontune train data/ --upweight runs/NAME/hard_examples.csv")
+    hard.add_argument("run", type=CLASSIFIER, help=run_help)
     hard.add_argument("--out", help="CSV path (default: RUN/hard_examples.csv)")
-    hard.add_argument("--margin", type=float, default=0.2, help="barely right: top-2 margin below this")
-    hard.add_argument("--confident", type=float, default=0.9, help="likely label error: wrong with p >= this")
-    hard.add_argument("--batch-size", type=int, default=64)
-    hard.add_argument("--limit", type=int, default=15)
+    hard.add_argument("--margin", type=float, default=0.2, metavar="X", help="barely right: top-2 margin below this")
+    hard.add_argument("--confident", type=float, default=0.9, metavar="P", help="likely label error: wrong with p >= this")
+    hard.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass")
+    hard.add_argument("--limit", type=int, default=15, metavar="N", help="rows printed")
     hard.set_defaults(func=cmd_hard_examples)
 
-    doctor = sub.add_parser("doctor", help="check data and pipeline: balance, duplicates, mean/std, overfit a tiny subset")
-    _add_data_and_backbone(doctor)
-    doctor.add_argument("--target", metavar="DIR", help="also measure how far this domain's images are from DATA")
-    doctor.set_defaults(func=cmd_doctor)
-
-    plan = sub.add_parser("plan", help="print the plan for a data folder without training")
-    _add_data_and_backbone(plan)
-    plan.add_argument("--budget", help="also time a few batches and fit this wall-clock budget")
-    plan.set_defaults(func=cmd_plan)
-
-    predict = sub.add_parser("predict", help="top-k classes for images or folders")
-    predict.add_argument("classifier", help="run folder or classifier folder")
-    predict.add_argument("images", nargs="+", help="image files and/or folders")
-    predict.add_argument("--csv", help="write predictions to this CSV instead of a table")
-    predict.add_argument("--json", help="write predictions to this JSON file (array) instead of a table")
-    predict.add_argument("--topk", type=int, default=3)
-    predict.add_argument("--batch-size", type=int, default=32)
-    predict.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto",
-                         help="auto: onnxruntime when installed (fastest here)")
-    predict.add_argument("--submission", metavar="SAMPLE_CSV", help="write a Kaggle submission in this sample's format")
-    _add_tta(predict)
-    predict.set_defaults(func=cmd_predict)
-
-    evaluate = sub.add_parser("evaluate", help="accuracy, per-class P/R/F1 and confusion matrix on labelled data")
-    evaluate.add_argument("classifier", help="run folder or classifier folder")
-    evaluate.add_argument("data", help="class folders (or a split folder: its valid/ part)")
-    evaluate.add_argument("--labels", help="CSV with filename,label columns")
+    classifier_help = "a run folder (runs/NAME), its classifier/ folder, or a saved ensemble"
+    evaluate = _command(sub, "evaluate", "accuracy, per-class precision/recall/F1 and confusion matrix on labelled images",
+                        "Evaluate a trained classifier on labelled images it has not seen (class folders, a train/valid "
+                        "folder's valid/ part, or --labels CSV). Tables go to stdout.",
+                        "visiontune evaluate runs/NAME test/", "visiontune evaluate runs/NAME test/ --tta flip --json metrics.json")
+    evaluate.add_argument("classifier", type=CLASSIFIER, help=classifier_help)
+    evaluate.add_argument("data", type=FOLDER, help="labelled images: one sub-folder per class (or a split folder: its valid/ part)")
+    evaluate.add_argument("--labels", type=EXISTING, metavar="CSV", help="CSV of filename,label instead of class folders")
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass")
     _add_tta(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
-    split = sub.add_parser("split", help="make train/ and valid/ folders as links, without copying")
-    split.add_argument("src", help="folder with one sub-folder per class")
+    predict = _command(sub, "predict", "top-k classes for images or folders -> table, CSV, JSON or a Kaggle submission",
+                       "Predict the classes of image files and folders (recursively). Without --csv/--json a table "
+                       "goes to stdout; unreadable files are listed and skipped.",
+                       "visiontune predict runs/NAME photo.jpg more_photos/",
+                       "visiontune predict runs/NAME test/ --csv preds.csv --tta flip",
+                       "visiontune predict runs/NAME test/ --submission sample_submission.csv --csv submission.csv")
+    predict.add_argument("classifier", type=CLASSIFIER, help=classifier_help)
+    predict.add_argument("images", nargs="+", type=EXISTING, help="image files and/or folders")
+    predict.add_argument("--csv", help="write predictions to this CSV instead of a table")
+    predict.add_argument("--json", help="write predictions to this JSON file (array) instead of a table")
+    predict.add_argument("--topk", type=int, default=3, metavar="K", help="classes per image")
+    predict.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward pass")
+    predict.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto",
+                         help="auto: onnxruntime when installed (fastest here)")
+    predict.add_argument("--submission", metavar="SAMPLE_CSV", type=EXISTING, help="write a Kaggle submission in this sample's format")
+    _add_tta(predict)
+    predict.set_defaults(func=cmd_predict)
+
+    export = _command(sub, "export", "ONNX or TorchScript file with a parity check (and int8 quantization)",
+                      "Write the classifier as ONNX (or TorchScript) under RUN/export/, check it against the PyTorch "
+                      "model on real validation images, and optionally write a static int8 ONNX model beside it "
+                      "(with the accuracy before and after). An existing file is never overwritten: a new name is chosen.",
+                      "visiontune export runs/NAME", "visiontune export runs/NAME --quantize int8",
+                      "visiontune export runs/NAME --format torchscript --out model.pt")
+    export.add_argument("run", type=CLASSIFIER, help=run_help)
+    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="file format")
+    export.add_argument("--out", help="file to write (default: RUN/export/model.onnx | model.pt; the suffix is added if missing)")
+    export.add_argument("--quantize", choices=["int8"], help="also write a static int8 ONNX model (calibrated on training images)")
+    export.add_argument("--parity-images", type=int, default=64, metavar="N", help="validation images for the parity check")
+    export.set_defaults(func=cmd_export)
+
+    serve = _command(sub, "serve", "HTTP API and a small web page for a classifier (FastAPI + uvicorn)",
+                     "Serve a classifier over HTTP. Routes: GET / (a web page to drop images on); POST /predict with "
+                     "multipart file fields (or JSON {\"images\": [base64]}) -> JSON top-5 per image; GET /health; "
+                     "GET /model (classes, architecture, metrics); GET /docs (OpenAPI). Binds 127.0.0.1 by default: "
+                     "reachable only from this machine.",
+                     "visiontune serve runs/NAME", "curl -F file=@photo.jpg http://127.0.0.1:8000/predict",
+                     "visiontune serve runs/NAME --host 0.0.0.0 --port 8080    # reachable from other machines")
+    serve.add_argument("run", type=CLASSIFIER, help=classifier_help)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port")
+    serve.add_argument("--max-upload-mb", type=int, default=10, metavar="MB", help="larger uploads get HTTP 413")
+    serve.add_argument("--max-pixels", type=int, default=40_000_000, metavar="N", help="larger images (decompression bombs) get HTTP 413")
+    serve.add_argument("--max-concurrent", type=int, default=4, metavar="N", help="requests predicted at once; more wait (HTTP 503 when the queue is full)")
+    serve.set_defaults(func=cmd_serve)
+
+    ens = _command(sub, "ensemble", "evaluate runs and their ensemble; error correlation; save it",
+                   "Evaluate several runs (same classes and preprocessing) and their ensemble on labelled images, with "
+                   "the correlation of their errors; --out saves the ensemble, usable like a run.",
+                   "visiontune ensemble runs/A runs/B runs/C --data test/",
+                   "visiontune ensemble runs/A runs/B --data test/ --method weighted --out runs/ens")
+    ens.add_argument("runs", nargs="+", type=CLASSIFIER, help="run folders (same classes and preprocessing)")
+    ens.add_argument("--data", required=True, type=FOLDER, help="labelled images to evaluate on (class folders or split folder)")
+    ens.add_argument("--labels", type=EXISTING, metavar="CSV", help="CSV of filename,label instead of class folders")
+    ens.add_argument("--method", choices=["mean", "vote", "weighted"], default="mean", help="how the members are combined")
+    ens.add_argument("--out", help="save the ensemble here")
+    ens.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass")
+    ens.set_defaults(func=cmd_ensemble)
+
+    split = _command(sub, "split", "make train/ and valid/ folders as links, without copying",
+                     "Split a folder of class sub-folders into DST/train and DST/valid (stratified), as hard links "
+                     "(symlinks across disks): nothing is copied or moved.",
+                     "visiontune split data/ data_split/ --valid 0.2")
+    split.add_argument("src", type=FOLDER, help="folder with one sub-folder per class")
     split.add_argument("dst", help="new folder for train/ and valid/")
-    split.add_argument("--valid", type=float, default=0.2)
-    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--valid", type=float, default=0.2, metavar="FRACTION", help="validation fraction")
+    _add_seed(split)
     split.set_defaults(func=cmd_split)
 
-    demo = sub.add_parser("demo-data", help="write an offline demo dataset as image folders")
-    demo.add_argument("name", choices=["digits", "fashion-mnist"])
-    demo.add_argument("dest")
-    demo.set_defaults(func=cmd_demo_data)
-
-    cache = sub.add_parser("cache", help="inspect or clear the feature cache")
-    cache.add_argument("action", choices=["info", "clear", "build"])
-    cache.add_argument("data", nargs="?", help="with build: the images to cache (recursively)")
-    cache.add_argument("--cache-dir")
+    cache = _command(sub, "cache", "inspect, warm or clear the feature cache",
+                     "The feature cache holds backbone activations keyed by image content, backbone and preprocessing, "
+                     "so a second run on the same images skips the trunk pass.",
+                     "visiontune cache info", "visiontune cache build data/ --img-size 112", "visiontune cache clear")
+    cache.add_argument("action", choices=["info", "clear", "build"], help="info: list entries; clear: delete; build: cache DATA")
+    cache.add_argument("data", nargs="?", type=FOLDER, help="with build: the images to cache (recursively)")
+    cache.add_argument("--cache-dir", metavar="DIR", help="default: $VISIONTUNE_CACHE or ~/.cache/visiontune")
     _add_backbone(cache)
-    cache.add_argument("--img-size", type=int)
-    cache.add_argument("--cut", default="pooled")
-    cache.add_argument("--views", type=int, default=0)
-    cache.add_argument("--engine", choices=ENGINES, default=default_engine())
+    cache.add_argument("--img-size", type=int, metavar="PX", help="input size (default: the backbone's)")
+    cache.add_argument("--cut", default="pooled", help="pooled | blocks.K")
+    cache.add_argument("--views", type=int, default=0, metavar="N", help="augmented views per image")
+    cache.add_argument("--engine", choices=ENGINES, default=default_engine(), help="engine of the trunk pass")
     cache.set_defaults(func=cmd_cache)
     return parser
 

@@ -25,10 +25,7 @@ from visiontune.classifier import read_classifier_meta
 from visiontune.data.catalog import Skipped
 from visiontune.train.plan import Plan
 from visiontune.version import __version__
-
-
-class RunExistsError(Exception):
-    """The chosen run folder already holds a run."""
+from visiontune.errors import RunExistsError  # noqa: F401  (raised here; defined light for the CLI)
 
 
 @dataclass

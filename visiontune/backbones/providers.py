@@ -18,9 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
-class WeightsError(Exception):
-    """Weights that cannot be found or do not fit the architecture; the message says what to do."""
+from visiontune.errors import WeightsError  # noqa: F401  (raised here; defined light for the CLI)
 
 
 @dataclass(frozen=True)

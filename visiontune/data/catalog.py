@@ -22,12 +22,9 @@ import numpy as np
 
 from visiontune.data.images import ImageError, is_image_name, probe_and_hash
 from visiontune.progress import track
+from visiontune.errors import DataError  # noqa: F401  (raised here; defined light for the CLI)
 
 VALID_DIR_NAMES = ("valid", "val", "validation")
-
-
-class DataError(Exception):
-    """Data that cannot be used as given; the message says what to do."""
 
 
 @dataclass

@@ -21,19 +21,12 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from visiontune.errors import ImageError  # noqa: F401  (raised here; defined light for the CLI)
+
 #: File endings treated as images when a folder is scanned (lower case, with the dot).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
 )
-
-
-class ImageError(Exception):
-    """An image that cannot be used, with the file and a reason a user can act on."""
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
 
 
 def is_image_name(path: str | Path) -> bool:

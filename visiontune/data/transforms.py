@@ -14,6 +14,8 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from visiontune.names import AUGMENTATIONS
+
 INTERPOLATION = {
     "bicubic": InterpolationMode.BICUBIC,
     "bilinear": InterpolationMode.BILINEAR,
@@ -122,7 +124,6 @@ class PCALighting(torch.nn.Module):
         return (image + shift.view(3, 1, 1)).clamp(0, 1)
 
 
-AUGMENTATIONS = ("none", "light", "standard", "strong", "aerial")
 
 
 def augmentation(pre: Preprocessing, preset: str = "light", min_scale: float | None = None) -> T.Compose:

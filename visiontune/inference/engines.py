@@ -8,7 +8,6 @@ features keep accuracy; bf16 is faster still but cost 0.2-0.5 accuracy points, s
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +17,7 @@ import torch
 from torch import nn
 
 from visiontune.errors import UsageError
-
-ENGINES = ("torch", "torch-bf16", "onnxruntime")
+from visiontune.names import ENGINES, default_engine, onnxruntime_available  # noqa: F401  (re-exported)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -27,15 +25,6 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 #: 268 / 451 / 473 img/s; the 2026-11-24 run's --budget rows finished within -13..+5 % with them): lets `--budget` time the trunk once in torch and predict the other engines
 #: without exporting every cut first.
 RELATIVE_TRUNK_TIME = {"torch": 1.0, "onnxruntime": 268 / 451, "torch-bf16": 268 / 473}
-
-
-def onnxruntime_available() -> bool:
-    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
-
-
-def default_engine() -> str:
-    """onnxruntime where installed (fastest exact engine), else torch."""
-    return "onnxruntime" if onnxruntime_available() else "torch"
 
 
 def export_onnx(module: nn.Module, input_size: int, path: Path) -> Path:

@@ -16,9 +16,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from visiontune.data.transforms import Preprocessing, INTERPOLATION, eval_transform, normalise
-
-TTA_MODES = ("none", "flip", "flips", "5crop", "10crop", "scale")
-COMBINE = ("mean", "geometric")
+from visiontune.names import COMBINE, TTA_MODES
 
 
 def tta_transform(pre: Preprocessing, mode: str) -> Callable:

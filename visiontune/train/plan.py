@@ -18,14 +18,15 @@ import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from rich.table import Table
 
 from visiontune.errors import UsageError
-from visiontune.data.transforms import AUGMENTATIONS
-from visiontune.inference.engines import ENGINES, default_engine
-from visiontune.task.kinds import task_named
-from visiontune.train.objectives import OBJECTIVES
-from visiontune.train.profile import DataProfile, SpeedProfile
+from visiontune.names import AUGMENTATIONS, ENGINES, default_engine
+
+if TYPE_CHECKING:  # the Plan's declarations build `train --help`, which must not load torch
+    from visiontune.train.profile import DataProfile, SpeedProfile
 
 SMALL_DATA = 10_000
 MEDIUM_DATA = 20_000
@@ -246,6 +247,9 @@ def _check_choices(plan: Plan) -> None:
         raise UsageError("--ema is a decay in [0, 1), e.g. 0.999")
     if plan.swa and plan.ema:
         raise UsageError("--swa and --ema both average the weights; choose one")
+    from visiontune.task.kinds import task_named  # torch: only when a plan is checked, not for --help
+    from visiontune.train.objectives import OBJECTIVES
+
     task_named(plan.task).check(plan)
     if plan.objective not in OBJECTIVES:
         raise UsageError(f"unknown objective {plan.objective!r}; registered: {', '.join(sorted(OBJECTIVES))}")
