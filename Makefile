@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test browser test-slow fashion-mnist bench-speed bench-memory bench-playbook bench-beyond clean
+.PHONY: install demo shell test browser test-slow fashion-mnist bench-speed bench-memory bench-playbook bench-beyond clean
 
 # pip's wheel cache is off: torch alone is 5.5 GB in the venv, and a second copy in ~/.cache can fill a small disk.
 export PIP_NO_CACHE_DIR := 1
@@ -23,6 +23,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	@test -d data/digits || $(BIN)/visiontune demo-data digits data/digits
 	$(BIN)/visiontune train data/digits
+	@echo "next: source $(VENV)/bin/activate (or: make shell), then: visiontune --help"
+
+# An interactive shell with the venv activated, so `visiontune ...` works as the README types it.
+shell: $(STAMP)
+	@echo "visiontune is on PATH in this shell; exit to leave it"
+	@VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(BIN)):$$PATH $${SHELL:-bash} -i
 
 test: $(STAMP) browser
 	VISIONTUNE_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q

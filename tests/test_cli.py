@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,12 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def trained_run(class_folders, tmp_path) -> Path:
     result = run("train", str(class_folders), "--out", str(tmp_path / "run"), "--img-size", "64", "--epochs", "6")
     assert result.returncode == 0, result.stderr
-    assert "validation accuracy" in result.stderr and "classifier" in result.stderr
+    assert "validation accuracy" in result.stdout and "classifier" in result.stderr  # outcome on stdout, messages on stderr
+    # stderr is a pipe here, not a terminal: plain lines, one per epoch with an ETA, no runs of blank lines
+    assert "\n\n" not in result.stderr
+    assert len(re.findall(r"epoch +\d+/6 +train_loss [0-9.]+ +valid_loss [0-9.]+ +valid_accuracy [0-9.]+ .* eta \d+:\d\d", result.stderr)) == 6
+    assert re.search(r"predicted time \d+:\d\d from the start", result.stderr)
+    assert re.search(r"time since start: predicted [0-9.]+s, actual [0-9.]+s", result.stderr)
     return tmp_path / "run"
 
 

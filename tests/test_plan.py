@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -97,6 +98,24 @@ def test_budget_picks_the_most_thorough_recipe_that_fits():
         most_thorough = max(i for i, c in enumerate(costs) if c <= cost + 0.01)  # list is ordered by accuracy
         assert chosen == options[most_thorough] and seconds == pytest.approx(costs[most_thorough])
     chosen, seconds, why = choose_for_budget(costs[0] - 0.5, data, SPEED, CUTS)
-    assert chosen.cut == "pooled" and chosen.epochs < 30 and "below every full recipe" in why
+    assert chosen.cut == "pooled" and chosen.epochs < 30 and "below the cheapest full recipe" in why
     plan = make_plan(data, 224, CUTS, budget_s=costs[1] + 1, speed=SPEED)
     assert (plan.cut, plan.views) == ("blocks.6", 0) and plan.predicted_s == pytest.approx(costs[1], abs=0.1)
+
+
+def test_an_impossible_budget_is_refused_before_training_with_the_smallest_feasible_one():
+    data = profile(n=2000, n_valid=2000)
+    with pytest.raises(ValueError) as err:
+        make_plan(data, 224, CUTS, budget_s=10, speed=SPEED, spent_s=12.0)
+    text = str(err.value)
+    assert "cannot be met" in text and "Smallest feasible: --budget" in text and not re.search(r"-\d", text)
+    feasible = int(text.split("Smallest feasible: --budget ")[1].split("s")[0])
+    plan = make_plan(data, 224, CUTS, budget_s=feasible, speed=SPEED, spent_s=12.0)  # the advice works
+    assert plan.epochs >= 1 and plan.predicted_s <= feasible
+
+
+def test_caching_overlaps_decoding_with_the_trunk_for_the_plain_view():
+    data = profile(n=1000, n_valid=0)
+    slow_decode = SpeedProfile(0.01, {"pooled": 0.004}, {"pooled": 0.0}, {"pooled": 0.0})
+    assert predict_seconds(Candidate("pooled", 0, 0), data, slow_decode) == pytest.approx(FIXED_OVERHEAD_S + 1000 * 0.01)
+    assert predict_seconds(Candidate("pooled", 0, 0), data, slow_decode, lambda c: 10) == pytest.approx(FIXED_OVERHEAD_S + 0.1)

@@ -68,16 +68,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             valid_fraction=args.valid, report=args.report, unlabeled=args.unlabeled, target=args.target,
             target_labels=args.target_labels, **settings,
         )
+    results = Console()  # the outcome goes to stdout (progress and messages went to stderr)
     if "per_class" in clf.metrics:
         for table in _metrics_tables(clf.metrics, clf.classes):
-            console.print(table)
+            results.print(table)
     if "seconds" in clf.metrics:  # a --folds ensemble reports the folds' spread instead (printed above)
         key, value = clf.task.headline(clf.metrics)
         more = {k: clf.metrics[k] for k in ("mean_average_precision", "subset_accuracy") if k in clf.metrics}
         extra = " (" + ", ".join(f"{k} {v:.4f}" for k, v in more.items()) + ")" if more else ""
-        console.print(f"[bold green]validation {key} {value:.4f}[/]{extra} in {clf.metrics['seconds']} s")
-        console.print(f"metrics per epoch: {clf.run_dir / 'metrics.jsonl'}")
-    console.print(f"run: {clf.run_dir}")
+        results.print(f"[bold green]validation {key} {value:.4f}[/]{extra} in {clf.metrics['seconds']} s")
+        results.print(f"metrics per epoch: {clf.run_dir / 'metrics.jsonl'}")
+    results.print(f"run: {clf.run_dir}")
+    if (clf.run_dir / "report.html").exists():
+        results.print(f"next: open {clf.run_dir / 'report.html'} · visiontune show {clf.run_dir} --mistakes · "
+                      f"visiontune predict {clf.run_dir} IMAGES")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Wall-clock accounting for `--budget`: a budget counts from the moment the command started."""
+"""Wall-clock accounting: a `--budget` counts from the moment the command started, and the run's ETA
+adds what is predicted for the work after the current training phase."""
 
 from __future__ import annotations
 
@@ -22,3 +23,16 @@ def seconds_since_process_start() -> float:
         return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return time.perf_counter() - _IMPORTED_AT
+
+
+_after_phase_s = 0.0
+
+
+def expect_after_phase(seconds: float) -> None:
+    """Record the predicted seconds of work after the current training phase (for the run's ETA)."""
+    global _after_phase_s
+    _after_phase_s = max(0.0, float(seconds))
+
+
+def expected_after_phase() -> float:
+    return _after_phase_s

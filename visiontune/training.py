@@ -19,10 +19,10 @@ import torch
 from visiontune import beyond
 from visiontune.backbones.cuts import Tail, cut_points
 from visiontune.backbones.registry import Backbone, create_backbone, resolve_arch
-from visiontune.cache.features import cached_activations
+from visiontune.cache.features import cached_activations, trunk_engine_path, uncached_count
 from visiontune.cache.store import CachedRows, default_cache_root
 from visiontune.classifier import Classifier
-from visiontune.clock import seconds_since_process_start
+from visiontune.clock import expect_after_phase, seconds_since_process_start
 from visiontune.data.catalog import Catalog, DataError, Skipped, Source, discover, labelled_like
 from visiontune.data.split import kfold_indices, split_catalog
 from visiontune.inference.engines import default_engine
@@ -31,8 +31,15 @@ from visiontune.runs import RunConfig, RunDir, Split
 from visiontune.task.kinds import Task, task_for
 from visiontune.train.checkpoint import load_checkpoint
 from visiontune.train.phases import cached_phase, finetune, predict_cached, train_cached
-from visiontune.train.plan import Plan, choose_img_size, epochs_for_remaining, make_plan, parse_duration
+from visiontune.train.plan import (
+    FIXED_OVERHEAD_S, Candidate, Plan, choose_img_size, epochs_for_remaining, epoch_seconds, finetune_seconds, make_plan, parse_duration, predict_seconds,
+)
 from visiontune.train.profile import DataProfile, SpeedProfile, profile_data, profile_speed
+
+# Subnormal floats (the gradients and Adam statistics of a loss near 0 on easy data) cost x86 CPUs ~100x:
+# an epoch went from 4 s to 55 s on a separable 2-class folder. Flush them to zero before torch starts its
+# worker threads, which inherit the mode; the loop sets it again on its own thread (onnxruntime resets it).
+torch.set_flush_denormal(True)
 
 FINAL_OVERHEAD_S = 2.0  # final metrics and saving the classifier, measured ~1-2 s here
 REPORT_S = 4.0  # building report.html: 3.7 s measured on the Fashion-MNIST bench (2,000 validation images)
@@ -58,6 +65,7 @@ class Prepared:
     data_profile: DataProfile
     speed: SpeedProfile | None
     plan: Plan
+    predicted: dict[str, float]  # predicted seconds of each part of the run (printed before training)
 
 
 def concat(a: Catalog, b: Catalog) -> Catalog:
@@ -94,12 +102,53 @@ def prepare(config: RunConfig, fold: tuple[int, int] | None = None, reserve_s: f
     engine = overrides.get("engine") or default_engine()
     speed = profile_speed(backbone, train_cat, cuts[:4], engine) if budget_s is not None else None
     overrides = {**overrides, "seed": config.seed, "task": task.name}
-    plan = make_plan(data_profile, native, cuts, overrides, budget_s, speed, seconds_since_process_start() + reserve_s)
+    cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_root()
+
+    def uncached(candidate: Candidate) -> int:
+        """Trunk passes `candidate` still needs: the views of each image no cache shard holds yet."""
+        common = {"cut": candidate.cut, "seed": config.seed, "engine": engine, "aug": overrides.get("aug") or "light"}
+        return (uncached_count(backbone, valid_cat.paths, cache_root, **common)
+                + sum(uncached_count(backbone, train_cat.paths, cache_root, view=view, **common)
+                      for view in [None, *range(candidate.views)]))
+
+    plan = make_plan(data_profile, native, cuts, overrides, budget_s, speed, seconds_since_process_start() + reserve_s,
+                     uncached)
+    if speed is None:  # time this plan's parts once, so the run can say how long it will take
+        timed_cuts = sorted({plan.cut, cuts[0]} if plan.finetune_epochs else {plan.cut})
+        to_cache = uncached(Candidate(plan.cut, plan.views, plan.epochs))
+        paths = {plan.cut: trunk_engine_path(backbone, cache_root, plan.cut, plan.engine, plan.seed)} if to_cache else {}
+        with torch.random.fork_rng():  # timing train steps must not move the run's random numbers
+            speed = profile_speed(backbone, train_cat, timed_cuts, plan.engine, batch=plan.batch_size, engine_paths=paths)
+    predicted = predict_parts(plan, data_profile, speed, uncached, reserve_s)
+    if plan.budget_s is None:
+        plan.predicted_s = round(sum(predicted.values()), 1)
+        plan.why["predicted_s"] = "timed batches of this data on this machine (caching, epochs, fine-tuning, report)"
     beyond.check_request(plan, config.unlabeled, config.target, task.name)
     beyond.settle_plan(plan, config.unlabeled, config.target)
     plan.why["task"] = {"multi-label": "labels CSV has several space-separated tags per image: sigmoid + BCE, thresholds for F-beta"}.get(
         task.name, "one class per image")
-    return Prepared(source, train_cat, valid_cat, task, backbone, data_profile, speed, plan)
+    return Prepared(source, train_cat, valid_cat, task, backbone, data_profile, speed, plan, predicted)
+
+
+def predict_parts(plan: Plan, data: DataProfile, speed: SpeedProfile, uncached, reserve_s: float) -> dict[str, float]:
+    """Predicted seconds of each part of the run, from the speed profile and what the cache already holds."""
+    candidate = Candidate(plan.cut, plan.views, plan.epochs)
+    passes = uncached(candidate)
+    cached_phase_s = predict_seconds(candidate, data, speed, lambda _: passes)
+    caching = cached_phase_s - FIXED_OVERHEAD_S - plan.epochs * epoch_seconds(plan.cut, data, speed)
+    return {"so far": seconds_since_process_start(), f"caching {passes:,} image views": caching,
+            f"{plan.epochs} epochs on cached activations": cached_phase_s - caching - FIXED_OVERHEAD_S,
+            f"{plan.finetune_epochs} fine-tuning epochs": finetune_seconds(plan.finetune_epochs, data, speed),
+            "evaluation, saving and the report": FINAL_OVERHEAD_S + reserve_s}
+
+
+def predicted_text(predicted: dict[str, float]) -> str:
+    """'predicted time 1:52: caching 1,968 image views 1:10, 10 epochs ... 0:20, ...' (parts that take time)."""
+    from visiontune.progress import clock_text
+
+    parts = ", ".join(f"{name} {clock_text(seconds)}" for name, seconds in predicted.items()
+                      if name != "so far" and seconds >= 0.5)
+    return f"predicted time {clock_text(sum(predicted.values()))} from the start ({parts})"
 
 
 @dataclass
@@ -182,8 +231,14 @@ def refit_to_budget(prep: Prepared, config: RunConfig) -> None:
     remaining = plan.budget_s - seconds_since_process_start() - FINAL_OVERHEAD_S - (REPORT_S if config.report else 0)
     planned = plan.epochs
     plan.epochs = epochs_for_remaining(remaining, planned, prep.data_profile, prep.speed, plan.cut)
-    plan.why["epochs"] = f"re-fitted after caching to the {remaining:.0f}s left (planned {planned})"
-    console.print(f"budget: {remaining:.0f}s left after caching -> {plan.epochs} epochs (planned {planned})")
+    if remaining <= 0:
+        over = -remaining
+        plan.why["epochs"] = f"caching used the whole budget ({over:.0f}s over): the minimum, 1 epoch"
+        console.print(f"[yellow]budget: caching took longer than predicted and used the whole budget ({over:.0f}s "
+                      f"over); training 1 epoch only[/]")
+    else:
+        plan.why["epochs"] = f"re-fitted after caching to the {remaining:.0f}s left (planned {planned})"
+        console.print(f"budget: {remaining:.0f}s left after caching -> {plan.epochs} epochs (planned {planned})")
 
 
 def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = False) -> Classifier:
@@ -196,7 +251,7 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
     checkpoint = load_checkpoint(run.checkpoints) if resuming else None
     expected = run.read_split() if resuming else None
     if not resuming:
-        run.write_config(config)
+        run.write_config(config, weights_source=backbone.weights, weights_sha256=backbone.weights_sha256 or None)
         run.write_json("profile.json", {"data": prep.data_profile.to_dict(), "speed": prep.speed.to_dict() if prep.speed else None})
     else:
         run.truncate_metrics(checkpoint.position.metrics_lines if checkpoint else 0)
@@ -207,6 +262,10 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
         f"{len(classes)} classes ({task.name}); backbone {backbone.arch} ({backbone.weights})"
     )
     console.print(prep.plan.table())
+    if not resuming:
+        console.print(predicted_text(prep.predicted) + ("" if extra_images(config) is None else
+                      "; the unlabelled/target images' method comes on top"))
+        expect_after_phase(sum(v for k, v in prep.predicted.items() if "fine-tuning" in k or "report" in k))
     inputs = cache_inputs(prep, config)
     extra = None
     if config.unlabeled or config.target:
@@ -263,10 +322,6 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
     metrics["wall_seconds"] = round(seconds_since_process_start(), 1)
     if plan.predicted_s is not None:
         metrics["predicted_seconds"] = plan.predicted_s
-        console.print(
-            f"time since start: predicted {plan.predicted_s:.1f}s, actual {metrics['wall_seconds']:.1f}s "
-            f"(budget {plan.budget_s:.0f}s)"
-        )
     logger({"phase": "final", **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}})
     logger.close()
     classifier.metrics = {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "confusion_matrix_normalized")}
@@ -281,7 +336,14 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
 
         report_started = time.perf_counter()
         console.print(f"report: {build_report(run.path)} ({time.perf_counter() - report_started:.1f}s)")
+    if plan.predicted_s is not None and not resuming:
+        budget = f" (budget {plan.budget_s:.0f}s)" if plan.budget_s is not None else ""
+        console.print(f"time since start: predicted {plan.predicted_s:.1f}s, actual {seconds_since_process_start():.1f}s{budget}")
     return classifier
+
+
+def extra_images(config: RunConfig) -> str | None:
+    return config.unlabeled or config.target
 
 
 def choose_beyond(prep: Prepared, run: RunDir, tail: Tail, inputs: CachedInputs, y_train: np.ndarray, extra) -> None:

@@ -52,12 +52,12 @@ PACKAGED: dict[str, PackagedWeights] = {
 
 
 def file_digest(path: Path) -> str:
-    """Short SHA-256 of a file's bytes: identifies weights in cache keys and run configs."""
+    """SHA-256 of a file's bytes (hex), recorded in run configs; its first 16 digits key the cache."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -46,6 +46,7 @@ class Backbone:
     weights_id: str  # content identity, for cache keys
     preprocessing: Preprocessing
     source_head: nn.Linear | None = None  # the weights file's own classifier (ImageNet), when it had one
+    weights_sha256: str = ""  # SHA-256 of the weights file ("" for hub/none), recorded in config.yaml
 
     @property
     def feature_dim(self) -> int:
@@ -100,8 +101,9 @@ def create_backbone(
         path = Path(source).expanduser()
         label = f"file:{path}"
     source_state = load_into(model, read_state_dict(path))
+    digest = file_digest(path)
     return Backbone(
-        model, arch, label, file_digest(path), _preprocessing(model, img_size), _linear(source_state)
+        model, arch, label, digest[:16], _preprocessing(model, img_size), _linear(source_state), weights_sha256=digest
     )
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from visiontune.backbones.cuts import POOLED, Trunk
 from visiontune.backbones.registry import Backbone
-from visiontune.cache.store import CachedRows, FeatureStore
+from visiontune.cache.store import CachedRows, FeatureStore, key_digest
 from visiontune.data.images import content_hash
 from visiontune.data.transforms import augmentation
 from visiontune.inference.engines import compile_forward
@@ -121,3 +121,28 @@ def cached_activations(
     index = store.index()
     kept = np.array([i for i in readable if hashes[i] in index], dtype=np.int64)
     return kept, store.rows([hashes[i] for i in kept]) if load else None, skipped
+
+
+def trunk_engine_path(backbone: Backbone, cache_root: Path, cut: str, engine: str, seed: int = 0) -> Path:
+    """Where the plain view's cache keeps the trunk exported for `engine`: timing the plan's speed exports it
+    there, so caching then reuses the file instead of exporting again."""
+    return FeatureStore(cache_root, feature_key(backbone, cut, None, seed, engine)).dir / "trunk.onnx"
+
+
+def uncached_count(
+    backbone: Backbone, paths: Sequence[Path], cache_root: Path, cut: str = POOLED, view: int | None = None,
+    seed: int = 0, engine: str = "torch", aug: str = "light",
+) -> int:
+    """How many of `paths` (by content) no finished shard of this key holds yet: the trunk passes a run
+    will pay for. Reads nothing but the store's index (the content hashes are memoised by the catalog)."""
+    key = feature_key(backbone, cut, view, seed, engine, aug)
+    if not (Path(cache_root) / "features" / key_digest(key)).is_dir():
+        return len(paths)
+    index = FeatureStore(cache_root, key).index()
+    missing = 0
+    for path in paths:
+        try:
+            missing += content_hash(path) not in index
+        except OSError:
+            continue
+    return missing

@@ -29,6 +29,8 @@ from torch import nn
 
 from visiontune.train.averaging import Averager
 from visiontune.train.checkpoint import Checkpoint, save_checkpoint
+from visiontune.clock import expected_after_phase
+from visiontune.progress import clock_text, console
 
 if TYPE_CHECKING:  # the loop imports this module; the type is only for hints
     from visiontune.train.loop import Loop
@@ -202,9 +204,39 @@ class Checkpointing(Callback):
         self.save(loop)
 
 
+class EpochLine(Callback):
+    """One compact line per epoch (losses, validation metrics, time) with the phase's and the run's ETA.
+
+    The run's ETA adds :func:`visiontune.clock.expected_after_phase` (what the run predicted for the work
+    after this phase: fine-tuning, evaluation, the report) to this phase's remaining epochs at the pace
+    measured so far."""
+
+    SHOWN = ("valid_loss", "valid_accuracy", "valid_balanced_accuracy", "valid_macro_f1", "valid_map")
+
+    def phase_start(self, loop: Loop) -> None:
+        self.seconds: list[float] = []
+
+    def validated(self, loop: Loop, record: dict) -> None:
+        if "epoch" not in record:  # a mid-epoch validation (--eval-every) is logged, not printed
+            return
+        self.seconds.append(float(record.get("seconds", 0.0)))
+        epochs = loop.phase.epochs
+        left = (epochs - record["epoch"]) * sum(self.seconds) / len(self.seconds)
+        parts = [f"{loop.phase.name} epoch {record['epoch']:>{len(str(epochs))}}/{epochs}",
+                 f"train_loss {record.get('train_loss', float('nan')):.4f}"]
+        parts += [f"{key} {record[key]:.4f}" for key in self.SHOWN if isinstance(record.get(key), float)]
+        parts.append(f"{record.get('seconds', 0.0):.1f}s")
+        eta = f"eta {clock_text(left)}"
+        after = expected_after_phase()
+        if after:
+            eta += f" (run {clock_text(left + after)})"
+        console.print("  ".join(parts + [eta]), highlight=False, soft_wrap=True)
+
+
 def default_callbacks(plan, checkpoints: Path | None, method: list[Callback] | None = None) -> list[Callback]:
     """The playbook's extras the plan asks for, with the objective's own (`method`) after weight
-    averaging and before validation, early stopping and checkpoints, which must see their work."""
+    averaging and before validation, early stopping and checkpoints, which must see their work; the
+    epoch line last, after early stopping has had its say."""
     callbacks: list[Callback] = [WeightAveraging(), *(method or [])]
     if plan.eval_every:
         callbacks.append(StepValidation(plan.eval_every))
@@ -212,4 +244,5 @@ def default_callbacks(plan, checkpoints: Path | None, method: list[Callback] | N
         callbacks.append(EarlyStopping(plan.early_stop, plan.monitor))
     if checkpoints is not None:
         callbacks.append(Checkpointing(checkpoints, plan.checkpoint_every))
+    callbacks.append(EpochLine())
     return callbacks

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -182,30 +183,86 @@ def candidates(cuts: list[str]) -> list[Candidate]:
     return found
 
 
-def predict_seconds(candidate: Candidate, data: DataProfile, speed: SpeedProfile) -> float:
-    """Predicted wall time of a cached recipe: trunk pass over all views, then the tail's epochs."""
-    cached_images = data.n_train * (1 + candidate.views) + data.n_valid
-    caching = cached_images * (speed.decode + speed.trunk[candidate.cut])
-    per_epoch = data.n_train * speed.tail_train[candidate.cut] + data.n_valid * speed.tail_eval[candidate.cut]
-    return FIXED_OVERHEAD_S + caching + candidate.epochs * per_epoch
+def caching_images(candidate: Candidate, data: DataProfile) -> int:
+    """Trunk passes a cached recipe needs when nothing is cached yet: every view of every image."""
+    return data.n_train * (1 + candidate.views) + data.n_valid
+
+
+def predict_seconds(candidate: Candidate, data: DataProfile, speed: SpeedProfile,
+                    uncached: Callable[[Candidate], int] | None = None) -> float:
+    """Predicted wall time of a cached recipe: trunk pass over the views not cached yet (`uncached`
+    counts them; all of them by default), then the tail's epochs."""
+    passes = caching_images(candidate, data) if uncached is None else uncached(candidate)
+    # the plain view decodes in a background thread while the trunk runs (data/loader.prefetch), so the
+    # slower of the two sets the pace; seeded augmented views decode inline, one after the other
+    per_image = max(speed.decode, speed.trunk[candidate.cut]) if candidate.views == 0 else speed.decode + speed.trunk[candidate.cut]
+    caching = passes * per_image
+    return FIXED_OVERHEAD_S + caching + candidate.epochs * epoch_seconds(candidate.cut, data, speed)
+
+
+def epoch_seconds(cut: str, data: DataProfile, speed: SpeedProfile) -> float:
+    """One epoch of the tail on cached rows, with its validation pass."""
+    return data.n_train * speed.tail_train[cut] + data.n_valid * speed.tail_eval[cut]
+
+
+def finetune_seconds(epochs: int, data: DataProfile, speed: SpeedProfile) -> float:
+    """Fine-tuning on images: decode + forward + backward (about 3 forward passes) of the whole network per
+    training image, decode + forward per validation image, each epoch. The trunk was timed on the cached
+    pass's engine; fine-tuning runs in torch."""
+    if epochs <= 0 or speed.full_forward_torch <= 0:
+        return 0.0
+    per_epoch = data.n_train * (speed.decode + 3 * speed.full_forward_torch) + data.n_valid * (
+        speed.decode + speed.full_forward_torch)
+    return epochs * per_epoch
+
+
+class BudgetTooSmall(UsageError):
+    """Even one epoch of the cheapest recipe does not fit the budget."""
+
+    def __init__(self, one_epoch_s: float, full_s: float):
+        self.one_epoch_s, self.full_s = one_epoch_s, full_s
+        super().__init__(f"even one epoch of the cheapest recipe is predicted at {one_epoch_s:.0f}s")
 
 
 def choose_for_budget(
-    budget_s: float, data: DataProfile, speed: SpeedProfile, cuts: list[str]
+    budget_s: float, data: DataProfile, speed: SpeedProfile, cuts: list[str],
+    uncached: Callable[[Candidate], int] | None = None,
 ) -> tuple[Candidate, float, str]:
-    """The most thorough candidate predicted to fit `budget_s`, else the cheapest with fewer epochs."""
-    options = [(c, predict_seconds(c, data, speed)) for c in candidates(cuts)]
+    """The most thorough candidate predicted to fit `budget_s`, else the cheapest with fewer epochs;
+    :class:`BudgetTooSmall` when not even one epoch of it fits."""
+    options = [(c, predict_seconds(c, data, speed, uncached)) for c in candidates(cuts)]
     fitting = [(c, s) for c, s in options if s <= budget_s]
     if fitting:
         best, seconds = fitting[-1]
         return best, seconds, f"most thorough recipe predicted to fit {budget_s:.0f}s ({seconds:.0f}s)"
-    cheapest, seconds = options[0]
-    per_epoch = data.n_train * speed.tail_train[cheapest.cut] + data.n_valid * speed.tail_eval[cheapest.cut]
-    fixed = seconds - cheapest.epochs * per_epoch
-    epochs = max(1, int((budget_s - fixed) / per_epoch)) if budget_s > fixed else 1
+    cheapest, full = options[0]
+    per_epoch = epoch_seconds(cheapest.cut, data, speed)
+    fixed = full - cheapest.epochs * per_epoch
+    epochs = int((budget_s - fixed) / per_epoch) if per_epoch > 0 else cheapest.epochs
+    if epochs < 1:
+        raise BudgetTooSmall(fixed + per_epoch, full)
     reduced = Candidate(cheapest.cut, 0, min(cheapest.epochs, epochs))
-    seconds = predict_seconds(reduced, data, speed)
-    return reduced, seconds, f"budget {budget_s:.0f}s is below every full recipe; fewest epochs ({seconds:.0f}s)"
+    seconds = predict_seconds(reduced, data, speed, uncached)
+    return reduced, seconds, (f"below the cheapest full recipe ({full:.0f}s): {reduced.epochs} of its "
+                              f"{cheapest.epochs} epochs fit ({seconds:.0f}s)")
+
+
+def budget_advice(budget_s: float, spent_s: float, error: BudgetTooSmall) -> str:
+    """What to do when a budget cannot be met: the smallest budget that can, and what the full cheapest
+    recipe needs (never a negative number)."""
+    smallest, full = _round_up(spent_s + error.one_epoch_s), _round_up(spent_s + error.full_s)
+    text = (f"--budget {budget_s:.0f}s cannot be met: start-up, measuring and the report take {spent_s:.0f}s and "
+            f"caching plus one epoch of the cheapest recipe {error.one_epoch_s:.0f}s more. ")
+    if full > smallest:
+        text += (f"Smallest feasible: --budget {smallest}s (one epoch, below the full recipe's accuracy); the "
+                 f"cheapest full recipe needs --budget {full}s.")
+    else:
+        text += f"Smallest feasible: --budget {full}s (the cheapest full recipe)."
+    return text + " A smaller --img-size shortens caching; without --budget the plan runs in full."
+
+
+def _round_up(seconds: float, step: int = 5) -> int:
+    return int(-(-seconds // step) * step)
 
 
 def _batch_size(n_train: int) -> int:
@@ -263,6 +320,7 @@ def make_plan(
     budget_s: float | None = None,
     speed: SpeedProfile | None = None,
     spent_s: float = 0.0,
+    uncached: Callable[[Candidate], int] | None = None,
 ) -> Plan:
     """Choose the recipe from the data (and the budget); `overrides` (non-None values) win.
 
@@ -293,7 +351,10 @@ def make_plan(
     why.setdefault("cut", "end of the trunk that runs once and is cached (pooled = classifier only)")
     predicted = None
     if budget_s is not None and speed is not None:
-        choice, predicted, reason = choose_for_budget(budget_s - spent_s, data, speed, cuts)
+        try:
+            choice, predicted, reason = choose_for_budget(budget_s - spent_s, data, speed, cuts, uncached)
+        except BudgetTooSmall as err:
+            raise UsageError(budget_advice(budget_s, spent_s, err)) from None
         predicted += spent_s
         recipe = "head" if choice.cut == cuts[0] else "last-blocks"
         finetune_epochs, groups = 0, 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from statistics import median
 
 import numpy as np
@@ -22,7 +23,7 @@ from visiontune.backbones.registry import Backbone
 from visiontune.data.catalog import Catalog
 from visiontune.data.images import ImageError, load_rgb
 from visiontune.data.transforms import eval_transform
-from visiontune.inference.engines import RELATIVE_TRUNK_TIME
+from visiontune.inference.engines import RELATIVE_TRUNK_TIME, compile_forward
 from visiontune.train.objectives import plain_objective, train_step
 
 SAMPLE = 32
@@ -87,6 +88,7 @@ class SpeedProfile:
     trunk: dict[str, float]  # cut -> forward seconds per image
     tail_train: dict[str, float]  # cut -> train-step seconds per image (forward + backward)
     tail_eval: dict[str, float]  # cut -> forward seconds per image
+    full_forward_torch: float = 0.0  # the whole trunk's forward in torch (fine-tuning's unit), when timed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,11 +103,14 @@ def _timed(fn, repeats: int = 2) -> float:
 
 
 def profile_speed(
-    backbone: Backbone, train: Catalog, cuts: list[str], engine: str = "torch", batch: int = 32
+    backbone: Backbone, train: Catalog, cuts: list[str], engine: str = "torch", batch: int = 32,
+    engine_paths: dict[str, Path] | None = None,
 ) -> SpeedProfile:
     """Time decoding, the trunk to each cut, and each tail's training step, on real sample images.
 
-    The trunk is timed in torch and scaled to `engine` by its measured relative speed.
+    The trunk is timed on `engine` itself for the cuts in `engine_paths` (where its exported file goes;
+    onnxruntime's advantage over torch depends on the input size and the cut: 0.36-0.6x measured here),
+    else timed in torch and scaled by the engine's typical relative speed.
     """
     paths = train.paths[:: max(1, len(train) // batch)][:batch]
     transform = eval_transform(backbone.preprocessing)
@@ -119,13 +124,22 @@ def profile_speed(
     decode = (time.perf_counter() - started) / max(1, len(paths))
     x = torch.stack(tensors).contiguous(memory_format=torch.channels_last)
     trunk, tail_train, tail_eval = {}, {}, {}
+    full = 0.0
     model = backbone.model
     was_training = model.training
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for cut in cuts:
         stem = Trunk(model, cut).eval()
         with torch.no_grad():  # not inference_mode: the activations feed a backward pass below
-            trunk[cut] = _timed(lambda: stem(x)) / len(x) * RELATIVE_TRUNK_TIME[engine]
+            if engine != "torch" and cut in (engine_paths or {}):
+                forward = compile_forward(stem, engine, backbone.preprocessing.input_size, engine_paths[cut])
+                trunk[cut] = _timed(lambda: forward(x)) / len(x)
+                torch_trunk = 0.0
+            else:
+                torch_trunk = _timed(lambda: stem(x)) / len(x)
+                trunk[cut] = torch_trunk * RELATIVE_TRUNK_TIME[engine]
+            if cut == POOLED:
+                full = torch_trunk or _timed(lambda: stem(x), repeats=1) / len(x)
             activations = stem(x)
         tail = Tail(model, cut)
         optimizer = torch.optim.SGD(tail.trainable_parameters(), lr=0.0)
@@ -142,4 +156,4 @@ def profile_speed(
             tail_eval[cut] = _timed(lambda: tail(activations)) / len(x)
     model.load_state_dict(state)  # timing steps must not change the model (BN statistics)
     model.train(was_training)
-    return SpeedProfile(decode, trunk, tail_train, tail_eval)
+    return SpeedProfile(decode, trunk, tail_train, tail_eval, full)
