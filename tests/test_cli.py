@@ -113,3 +113,31 @@ def test_every_command_help_has_examples_and_every_option_a_help_text():
 def test_python_dash_m_runs_the_command_line():
     result = subprocess.run([sys.executable, "-m", "visiontune", "--version"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip()
+
+
+def test_ctrl_c_prints_the_command_that_continues_the_run(class_folders, tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "visiontune", "train", str(class_folders), "--out", str(out), "--img-size", "64",
+         "--epochs", "100", "--no-report"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"},
+    )
+    seen = []
+    for line in process.stderr:  # wait for training to be under way, then press Ctrl-C
+        seen.append(line)
+        if re.search(r"epoch +3/100", line):
+            process.send_signal(signal.SIGINT)
+            break
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 130, "".join(seen) + rest
+    assert f"visiontune train --resume {out}" in rest.replace("\n", " ")
+
+    again = run("train", str(class_folders), "--out", str(out))
+    assert again.returncode == 2 and "interrupted run" in again.stderr
+    assert f"visiontune train --resume {out}" in again.stderr.replace("\n", " ")
+    resumed = run("train", "--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    finished = run("train", str(class_folders), "--out", str(out))
+    assert finished.returncode == 2 and "finished run" in finished.stderr

@@ -22,7 +22,7 @@ from visiontune.cache.store import default_cache_root
 from visiontune.classifier import Classifier, Prediction
 from visiontune.data.catalog import Catalog, DataError, Skipped, catalog_from_csv, catalog_from_folders
 from visiontune.data.images import is_image_name
-from visiontune.errors import UsageError
+from visiontune.errors import UsageError, RunInterrupted
 from visiontune.evaluation.metrics import classification_metrics
 from visiontune.runs import RunConfig, RunDir
 from visiontune.train.plan import Plan
@@ -79,7 +79,10 @@ def fit(
         return fit_folds(config, out, Path(runs_root))
     prep = prepare(config, reserve_s=REPORT_S if report else 0.0)
     run = RunDir.create(out, Path(data).resolve().name or "data", Path(runs_root))
-    return train_run(prep, run, config)
+    try:
+        return train_run(prep, run, config)
+    except KeyboardInterrupt:
+        raise RunInterrupted(run.path) from None
 
 
 def resume(run_path: str | Path) -> Classifier:
@@ -92,7 +95,10 @@ def resume(run_path: str | Path) -> Classifier:
     prep = prepare(RunConfig(**{**config.__dict__, "budget": None}))
     if run.has_plan():
         prep.plan = run.read_plan()
-    return train_run(prep, run, config, resuming=True)
+    try:
+        return train_run(prep, run, config, resuming=True)
+    except KeyboardInterrupt:
+        raise RunInterrupted(run.path) from None
 
 
 def plan(

@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from visiontune.errors import ArtifactError, DataError, ImageError, RunExistsError, UsageError, WeightsError
+from visiontune.errors import (
+    ArtifactError, DataError, ImageError, RunExistsError, RunInterrupted, UsageError, WeightsError,
+)
 from visiontune.names import AUGMENTATIONS, COMBINE, ENGINES, TTA_MODES, default_engine
 from visiontune.progress import console
 from visiontune.version import __version__
@@ -687,9 +690,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as err:
-        console.print(f"[bold red]error:[/] {err}")
+    except USER_ERRORS as err:  # soft wrap: a command inside the message stays one copyable line
+        console.print("[bold red]error:[/]", escape(str(err)), soft_wrap=True, highlight=False)
         return 2
+    except RunInterrupted as stop:
+        console.print(f"[yellow]interrupted[/]: {escape(stop.run)} keeps its last checkpoint. Continue exactly where "
+                      "it stopped with:", soft_wrap=True, highlight=False)
+        console.print(f"  visiontune train --resume {escape(stop.run)}", soft_wrap=True, highlight=False)
+        return 130
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return 130

@@ -36,3 +36,11 @@ class DataError(Exception):
 
 class ArtifactError(Exception):
     """A classifier directory that cannot be loaded; the message says why."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: the run folder keeps its checkpoint, and this says how to continue it."""
+
+    def __init__(self, run: str | os.PathLike):
+        self.run = str(run)
+        super().__init__(f"interrupted; continue with: visiontune train --resume {self.run}")

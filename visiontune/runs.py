@@ -28,6 +28,16 @@ from visiontune.version import __version__
 from visiontune.errors import RunExistsError  # noqa: F401  (raised here; defined light for the CLI)
 
 
+def _what_is_there(path: Path) -> str:
+    """What an occupied --out holds, and the command that fits it."""
+    if (path / "classifier" / "classifier.json").exists() or (path / "folds.json").exists():
+        return (f"holds a finished run. Choose another --out (or leave it out: runs/<data>-<time>), or use this "
+                f"one: visiontune show {path}")
+    if (path / "config.yaml").exists():
+        return f"holds an interrupted run. Continue it exactly with: visiontune train --resume {path}"
+    return "holds other files, not a run. Choose another --out, or leave it out (runs/<data>-<time>)"
+
+
 @dataclass
 class RunConfig:
     """The arguments of a run (config.yaml): everything needed to rerun or resume it."""
@@ -101,10 +111,7 @@ class RunDir:
         else:
             path = Path(out)
             if path.exists() and any(path.iterdir()):
-                raise RunExistsError(
-                    f"{path}: already holds a run; nothing was overwritten. Choose another --out, "
-                    f"continue it with `visiontune train --resume {path}`, or delete the folder yourself."
-                )
+                raise RunExistsError(f"{path}: {_what_is_there(path)}; nothing was overwritten.")
         (path / "checkpoints").mkdir(parents=True, exist_ok=True)
         return cls(path)
 
