@@ -45,8 +45,8 @@ def test_export_passes_the_parity_check_and_carries_metadata(runs, fmt):
     run, meta = load_exported(path)
     assert json.loads(meta["classes"]) == ["blue", "green", "red"]
     assert json.loads(meta["preprocessing"])["input_size"] == 64
-    again = cli("export", str(runs / "a"), "--format", fmt)
-    assert again.returncode == 2 and "nothing was overwritten" in again.stderr
+    again = cli("export", str(runs / "a"), "--format", fmt)  # a second export takes the next free name
+    assert again.returncode == 0 and path.with_name(f"{path.stem}-2{path.suffix}").exists()
 
 
 def test_readme_onnxruntime_snippet_runs_without_visiontune(runs):
@@ -68,6 +68,34 @@ def test_int8_quantization_prints_the_accuracy_change(runs, tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m-int8.onnx").exists()
     assert re.search(r"validation accuracy: fp32 [0-9.]+ -> int8 [0-9.]+ \([+-][0-9.]+\)", result.stderr)
+
+
+def test_export_names_outputs_and_never_leaves_a_broken_file(runs, tmp_path, monkeypatch):
+    """--out without a suffix gets one (and int8 works on it); default names never collide; a crash while
+    writing leaves no file behind."""
+    bare = tmp_path / "export_int8"
+    result = cli("export", str(runs / "a"), "--out", str(bare), "--quantize", "int8")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "export_int8.onnx").exists() and (tmp_path / "export_int8-int8.onnx").exists()
+    refused = cli("export", str(runs / "a"), "--out", str(bare))
+    assert refused.returncode == 2 and "nothing was overwritten" in refused.stderr
+
+    from visiontune.api import export
+    from visiontune.export import formats
+
+    first, second = export(runs / "a", "torchscript"), export(runs / "a", "torchscript")  # re-export just works
+    assert first.path.name == "model.pt" or first.path.name.startswith("model-")
+    assert second.path != first.path and second.path.parent == first.path.parent and second.parity["ok"]
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash while quantizing")
+
+    monkeypatch.setattr("onnxruntime.quantization.quantize_static", crash)
+    with pytest.raises(RuntimeError):
+        export(runs / "a", "onnx", tmp_path / "q.onnx", quantize="int8")
+    assert sorted(p.name for p in tmp_path.glob("q*")) == ["q.onnx"]  # the fp32 file is whole; no int8 remains
+    assert not list(tmp_path.glob(".*partial*"))
+    assert formats.load_exported(tmp_path / "q.onnx")[1]["classes"]
 
 
 def test_onnx_engine_predicts_what_torch_predicts(runs):

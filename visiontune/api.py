@@ -321,10 +321,12 @@ def export(
     run: str | Path, fmt: str = "onnx", out: str | Path | None = None, quantize: str | None = None,
     parity_images: int = 64,
 ) -> ExportResult:
-    """Write the run's classifier as ONNX or TorchScript (default RUN/export/model.onnx|.pt), check parity
-    with PyTorch on the run's own validation images, and with `quantize="int8"` also a static int8 ONNX file."""
+    """Write the run's classifier as ONNX or TorchScript (default RUN/export/model.onnx|.pt, model-2... when
+    taken; `out` gets the format's suffix), check parity with PyTorch on the run's own validation images, and
+    with `quantize="int8"` also a static int8 ONNX file beside it (NAME-int8.onnx). Files appear whole or
+    not at all."""
     from visiontune.export.formats import export as write_export
-    from visiontune.export.formats import exported_accuracy, parity, quantize_int8
+    from visiontune.export.formats import export_path, exported_accuracy, free_name, parity, quantize_int8
 
     if quantize not in (None, "int8"):
         raise UsageError(f"--quantize {quantize!r}: only int8 is supported")
@@ -332,14 +334,14 @@ def export(
         raise UsageError("--quantize int8 needs --format onnx")
     run_dir = RunDir(Path(run))
     clf = load(run)
-    target = Path(out) if out else run_dir.file("export") / f"model{'.onnx' if fmt == 'onnx' else '.pt'}"
+    target = export_path(run_dir.file("export"), fmt, out)
     split = run_dir.read_split()
     images = ((split.valid or split.train) if split else [])[:parity_images]
     result = ExportResult(write_export(clf, fmt, target))
     if images:
         result.parity = parity(clf, target, images)
     if quantize == "int8":
-        result.quantized = quantize_int8(clf, target, target.with_name(target.stem + "-int8.onnx"), images[:64])
+        result.quantized = quantize_int8(clf, target, free_name(target.with_name(target.stem + "-int8.onnx")), images[:64])
         if split and split.valid_labels:
             result.accuracy = {"fp32": exported_accuracy(target, split.valid, split.valid_labels),
                                "int8": exported_accuracy(result.quantized, split.valid, split.valid_labels)}

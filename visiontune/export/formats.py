@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -52,36 +54,85 @@ def metadata(classifier: Classifier) -> dict[str, str]:
     }
 
 
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
+def export_path(default_dir: Path, fmt: str, out: str | Path | None = None) -> Path:
+    """Where an export goes. Default: DEFAULT_DIR/model.onnx|.pt, or model-2, -3, ... when taken, so
+    re-exporting (another format or precision) just works. An explicit --out gets the format's suffix if it
+    has none (an ONNX file must end in .onnx to be read back as one), goes inside it if it is a folder, and
+    is never overwritten."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    suffix = SUFFIXES[fmt]
+    if out is None or Path(out).is_dir():
+        return free_name((Path(out) if out is not None else default_dir) / f"model{suffix}")
+    path = Path(out)
+    if path.suffix.lower() != suffix:
+        path = path.with_name(path.name + suffix)
+    if path.exists():
+        raise UsageError(f"{path} exists; nothing was overwritten. Choose another --out, or leave --out out "
+                         "(a free name under RUN/export/ is chosen).")
+    return path
+
+
+def free_name(path: Path) -> Path:
+    """`path`, or the first of path-2, path-3, ... that does not exist."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+@contextmanager
+def written_whole(out: Path):
+    """Yield a temporary path beside `out`; rename it to `out` only if the block finishes, else delete it:
+    a crash or Ctrl-C never leaves a half-written file under the name a user would load."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial{out.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def export(classifier: Classifier, fmt: str, out: Path) -> Path:
-    """Write the classifier as `fmt` to `out` (never overwriting an existing file)."""
+    """Write the classifier as `fmt` to `out` (never overwriting an existing file; whole or not at all)."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     if out.exists():
         raise UsageError(f"{out} exists; nothing was overwritten. Choose another --out or delete it yourself.")
-    out.parent.mkdir(parents=True, exist_ok=True)
     module = Probabilities(classifier.model).eval().to(memory_format=torch.contiguous_format)
     size = classifier.preprocessing.input_size
-    if fmt == "onnx":
-        import onnx
+    with written_whole(out) as tmp:
+        if fmt == "onnx":
+            import onnx
 
-        tmp = out.with_name(out.name + ".plain")
-        export_onnx(module, size, tmp)
-        graph = onnx.load(str(tmp))
-        for key, value in metadata(classifier).items():
-            entry = graph.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(graph, str(out))
-        os.remove(tmp)
-        return out
-    with torch.no_grad():
-        traced = torch.jit.trace(module, torch.zeros(1, 3, size, size))
-    torch.jit.save(traced, str(out), _extra_files={"visiontune.json": json.dumps(metadata(classifier))})
+            plain = tmp.with_name(tmp.name + ".plain")
+            try:
+                export_onnx(module, size, plain)
+                graph = onnx.load(str(plain))
+            finally:
+                if plain.exists():
+                    os.remove(plain)
+            for key, value in metadata(classifier).items():
+                entry = graph.metadata_props.add()
+                entry.key, entry.value = key, value
+            onnx.save(graph, str(tmp))
+        else:
+            with torch.no_grad():
+                traced = torch.jit.trace(module, torch.zeros(1, 3, size, size))
+            torch.jit.save(traced, str(tmp), _extra_files={"visiontune.json": json.dumps(metadata(classifier))})
     return out
 
 
 def load_exported(path: Path):
-    """(callable numpy images -> numpy probabilities, metadata) for an exported file."""
-    if path.suffix == ".onnx":
+    """(callable numpy images -> numpy probabilities, metadata) for an exported file (told apart by content:
+    TorchScript files are zip archives, ONNX files are not)."""
+    if not zipfile.is_zipfile(path):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -136,18 +187,22 @@ def quantize_int8(classifier: Classifier, onnx_path: Path, out: Path, calibratio
         def get_next(self):
             return next(self.items, None)
 
-    prepared = out.with_name(out.name + ".pre.onnx")
-    quant_pre_process(str(onnx_path), str(prepared))
-    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    os.remove(prepared)
     import onnx
 
-    graph = onnx.load(str(out))
-    source = onnx.load(str(onnx_path))
-    del graph.metadata_props[:]
-    graph.metadata_props.extend(source.metadata_props)
-    onnx.save(graph, str(out))
+    with written_whole(out) as tmp:
+        prepared = tmp.with_name(tmp.name + ".pre.onnx")
+        try:
+            quant_pre_process(str(onnx_path), str(prepared))
+            quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        finally:
+            if prepared.exists():
+                os.remove(prepared)
+        graph = onnx.load(str(tmp))
+        source = onnx.load(str(onnx_path))
+        del graph.metadata_props[:]
+        graph.metadata_props.extend(source.metadata_props)
+        onnx.save(graph, str(tmp))
     return out
 
 
