@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from pathlib import Path
+
 import pytest
 from conftest import write_class_folders
 
@@ -73,7 +75,7 @@ def test_unusable_data_stops_with_one_line(tmp_path, case):
         discover(root)
     message = str(info.value)
     assert "\n" not in message and str(root) in message
-    expected = {"empty": "no usable images", "single": "only one class", "no_usable": "broken", "missing": "no such"}
+    expected = {"empty": "no image files found", "single": "only one class", "no_usable": "broken", "missing": "no such"}
     assert expected[case] in message
 
 
@@ -100,3 +102,32 @@ def test_split_command_links_without_copying(class_folders, tmp_path):
     assert {p.name for p in valid.paths} == {p.name for p in resplit.valid.paths}
     with pytest.raises(DataError, match="not empty"):
         write_split_folders(source.train, class_folders, dest, 0.25, seed=0)
+
+
+def test_images_without_class_folders_are_named_as_such(tmp_path):
+    """A flat folder of images: the message says the images are there and how to give their classes."""
+    from PIL import Image
+
+    for i in range(5):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    with pytest.raises(DataError) as info:
+        discover(tmp_path)
+    assert "5 images are directly in this folder" in str(info.value) and "--labels" in str(info.value)
+
+
+def test_a_truncated_image_is_skipped_once_by_the_catalog(tmp_path):
+    """The header check alone passes truncated PNG/JPEG files that fail later; the catalog must refuse them
+    up front so train and doctor count the same images (issue K)."""
+    import numpy as np
+    from PIL import Image
+
+    write_class_folders(tmp_path, per_class=4)
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    for name, fmt in (("cut.png", "PNG"), ("cut.jpg", "JPEG")):
+        path = tmp_path / "red" / name
+        Image.fromarray(noise).save(path, fmt)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    source = discover(tmp_path)
+    reasons = {Path(s.path).name: s.reason for s in source.skipped}
+    assert "truncated PNG" in reasons["cut.png"] and "truncated JPEG" in reasons["cut.jpg"]
+    assert len(source.train) == 12

@@ -46,6 +46,12 @@ def test_train_predict_evaluate_in_fresh_processes(trained_run, class_folders, t
 
     table = run("predict", str(trained_run / "classifier"), str(class_folders / "blue" / "blue_000.png"))
     assert table.returncode == 0 and "blue_000.png" in table.stdout and "blue" in table.stdout
+    deep = tmp_path / ("a folder with a long name " * 4).strip() / "and_a_long_file_name_that_must_stay_visible.png"
+    deep.parent.mkdir()
+    deep.write_bytes((class_folders / "blue" / "blue_000.png").read_bytes())
+    piped = run("predict", str(trained_run), str(deep.parent))  # stdout is a pipe: whole paths, tab-separated
+    assert piped.stdout.splitlines()[0] == "image\tclass\tprob\tnext"
+    assert piped.stdout.splitlines()[1].split("\t")[0] == str(deep)
 
     evaluation = run("evaluate", str(trained_run), str(class_folders), "--json", str(tmp_path / "m.json"))
     assert evaluation.returncode == 0, evaluation.stderr

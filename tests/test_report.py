@@ -47,6 +47,11 @@ def test_report_renders_in_headless_chromium(run):
         assert ids == list(SECTIONS)
         images = driver.execute_script("return Array.from(document.images).map(i => [i.complete, i.naturalWidth]);")
         assert images and all(done and width > 0 for done, width in images)
+        driver.set_window_size(1400, 900)  # thumbnail captions are page text, readable at 100 % zoom
+        sizes = driver.execute_script(
+            "return Array.from(document.querySelectorAll('figcaption')).map(c => c.getBoundingClientRect().height > 0 "
+            "? parseFloat(getComputedStyle(c).fontSize) : 99);")
+        assert sizes and min(sizes) >= 12, sizes
         errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
         assert not errors, errors
         assert driver.save_screenshot(str(run / "report.png"))

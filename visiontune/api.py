@@ -20,7 +20,9 @@ import torch
 from visiontune.backbones.registry import DEFAULT_ARCH
 from visiontune.cache.store import default_cache_root
 from visiontune.classifier import Classifier, Prediction
-from visiontune.data.catalog import Catalog, DataError, Skipped, catalog_from_csv, catalog_from_folders
+from visiontune.data.catalog import (
+    Catalog, DataError, Skipped, catalog_from_csv, catalog_from_folders, no_images_message,
+)
 from visiontune.data.images import is_image_name
 from visiontune.errors import UsageError, RunInterrupted
 from visiontune.evaluation.metrics import classification_metrics
@@ -286,7 +288,8 @@ def evaluation_catalog(data: str | Path, classes: list[str], labels: str | Path 
         tags = [[index[catalog.classes[t]] for t in row] for row in catalog.tags] if catalog.tags is not None else None
         catalog = Catalog(catalog.paths, [index[catalog.classes[y]] for y in catalog.labels], classes, catalog.skipped, tags)
     if len(catalog) == 0:
-        raise DataError(f"{data}: no usable labelled images to evaluate on.")
+        raise DataError(no_images_message(Path(data), len(catalog.skipped), classes)
+                        + f" To classify unlabelled images instead: visiontune predict RUN {data}")
     return catalog
 
 

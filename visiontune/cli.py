@@ -238,20 +238,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
         count = api.predict_to_file(clf, args.images, out, "json" if args.json else "csv", **options)
         console.print(f"wrote {count} predictions to {out}")
     else:
-        table = Table(title=f"top-{args.topk} predictions")
-        table.add_column("image")
-        table.add_column("class")
-        table.add_column("prob", justify="right")
-        table.add_column("next")
-        count = 0
+        results = Console()
+        rows = []
         for p in api.iter_predictions(clf, args.images, **options):
             others = ", ".join(f"{c} {q:.2f}" for c, q in zip(p.classes[1:], p.probs[1:]))
-            table.add_row(p.path, " ".join(p.tags) if p.tags is not None else p.label, f"{p.probs[0]:.3f}", others)
-            count += 1
-        Console().print(table)
+            rows.append((_shown_path(p.path), " ".join(p.tags) if p.tags is not None else p.label, f"{p.probs[0]:.3f}", others))
+        count = len(rows)
+        if results.is_terminal:
+            # the path column folds instead of being cut, so the file name (its end) always shows
+            table = Table(title=f"top-{args.topk} predictions")
+            table.add_column("image", overflow="fold", ratio=3)
+            table.add_column("class", overflow="fold", ratio=1)
+            table.add_column("prob", justify="right", no_wrap=True)
+            table.add_column("next", overflow="fold", ratio=2)
+            for row in rows:
+                table.add_row(*row)
+            results.print(table)
+        else:  # piped or redirected: one tab-separated line per image, whole paths, nothing cut
+            print("image\tclass\tprob\tnext")
+            for row in rows:
+                print("\t".join(row))
     for s in skipped:
         console.print(f"[yellow]skipped[/] {s.path}: {s.reason}")
     return 0 if count else 1
+
+
+def _shown_path(path: str) -> str:
+    """A path as the user would type it: relative to the working directory when it is below it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

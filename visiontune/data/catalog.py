@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visiontune.data.images import ImageError, is_image_name, probe_and_hash
+from visiontune.data.images import IMAGE_EXTENSIONS, ImageError, is_image_name, probe_and_hash
 from visiontune.progress import track
 from visiontune.errors import DataError  # noqa: F401  (raised here; defined light for the CLI)
 
@@ -139,13 +139,27 @@ def _check_files(paths: list[Path], labels: list[int], what: str) -> tuple[list[
     return kept_paths, kept_labels, skipped
 
 
+def no_images_message(where: Path, skipped: int = 0, classes: list[str] | None = None) -> str:
+    """Why a folder gave no labelled image, from what is actually in it, and what to do."""
+    where = Path(where)
+    loose = sum(1 for p in where.iterdir() if p.is_file() and is_image_name(p)) if where.is_dir() else 0
+    layout = "one sub-folder per class" + (f" named like the classifier's classes ({', '.join(classes[:5])}"
+                                           f"{', ...' if len(classes) > 5 else ''})" if classes else "")
+    if loose:
+        return (f"{where}: {loose} images are directly in this folder, but their classes are unknown. Put them in "
+                f"{layout}, e.g. {where}/cat/1.jpg, {where}/dog/2.jpg, or pass --labels labels.csv "
+                "(columns filename,label).")
+    if skipped:
+        return (f"{where}: none of the {skipped} image files could be read (each is listed with its reason above "
+                "or in skipped.txt). Check that they are images and not truncated.")
+    return (f"{where}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} in class sub-folders). "
+            f"Put images in {layout}, e.g. DATA/cat/1.jpg, DATA/dog/2.jpg.")
+
+
 def _require_trainable(catalog: Catalog, where: Path) -> None:
     """Stop with one actionable line when a catalog cannot train a classifier."""
     if len(catalog) == 0:
-        raise DataError(
-            f"{where}: no usable images found ({len(catalog.skipped)} files skipped). "
-            "Put images in one sub-folder per class, e.g. DATA/cat/1.jpg, DATA/dog/2.jpg."
-        )
+        raise DataError(no_images_message(where, len(catalog.skipped)))
     if len(catalog.classes) < 2:
         raise DataError(
             f"{where}: only one class ({catalog.classes[0]!r}); a classifier needs at least two. "

@@ -147,4 +147,23 @@ def probe_and_hash(path: str | Path) -> tuple[int, int]:
         raise ImageError(path, "empty file (0 bytes)")
     _HASH_MEMO[memo_key] = hashlib.sha256(data).hexdigest()[:32]
     with _opened(path, io.BytesIO(data)) as img:
-        return img.size
+        size = img.size
+    truncated = _truncation(data)
+    if truncated:
+        raise ImageError(path, truncated)
+    return size
+
+
+#: (leading signature, end marker, name): the end marker must appear within the last bytes of a whole file
+END_MARKERS = ((b"\x89PNG\r\n\x1a\n", b"IEND", "PNG"), (b"\xff\xd8", b"\xff\xd9", "JPEG"))
+
+
+def _truncation(data: bytes, tail: int = 1024) -> str | None:
+    """Why the bytes are a cut-off PNG/JPEG (no end marker near the end), else None. The header check alone
+    passes a truncated file that then fails to decode mid-run; the bytes are already in memory for the hash,
+    so this costs nothing and the catalog counts the file once, as skipped. A little trailing junk (some
+    cameras append it) is tolerated."""
+    for signature, marker, name in END_MARKERS:
+        if data.startswith(signature) and marker not in data[-tail:]:
+            return f"truncated {name} (the file ends before the image data does): re-copy or re-download it"
+    return None

@@ -81,6 +81,10 @@ td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
 img {{ max-width: 100%; display: block; margin: 0.5em 0; }}
 section {{ border-top: 1px solid #ddd; padding-top: 0.5em; }}
 nav {{ font-size: 0.9em; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 10px; margin: 0.5em 0; }}
+.tile {{ margin: 0; width: 128px; }}
+.tile img {{ width: 128px; height: 128px; margin: 0 0 2px 0; image-rendering: auto; }}
+.tile figcaption {{ font-size: 13px; line-height: 1.25; overflow-wrap: anywhere; }}
 </style></head>
 <body><h1>{html.escape(title)}</h1><nav>{nav}</nav>{parts}</body></html>
 """

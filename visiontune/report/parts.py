@@ -56,11 +56,26 @@ def valid_predictions(run: RunDir, classifier: Classifier | None = None) -> dict
     return {"paths": paths, "probs": saved["probs"], "labels": saved["labels"], "split": split}
 
 
-def grid_html(tiles: list[np.ndarray], captions: list[str], per_row: int = 8) -> str:
-    """Images (with a caption each) laid out `per_row` to a row, as one inline figure."""
-    rows = [tiles[i : i + per_row] for i in range(0, len(tiles), per_row)]
-    names = [captions[i : i + per_row] for i in range(0, len(captions), per_row)]
-    return figure_html(plots.image_grid, rows, tile_titles=names)
+def png_data_uri(tile: np.ndarray) -> str:
+    """An RGB uint8 array as an inline PNG."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(tile, dtype=np.uint8)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def grid_html(tiles: list[np.ndarray], captions: list[str]) -> str:
+    """Images with an HTML caption each, wrapping to the window's width. Captions are page text, not pixels
+    of a scaled-down figure, so they stay readable at 100 % zoom (and the page builds without matplotlib)."""
+    items = "".join(
+        f'<figure class="tile"><img alt="{html.escape(caption)}" src="{png_data_uri(tile)}">'
+        f"<figcaption>{html.escape(caption).replace(chr(10), '<br>')}</figcaption></figure>"
+        for tile, caption in zip(tiles, captions)
+    )
+    return f'<div class="grid">{items}</div>'
+
+
 
 
 def thumbnails(images: list[str], captions: list[str], title: str) -> str:
