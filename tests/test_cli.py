@@ -33,6 +33,8 @@ def trained_run(class_folders, tmp_path) -> Path:
     assert len(re.findall(r"epoch +\d+/6 +train_loss [0-9.]+ +valid_loss [0-9.]+ +valid_accuracy [0-9.]+ .* eta \d+:\d\d", result.stderr)) == 6
     assert re.search(r"predicted time \d+:\d\d from the start", result.stderr)
     assert re.search(r"time since start: predicted [0-9.]+s, actual [0-9.]+s", result.stderr)
+    assert "Warning" not in result.stderr  # library warnings are not shown to users
+    assert re.search(r"^weights_sha256: [0-9a-f]{64}$", (tmp_path / "run" / "config.yaml").read_text(), re.M)
     return tmp_path / "run"
 
 

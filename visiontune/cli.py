@@ -703,8 +703,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_warnings() -> None:
+    """Library UserWarnings (torch's determinism notes, timm's deprecations) say nothing a user can act on
+    and read like failures; visiontune reports its own problems as messages. VISIONTUNE_WARNINGS=1 shows them."""
+    import os
+    import warnings
+
+    if os.environ.get("VISIONTUNE_WARNINGS") != "1":
+        for module in ("torch", "torchvision", "timm", "onnxruntime", "onnx"):
+            warnings.filterwarnings("ignore", category=UserWarning, module=module)
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+            warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_library_warnings()
     try:
         return args.func(args)
     except USER_ERRORS as err:  # soft wrap: a command inside the message stays one copyable line
