@@ -71,7 +71,7 @@ def test_existing_run_is_never_overwritten(class_folders, tmp_path):
 
 def test_fit_on_unusable_data_fails_before_training(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no usable images"):
+    with pytest.raises(DataError, match="no image files found"):
         vt.fit(tmp_path / "empty", out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
 

@@ -81,10 +81,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         extra = " (" + ", ".join(f"{k} {v:.4f}" for k, v in more.items()) + ")" if more else ""
         results.print(f"[bold green]validation {key} {value:.4f}[/]{extra} in {clf.metrics['seconds']} s")
         results.print(f"metrics per epoch: {clf.run_dir / 'metrics.jsonl'}")
-    results.print(f"run: {clf.run_dir}")
+    results.print(f"run: {escape(str(clf.run_dir))}", soft_wrap=True, highlight=False)
     if (clf.run_dir / "report.html").exists():
-        results.print(f"next: open {clf.run_dir / 'report.html'} · visiontune show {clf.run_dir} --mistakes · "
-                      f"visiontune predict {clf.run_dir} IMAGES")
+        for step in (f"open {clf.run_dir / 'report.html'}", f"visiontune show {clf.run_dir} --mistakes",
+                     f"visiontune predict {clf.run_dir} IMAGES"):
+            results.print(f"next: {escape(step)}", soft_wrap=True, highlight=False)
     return 0
 
 

@@ -26,6 +26,7 @@ from visiontune.clock import expect_after_phase, seconds_since_process_start
 from visiontune.data.catalog import Catalog, DataError, Skipped, Source, discover, labelled_like
 from visiontune.data.split import kfold_indices, split_catalog
 from visiontune.inference.engines import default_engine
+from visiontune.errors import UsageError
 from visiontune.progress import console
 from visiontune.runs import RunConfig, RunDir, Split
 from visiontune.task.kinds import Task, task_for
@@ -184,11 +185,56 @@ def cache_inputs(prep: Prepared, config: RunConfig) -> CachedInputs:
     return CachedInputs(views, x_va, skipped)
 
 
-def choose_auto(prep: Prepared, config: RunConfig, run: RunDir, inputs: CachedInputs) -> None:
-    """`lr="auto"`: the LR finder on the cached phase; `batch_size="auto"`: the notes' search on it, capped
-    by the memory-fit search when fine-tuning on images follows."""
+#: Fraction of the training images held out as selection images when the run makes an automatic choice.
+SELECTION_FRACTION = 0.15
+
+
+@dataclass
+class Selection:
+    """Training images set aside for the run's automatic choices (early stopping's epoch, the batch-size
+    search, multi-label thresholds), so that none is made on the validation images the run reports on.
+    The model trains on `fit`; the choices are scored on the rest."""
+
+    fit: np.ndarray  # positions in the training catalog the model trains on
+    fit_not: np.ndarray  # positions of the selection images
+    rows: object  # cached activations of the selection images (plain view)
+    y: np.ndarray  # their targets
+    catalog: Catalog  # their files (fine-tuning validates on images)
+    reason: str
+
+    def rows_and_targets(self) -> tuple:
+        return self.rows, self.y
+
+
+def carve_selection(prep: Prepared, config: RunConfig, inputs: CachedInputs, y_train: np.ndarray) -> Selection | None:
+    """A stratified SELECTION_FRACTION of the training images when the plan makes a choice on data, else None."""
+    plan = prep.plan
+    choices = [name for name, needed in (
+        ("the early-stopping epoch", plan.early_stop > 0), ("the batch size", "batch_size" in config.auto),
+        ("the decision thresholds", prep.task.name == "multi-label"),
+    ) if needed]
+    if not choices:
+        return None
+    from visiontune.data.split import stratified_split
+
+    fit, held = (np.asarray(part, dtype=np.int64) for part in stratified_split(prep.train.labels, SELECTION_FRACTION, plan.seed + 1))
+    if len(held) == 0 or len(fit) == 0:
+        return None
+    reason = (f"{' and '.join(choices)} chosen on {len(held)} images carved from the training images "
+              f"({SELECTION_FRACTION:.0%}, stratified, not trained on), never on the reported validation images")
+    return Selection(fit, held, inputs.train_views[0][held], y_train[held], prep.train.subset([int(i) for i in held]), reason)
+
+
+def choose_auto(prep: Prepared, config: RunConfig, run: RunDir, inputs: CachedInputs, select: Selection | None) -> None:
+    """`lr="auto"`: the LR finder on the cached phase (training loss only); `batch_size="auto"`: the notes'
+    search on it, scored on the selection images carved from the training data (never the reported
+    validation images), capped by the memory-fit search when fine-tuning on images follows."""
     plan, task = prep.plan, prep.task
-    y_train, y_valid = task.targets(prep.train), task.targets(prep.valid)
+    if "batch_size" in config.auto and select is None:
+        raise UsageError(f"--batch-size auto needs a few training images per class to hold out for the search; "
+                         f"{len(prep.train)} are too few: give a number (e.g. --batch-size {plan.batch_size})")
+    y_train = task.targets(prep.train)[select.fit] if select is not None else task.targets(prep.train)
+    y_valid = task.targets(prep.valid)
     if "lr" in config.auto:
         from visiontune.report.plots import plot_lr_find
         from visiontune.train.lr_find import lr_find
@@ -207,13 +253,14 @@ def choose_auto(prep: Prepared, config: RunConfig, run: RunDir, inputs: CachedIn
             trial = replace(plan, batch_size=size, early_stop=0, checkpoint_every=0, eval_every=0, why={})
             tail = Tail(prep.backbone.model, plan.cut, dropout=plan.head_dropout)
             saved = {k: v.clone() for k, v in tail.model.state_dict().items()}
-            history = train_cached(tail, inputs.train_views, y_train, inputs.valid, y_valid, trial, lambda r: None,
-                                   "batch-size", task=task)
+            history = train_cached(tail, inputs.train_views, y_train, select.rows[:0], y_valid[:0], trial,
+                                   lambda r: None, "batch-size", task=task, select=select.rows_and_targets())
             tail.model.load_state_dict(saved)
-            return history[-1].get("valid_accuracy", 0.0)
+            return history[-1].get("select_accuracy", 0.0)
 
         size, tried = search_batch_size(score, smallest=8, largest=max(8, len(y_train)))
-        reason = "validation accuracy by batch size " + ", ".join(f"{b}: {v:.4f}" for b, v in sorted(tried.items()))
+        reason = (f"inner-validation accuracy ({len(select.fit_not)} training images held out) by batch size "
+                  + ", ".join(f"{b}: {v:.4f}" for b, v in sorted(tried.items())))
         if plan.finetune_epochs > 0:
             fit_size, memory = memory_fit_batch_size(prep.backbone.model, plan.img_size)
             if fit_size < size:
@@ -284,8 +331,17 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
     y_train, y_valid = task.targets(prep.train), task.targets(prep.valid)
     model = backbone.model
     tail = Tail(model, prep.plan.cut, dropout=prep.plan.head_dropout)
+    select = carve_selection(prep, config, inputs, y_train) if extra is None else None
+    if select is not None:  # the rest of the run trains on the training images minus the selection images
+        console.print(select.reason[0].upper() + select.reason[1:])
+        inputs = CachedInputs([v[select.fit] for v in inputs.train_views], inputs.valid, inputs.skipped)
+        y_train, fit_catalog = y_train[select.fit], prep.train.subset([int(i) for i in select.fit])
+    else:
+        fit_catalog = prep.train
     if not run.has_plan():
-        choose_auto(prep, config, run, inputs)
+        if select is not None:
+            prep.plan.why["selection"] = select.reason
+        choose_auto(prep, config, run, inputs, select)
         refit_to_budget(prep, config)
         if extra is not None:
             choose_beyond(prep, run, tail, inputs, y_train, extra)
@@ -297,27 +353,34 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
     in_finetune = checkpoint is not None and checkpoint.position.phase == "finetune"
     logger = run.logger()
     run_options = {"phase": f"cached:{plan.cut}", "checkpoints": run.checkpoints, "resume": checkpoint,
-                   "metrics_lines": run.metrics_lines, "train_paths": prep.train.paths}
+                   "metrics_lines": run.metrics_lines, "train_paths": fit_catalog.paths}
     if extra is not None:
         method = plan.ssl or plan.adapt
         chosen = beyond.candidate(method, plan, tail, inputs.train_views[0], y_train, extra)
         beyond.train_candidate(tail, chosen, inputs.train_views, y_train, inputs.valid, y_valid, extra, task, logger, **run_options)
     elif not in_finetune:
-        train_cached(tail, inputs.train_views, y_train, inputs.valid, y_valid, plan, logger, task=task, **run_options)
+        train_cached(tail, inputs.train_views, y_train, inputs.valid, y_valid, plan, logger, task=task,
+                     select=select.rows_and_targets() if select else None, **run_options)
     classifier = Classifier(model.eval(), backbone.arch, classes, backbone.preprocessing, run_dir=run.path,
                             extra={"task": task.name})
     if plan.finetune_epochs > 0:
         finetune(
-            model, prep.train, prep.valid, backbone.preprocessing, plan, logger, run.checkpoints, skipped,
+            model, fit_catalog, prep.valid, backbone.preprocessing, plan, logger, run.checkpoints, skipped,
             config.workers, resume=checkpoint if in_finetune else None, metrics_lines=run.metrics_lines, task=task,
+            select=select.catalog if select else None,
         )
         run.write_skipped(skipped)
         kept, probs = classifier.probabilities(prep.valid.paths, plan.batch_size)
+        tuning = None
+        if select is not None:
+            seen, select_probs = classifier.probabilities(select.catalog.paths, plan.batch_size)
+            tuning = (select.y[seen], select_probs)
     else:
         kept = np.arange(len(y_valid))
         probs = task.activation(predict_cached(tail, inputs.valid)).numpy()
+        tuning = (select.y, task.activation(predict_cached(tail, select.rows)).numpy()) if select else None
     targets = y_valid[kept]
-    metrics, decisions = task.finish(targets, probs, classes, plan)
+    metrics, decisions = task.finish(targets, probs, classes, plan, tuning)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     metrics["wall_seconds"] = round(seconds_since_process_start(), 1)
     if plan.predicted_s is not None:

@@ -55,8 +55,11 @@ class Task:
         """The numbers logged every epoch: at least `valid_loss` and `valid_accuracy`."""
         raise NotImplementedError
 
-    def finish(self, targets: np.ndarray, probs: np.ndarray, classes: list[str], settings: LossSettings) -> tuple[dict, dict]:
-        """(final metrics, decisions saved with the classifier) from validation probabilities."""
+    def finish(self, targets: np.ndarray, probs: np.ndarray, classes: list[str], settings: LossSettings,
+               tuning: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict, dict]:
+        """(final metrics, decisions saved with the classifier) from validation probabilities; decisions
+        (thresholds) are tuned on `tuning` = (targets, probabilities) of images carved from the training
+        data, never on the validation images they are then scored on."""
         raise NotImplementedError
 
     def evaluate(self, targets: np.ndarray, probs: np.ndarray, classes: list[str], saved: dict) -> dict:
@@ -100,7 +103,7 @@ class SingleLabel(Task):
             "valid_accuracy": float((logits.argmax(1) == targets).float().mean()),
         }
 
-    def finish(self, targets, probs, classes, settings) -> tuple[dict, dict]:
+    def finish(self, targets, probs, classes, settings, tuning=None) -> tuple[dict, dict]:
         return classification_metrics(targets, probs, classes), {}
 
     def evaluate(self, targets, probs, classes, saved) -> dict:
@@ -137,8 +140,9 @@ class MultiLabel(Task):
             "valid_f2": float(f2.mean()),
         }
 
-    def finish(self, targets, probs, classes, settings) -> tuple[dict, dict]:
-        thresholds = tune_thresholds(targets, probs, settings.fbeta)
+    def finish(self, targets, probs, classes, settings, tuning=None) -> tuple[dict, dict]:
+        tune_targets, tune_probs = tuning if tuning is not None else (targets, probs)
+        thresholds = tune_thresholds(tune_targets, tune_probs, settings.fbeta)
         metrics = multilabel_metrics(targets, probs, thresholds, classes, settings.fbeta)
         at_half = multilabel_metrics(targets, probs, np.full(len(thresholds), 0.5), classes, settings.fbeta)
         key = f"f{settings.fbeta:g}_samples"

@@ -159,8 +159,14 @@ class EarlyStopping(Callback):
             return True
         return value < best if self.monitor == "valid_loss" else value > best
 
+    def watched(self, record: dict) -> str:
+        """The selection images' metric (carved from the training data) when the run has them, so that
+        the epoch kept is not chosen on the validation images it is reported on."""
+        inner = "select_" + self.monitor.removeprefix("valid_")
+        return inner if inner in record else self.monitor
+
     def validated(self, loop: Loop, record: dict) -> None:
-        value = record[self.monitor]
+        value = record[self.watched(record)]
         if self._better(value, loop.extra["best_value"]):
             loop.extra["best_value"], loop.extra["bad_epochs"] = value, 0
             self.best = clone_state(loop.evaluated())
@@ -168,7 +174,7 @@ class EarlyStopping(Callback):
             loop.extra["bad_epochs"] += 1
             if loop.extra["bad_epochs"] >= self.patience:
                 loop.extra["stopped"] = True
-                record["stopped_early"] = f"no better {self.monitor} for {self.patience} epochs"
+                record["stopped_early"] = f"no better {self.watched(record)} for {self.patience} epochs"
 
     def phase_end(self, loop: Loop) -> None:
         if self.best is not None:

@@ -38,6 +38,12 @@ def _rows(source: Rows, indices: np.ndarray) -> torch.Tensor:
     return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
 
 
+def selection_record(validated: dict) -> dict:
+    """`valid_*` metrics of the selection images (carved from the training data) renamed `select_*`:
+    automatic choices (early stopping, the batch-size search) read these, never the reported `valid_*`."""
+    return {"select_" + key.removeprefix("valid_"): value for key, value in validated.items()}
+
+
 def _gather_views(views: list[Rows], indices: np.ndarray, chosen: np.ndarray) -> torch.Tensor:
     """One batch: image indices[k] taken from view chosen[k], read view by view (only this batch in RAM)."""
     parts = {}
@@ -126,7 +132,7 @@ def _extra_batches(extra: Unlabelled, seed: int, epoch: int, steps: int, per_ste
 def cached_phase(
     tail: Tail, train_views: list[Rows], train_y: np.ndarray, valid_x: Rows, valid_y: np.ndarray, plan: Plan,
     name: str = "head", train_paths=None, task: Task | None = None, extras: list[Unlabelled] | None = None,
-    fresh_classifier: bool = True,
+    fresh_classifier: bool = True, select: tuple[Rows, np.ndarray] | None = None,
 ) -> Phase:
     """The tail on cached activations; `*_y` are the task's targets (class indices, or multi-hot rows).
 
@@ -176,7 +182,10 @@ def cached_phase(
             yield batch
 
     def validate(m: nn.Module) -> dict:
-        return task.validate(predict_cached(m, valid_x), vy) if len(vy) else {}
+        record = task.validate(predict_cached(m, valid_x), vy) if len(vy) else {}
+        if select is not None:
+            record.update(selection_record(task.validate(predict_cached(m, select[0]), target_tensor(select[1]))))
+        return record
 
     def prepare_epoch(epoch: int) -> None:
         if plan.bn_freeze:
@@ -200,10 +209,11 @@ def train_cached(
     tail: Tail, train_views: list[Rows], train_y: np.ndarray, valid_x: Rows, valid_y: np.ndarray, plan: Plan,
     log: Log, phase: str = "head", checkpoints: Path | None = None, resume: Checkpoint | None = None,
     metrics_lines=lambda: 0, train_paths=None, task: Task | None = None, extras: list[Unlabelled] | None = None,
-    fresh_classifier: bool = True,
+    fresh_classifier: bool = True, select: tuple[Rows, np.ndarray] | None = None,
 ) -> list[dict]:
     """Train a tail in place on cached activations (see :func:`cached_phase`)."""
-    setup = cached_phase(tail, train_views, train_y, valid_x, valid_y, plan, phase, train_paths, task, extras, fresh_classifier)
+    setup = cached_phase(tail, train_views, train_y, valid_x, valid_y, plan, phase, train_paths, task, extras,
+                         fresh_classifier, select)
     return run_phase(setup, plan, log, checkpoints, resume, metrics_lines)
 
 
@@ -217,7 +227,7 @@ def first_trained_group(model: nn.Module, plan: Plan) -> int:
 
 def finetune_phase(
     model: nn.Module, train: Catalog, valid: Catalog, preprocessing: Preprocessing, plan: Plan,
-    skipped: list[Skipped], workers: int = 1, task: Task | None = None,
+    skipped: list[Skipped], workers: int = 1, task: Task | None = None, select: Catalog | None = None,
 ) -> Phase:
     """Fine-tune the layer groups from :func:`first_trained_group` up, on augmented images.
 
@@ -270,10 +280,16 @@ def finetune_phase(
         for batch in iterate_batches(plain, plan.batch_size, workers=workers):
             yield batch.images.contiguous(memory_format=torch.channels_last)
 
+    def validate_on(m: nn.Module, catalog: Catalog) -> dict:
+        kept, logits = collect_outputs(m, catalog.paths, preprocessing, plan.batch_size, workers, "validating")
+        return task.validate(torch.from_numpy(logits), torch.from_numpy(task.targets(catalog)[kept]))
+
     def validate(m: nn.Module) -> dict:
         m.eval()
-        kept, logits = collect_outputs(m, valid.paths, preprocessing, plan.batch_size, workers, "validating")
-        return task.validate(torch.from_numpy(logits), torch.from_numpy(task.targets(valid)[kept]))
+        record = validate_on(m, valid)
+        if select is not None:
+            record.update(selection_record(validate_on(m, select)))
+        return record
 
     return Phase(
         name="finetune", module=model, groups=groups, epochs=plan.finetune_epochs, labels=labels,
@@ -289,10 +305,10 @@ def finetune_phase(
 def finetune(
     model: nn.Module, train: Catalog, valid: Catalog, preprocessing: Preprocessing, plan: Plan, log: Log,
     checkpoints: Path | None, skipped: list[Skipped], workers: int = 1, resume: Checkpoint | None = None,
-    metrics_lines=lambda: 0, task: Task | None = None,
+    metrics_lines=lambda: 0, task: Task | None = None, select: Catalog | None = None,
 ) -> list[dict]:
     """Fine-tune in place (see :func:`finetune_phase`); every parameter trainable again afterwards."""
-    setup = finetune_phase(model, train, valid, preprocessing, plan, skipped, workers, task)
+    setup = finetune_phase(model, train, valid, preprocessing, plan, skipped, workers, task, select)
     try:
         return run_phase(setup, plan, log, checkpoints, resume, metrics_lines)
     finally:
