@@ -49,12 +49,27 @@ def test_saved_classifier_reproduces_the_validation_metrics(class_folders, tmp_p
 
 
 def test_same_seed_same_numbers(class_folders, tmp_path):
-    a = vt.fit(class_folders, out=tmp_path / "a", seed=5, **FAST)
-    b = vt.fit(class_folders, out=tmp_path / "b", seed=5, **FAST)
-    assert a.metrics["log_loss"] == b.metrics["log_loss"] and a.metrics["accuracy"] == b.metrics["accuracy"]
-    wa = load_file(str(tmp_path / "a" / "classifier" / "model.safetensors"))["classifier.weight"]
-    wb = load_file(str(tmp_path / "b" / "classifier" / "model.safetensors"))["classifier.weight"]
-    assert np.array_equal(wa.numpy(), wb.numpy())
+    """Two separate processes with separate feature caches: every saved tensor and metric identical."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    for name in ("a", "b"):
+        done = subprocess.run(
+            [sys.executable, "-m", "visiontune", "train", str(class_folders), "--out", str(tmp_path / name), "--seed", "5",
+             "--img-size", "64", "--epochs", "8", "--views", "1", "--no-report"],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "VISIONTUNE_CACHE": str(tmp_path / f"cache-{name}")},
+        )
+        assert done.returncode == 0, done.stderr
+    wa = load_file(str(tmp_path / "a" / "classifier" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "classifier" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
+    meta = [json.loads((tmp_path / n / "classifier" / "classifier.json").read_text())["metrics"] for n in ("a", "b")]
+    timings = ("seconds", "wall_seconds", "predicted_seconds")
+    assert [{k: v for k, v in m.items() if k not in timings} for m in meta][0] == \
+        [{k: v for k, v in m.items() if k not in timings} for m in meta][1]
+    a = vt.load(tmp_path / "a")
     c = vt.fit(class_folders, out=tmp_path / "c", seed=6, **FAST)
     assert (tmp_path / "c" / "split.json").read_text() != (tmp_path / "a" / "split.json").read_text()
     assert c.metrics["log_loss"] != a.metrics["log_loss"]

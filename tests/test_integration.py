@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 import visiontune as vt
@@ -17,8 +20,15 @@ def test_digits_demo_dataset_trains_well_above_chance(tmp_path):
     assert clf.preprocessing.input_size == 112  # the plan's small-image rule
     assert clf.metrics["n"] == 360 or clf.metrics["n"] == 359
     assert clf.metrics["accuracy"] > 0.85  # chance is 0.10
-    evaluation = vt.evaluate(tmp_path / "run", data)
-    assert evaluation["accuracy"] > 0.9
+    held_out = tmp_path / "held_out"  # only the validation files: the ~80 % the model trained on stay out
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    for path in split["valid"]:
+        link = held_out / Path(path).parent.name / Path(path).name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(path).resolve())
+    evaluation = vt.evaluate(tmp_path / "run", held_out)
+    assert evaluation["n"] == clf.metrics["n"]
+    assert evaluation["accuracy"] == pytest.approx(clf.metrics["accuracy"], abs=1.5 / clf.metrics["n"])
 
 
 @pytest.mark.slow

@@ -169,12 +169,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from visiontune import api
 
+    if (args.gradcam or args.feature_maps) and len(args.run) > 1:
+        raise UsageError(f"--gradcam/--feature-maps draw one run's model; {len(args.run)} runs were given")
     if args.gradcam:
-        console.print(f"wrote {api.show_gradcam(args.run, args.gradcam, args.out)}")
+        console.print(f"wrote {api.show_gradcam(args.run[0], args.gradcam, args.out)}")
     elif args.feature_maps:
-        console.print(f"wrote {api.show_feature_maps(args.run, args.feature_maps, args.layer, args.out)}")
+        console.print(f"wrote {api.show_feature_maps(args.run[0], args.feature_maps, args.layer, args.out)}")
     else:
-        api.show(args.run, mistakes=args.mistakes, limit=args.limit)
+        for run in args.run:  # `visiontune show runs/digits-*` shows every run the pattern matches
+            api.show(run, mistakes=args.mistakes, limit=args.limit)
     return 0
 
 
@@ -585,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Grad-CAM overlays or a layer's feature maps for images you choose.",
                     "visiontune show runs/NAME --mistakes", "visiontune show runs/NAME --gradcam cat.jpg dog.jpg",
                     "visiontune show runs/NAME --feature-maps cat.jpg --layer blocks.4")
-    show.add_argument("run", type=CLASSIFIER, help=run_help)
+    show.add_argument("run", nargs="+", type=CLASSIFIER, help=run_help + "; several (or a pattern such as runs/digits-*) "
+                      "show one after the other")
     show.add_argument("--mistakes", action="store_true", help="the most confident mistakes (default: the summary)")
     show.add_argument("--limit", type=int, default=12, metavar="N", help="how many mistakes")
     show.add_argument("--gradcam", nargs="+", metavar="IMAGE", type=EXISTING, help="write Grad-CAM overlays of these images (PNG)")
