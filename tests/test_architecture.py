@@ -26,7 +26,7 @@ LAYERS = [
     ("methods", ["visiontune.semi", "visiontune.adapt"]),
     ("artifact", ["visiontune.classifier", "visiontune.ensemble", "visiontune.runs"]),
     ("products", ["visiontune.training", "visiontune.beyond", "visiontune.report", "visiontune.export", "visiontune.serve",
-                  "visiontune.submission", "visiontune.doctor"]),
+                  "visiontune.submission", "visiontune.doctor", "visiontune.registry"]),
     ("api", ["visiontune.api"]),
     ("cli", ["visiontune.cli", "visiontune.__main__", "visiontune"]),
 ]

@@ -481,3 +481,18 @@ __all__ = [
     "warm_cache", "cache_info", "clear_cache", "doctor", "augment_preview", "split", "serve", "demo_data", "Classifier",
     "Prediction", "Plan",
 ]
+
+
+def runs(root: str | Path = "runs") -> list:
+    """Every run under `root` (oldest first): name, start, data, backbone, recipe, headline metric, wall
+    time and status (finished / interrupted / incomplete). Reads the runs, never writes them."""
+    from visiontune.registry import list_runs
+
+    return list_runs(root)
+
+
+def compare_runs(a: str | Path, b: str | Path) -> list[tuple[str, object, object]]:
+    """(setting or metric, A, B) for every config, plan and metric difference between two runs."""
+    from visiontune.registry import compare_runs as compare
+
+    return compare(a, b)

@@ -407,6 +407,38 @@ def _command(sub, name: str, summary: str, description: str, *examples: str) -> 
                           formatter_class=_Help)
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from visiontune import api
+
+    results = Console()
+    if args.items[:1] == ["compare"]:
+        if len(args.items) != 3:
+            raise UsageError("visiontune runs compare A B: give exactly two run folders")
+        table = Table(title=f"{args.items[1]} vs {args.items[2]}")
+        for column in ("setting / metric", "A", "B"):
+            table.add_column(column, overflow="fold")
+        shown = lambda value: f"{value:.4f}" if isinstance(value, float) else str(value)  # noqa: E731
+        for key, left, right in api.compare_runs(args.items[1], args.items[2]):
+            table.add_row(key, shown(left), shown(right))
+        results.print(table)
+        return 0
+    if len(args.items) > 1:
+        raise UsageError("visiontune runs [DIR] lists the runs under DIR; visiontune runs compare A B compares two")
+    root = args.items[0] if args.items else "runs"
+    rows = api.runs(root)
+    if not rows:
+        console.print(f"no runs under {root} (train one: visiontune train DATA)")
+        return 0
+    table = Table(title=f"runs under {root}")
+    for column in ("run", "started", "data", "backbone", "recipe", "best metric", "wall", "status"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        wall = f"{row.wall_s:.0f}s" if row.wall_s is not None else "-"
+        table.add_row(str(row.path), row.started, row.data, row.backbone, row.recipe, row.metric, wall, row.status)
+    results.print(table)
+    return 0
+
+
 def _add_backbone(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default="tf_efficientnet_lite0", help="timm architecture")
     parser.add_argument("--weights", default="default",
@@ -691,6 +723,16 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--valid", type=float, default=0.2, metavar="FRACTION", help="validation fraction")
     _add_seed(split)
     split.set_defaults(func=cmd_split)
+
+    registry = _command(sub, "runs", "list runs (status, data, recipe, best metric, wall time) or compare two",
+                        "List every run under DIR (default: runs/) as a table: name, start, data, backbone, recipe, "
+                        "best metric, wall time and status (finished / interrupted / incomplete). `runs compare A B` "
+                        "shows the config, plan and metric differences of two runs side by side. Runs are only read.",
+                        "visiontune runs", "visiontune runs experiments/",
+                        "visiontune runs compare runs/digits-20261125-1200 runs/digits-20261125-1300")
+    registry.add_argument("items", nargs="*", metavar="DIR | compare A B",
+                          help="a folder of runs (default: runs), or `compare` and two run folders")
+    registry.set_defaults(func=cmd_runs)
 
     cache = _command(sub, "cache", "inspect, warm or clear the feature cache",
                      "The feature cache holds backbone activations keyed by image content, backbone and preprocessing, "

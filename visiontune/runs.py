@@ -235,6 +235,27 @@ class RunDir:
         """classifier.json of the run's classifier, without loading its weights."""
         return read_classifier_meta(self.classifier_dir)
 
+    # --- what a run registry reads (read-only: listing runs never writes into them) -----------------
+    def is_run(self) -> bool:
+        return (self.path / "config.yaml").is_file()
+
+    def status(self) -> str:
+        """finished (a classifier or a --folds summary was saved), interrupted (a checkpoint to resume
+        from), or incomplete (stopped or failed before its first checkpoint)."""
+        if (self.classifier_dir / "classifier.json").exists() or (self.path / "folds.json").exists():
+            return "finished"
+        if (self.checkpoints / "last.json").exists():
+            return "interrupted"
+        return "incomplete"
+
+    def started(self) -> float:
+        """When the run started (config.yaml is written first)."""
+        return (self.path / "config.yaml").stat().st_mtime
+
+    def read_config_dict(self) -> dict:
+        """config.yaml as written, with the versions and weights hash the typed RunConfig leaves out."""
+        return yaml.safe_load((self.path / "config.yaml").read_text()) or {}
+
 
 class MetricsLogger:
     """Callable log of training records: metrics.jsonl, and TensorBoard scalars under ``tb/``.
