@@ -8,6 +8,7 @@ lives in its own module; this one wires them for :func:`visiontune.api.fit` and
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from dataclasses import dataclass, replace
@@ -105,12 +106,16 @@ def prepare(config: RunConfig, fold: tuple[int, int] | None = None, reserve_s: f
     overrides = {**overrides, "seed": config.seed, "task": task.name}
     cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_root()
 
+    @functools.cache
+    def missing(cut: str, view: int | None, part: str) -> int:  # one index read per feature key, not per candidate
+        paths = valid_cat.paths if part == "valid" else train_cat.paths
+        return uncached_count(backbone, paths, cache_root, cut=cut, view=view, seed=config.seed, engine=engine,
+                              aug=overrides.get("aug") or "light")
+
     def uncached(candidate: Candidate) -> int:
         """Trunk passes `candidate` still needs: the views of each image no cache shard holds yet."""
-        common = {"cut": candidate.cut, "seed": config.seed, "engine": engine, "aug": overrides.get("aug") or "light"}
-        return (uncached_count(backbone, valid_cat.paths, cache_root, **common)
-                + sum(uncached_count(backbone, train_cat.paths, cache_root, view=view, **common)
-                      for view in [None, *range(candidate.views)]))
+        return missing(candidate.cut, None, "valid") + sum(
+            missing(candidate.cut, view, "train") for view in [None, *range(candidate.views)])
 
     plan = make_plan(data_profile, native, cuts, overrides, budget_s, speed, seconds_since_process_start() + reserve_s,
                      uncached)
