@@ -30,8 +30,8 @@ shell: $(STAMP)
 	@echo "visiontune is on PATH in this shell; exit to leave it"
 	@VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(BIN)):$$PATH $${SHELL:-bash} -i
 
-test: $(STAMP) browser
-	VISIONTUNE_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q
+test: $(STAMP) browser fashion-mnist
+	VISIONTUNE_REQUIRE_BROWSER=1 VISIONTUNE_REQUIRE_DATA=1 $(BIN)/python -m pytest -q
 
 # Headless Chromium for the report/page tests (Debian packages; needs root or sudo).
 browser:
