@@ -149,7 +149,7 @@ def predict_parts(plan: Plan, data: DataProfile, speed: SpeedProfile, uncached, 
 
 
 def predicted_text(predicted: dict[str, float]) -> str:
-    """'predicted time 1:52: caching 1,968 image views 1:10, 10 epochs ... 0:20, ...' (parts that take time)."""
+    """'predicted time 1:18 from the start (caching 1,968 image views 0:13, 10 epochs ... 0:51, ...)': the parts that take time."""
     from visiontune.progress import clock_text
 
     parts = ", ".join(f"{name} {clock_text(seconds)}" for name, seconds in predicted.items()
@@ -201,7 +201,7 @@ class Selection:
     The model trains on `fit`; the choices are scored on the rest."""
 
     fit: np.ndarray  # positions in the training catalog the model trains on
-    fit_not: np.ndarray  # positions of the selection images
+    held: np.ndarray  # positions of the selection images (held out of training)
     rows: object  # cached activations of the selection images (plain view)
     y: np.ndarray  # their targets
     catalog: Catalog  # their files (fine-tuning validates on images)
@@ -264,7 +264,7 @@ def choose_auto(prep: Prepared, config: RunConfig, run: RunDir, inputs: CachedIn
             return history[-1].get("select_accuracy", 0.0)
 
         size, tried = search_batch_size(score, smallest=8, largest=max(8, len(y_train)))
-        reason = (f"inner-validation accuracy ({len(select.fit_not)} training images held out) by batch size "
+        reason = (f"inner-validation accuracy ({len(select.held)} training images held out) by batch size "
                   + ", ".join(f"{b}: {v:.4f}" for b, v in sorted(tried.items())))
         if plan.finetune_epochs > 0:
             fit_size, memory = memory_fit_batch_size(prep.backbone.model, plan.img_size)
