@@ -34,7 +34,8 @@ from visiontune.task.kinds import Task, task_for
 from visiontune.train.checkpoint import load_checkpoint
 from visiontune.train.phases import cached_phase, finetune, predict_cached, train_cached
 from visiontune.train.plan import (
-    FIXED_OVERHEAD_S, Candidate, Plan, choose_img_size, epochs_for_remaining, epoch_seconds, finetune_seconds, make_plan, parse_duration, predict_seconds,
+    Candidate, Plan, caching_seconds, choose_img_size, epochs_for_remaining, epoch_seconds, finetune_seconds, make_plan,
+    parse_duration,
 )
 from visiontune.train.profile import DataProfile, SpeedProfile, profile_data, profile_speed
 
@@ -140,10 +141,8 @@ def predict_parts(plan: Plan, data: DataProfile, speed: SpeedProfile, uncached, 
     """Predicted seconds of each part of the run, from the speed profile and what the cache already holds."""
     candidate = Candidate(plan.cut, plan.views, plan.epochs)
     passes = uncached(candidate)
-    cached_phase_s = predict_seconds(candidate, data, speed, lambda _: passes)
-    caching = cached_phase_s - FIXED_OVERHEAD_S - plan.epochs * epoch_seconds(plan.cut, data, speed)
-    return {"so far": seconds_since_process_start(), f"caching {passes:,} image views": caching,
-            f"{plan.epochs} epochs on cached activations": cached_phase_s - caching - FIXED_OVERHEAD_S,
+    return {"so far": seconds_since_process_start(), f"caching {passes:,} image views": caching_seconds(candidate, passes, speed),
+            f"{plan.epochs} epochs on cached activations": plan.epochs * epoch_seconds(plan.cut, data, speed),
             f"{plan.finetune_epochs} fine-tuning epochs": finetune_seconds(plan.finetune_epochs, data, speed),
             "evaluation, saving and the report": FINAL_OVERHEAD_S + reserve_s}
 
@@ -320,8 +319,8 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
         expect_after_phase(sum(v for k, v in prep.predicted.items() if "fine-tuning" in k or "report" in k))
     inputs = cache_inputs(prep, config)
     extra = None
-    if config.unlabeled or config.target:
-        extra = beyond.cache_extra("u" if config.unlabeled else "xt", config.unlabeled or config.target, backbone,
+    if extra_images(config):
+        extra = beyond.cache_extra("u" if config.unlabeled else "xt", extra_images(config), backbone,
                                    prep.plan, config.cache_dir, config.workers)
     skipped = list(prep.source.skipped) + inputs.skipped + (extra.skipped if extra else [])
     if expected is not None and [str(p) for p in prep.train.paths] != expected.train:
@@ -411,6 +410,7 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
 
 
 def extra_images(config: RunConfig) -> str | None:
+    """The run's unlabelled (--unlabeled) or target-domain (--target) folder, if any."""
     return config.unlabeled or config.target
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from visiontune.backbones.cuts import POOLED, Trunk
 from visiontune.backbones.registry import Backbone
-from visiontune.cache.store import CachedRows, FeatureStore, key_digest
+from visiontune.cache.store import CachedRows, FeatureStore
 from visiontune.data.images import content_hash
 from visiontune.data.transforms import augmentation
 from visiontune.inference.engines import compile_forward
@@ -136,7 +136,7 @@ def uncached_count(
     """How many of `paths` (by content) no finished shard of this key holds yet: the trunk passes a run
     will pay for. Reads nothing but the store's index (the content hashes are memoised by the catalog)."""
     key = feature_key(backbone, cut, view, seed, engine, aug)
-    if not (Path(cache_root) / "features" / key_digest(key)).is_dir():
+    if not FeatureStore.directory(cache_root, key).is_dir():  # asking must not create an empty store
         return len(paths)
     index = FeatureStore(cache_root, key).index()
     missing = 0

@@ -44,12 +44,17 @@ class FeatureStore:
 
     def __init__(self, root: Path, key: dict):
         self.key = key
-        self.dir = Path(root) / "features" / key_digest(key)
+        self.dir = self.directory(root, key)
         self.dir.mkdir(parents=True, exist_ok=True)
         key_file = self.dir / "key.json"
         if not key_file.exists():
             _atomic_write_bytes(key_file, json.dumps(key, indent=2, sort_keys=True).encode())
         self._index: dict[str, tuple[int, int]] | None = None
+
+    @staticmethod
+    def directory(root: Path, key: dict) -> Path:
+        """Where the store of `key` lives under `root` (whether or not it exists yet)."""
+        return Path(root) / "features" / key_digest(key)
 
     def _shard_ids(self) -> list[int]:
         return sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("shard-*.json"))

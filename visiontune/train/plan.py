@@ -193,11 +193,16 @@ def predict_seconds(candidate: Candidate, data: DataProfile, speed: SpeedProfile
     """Predicted wall time of a cached recipe: trunk pass over the views not cached yet (`uncached`
     counts them; all of them by default), then the tail's epochs."""
     passes = caching_images(candidate, data) if uncached is None else uncached(candidate)
-    # the plain view decodes in a background thread while the trunk runs (data/loader.prefetch), so the
-    # slower of the two sets the pace; seeded augmented views decode inline, one after the other
-    per_image = max(speed.decode, speed.trunk[candidate.cut]) if candidate.views == 0 else speed.decode + speed.trunk[candidate.cut]
-    caching = passes * per_image
-    return FIXED_OVERHEAD_S + caching + candidate.epochs * epoch_seconds(candidate.cut, data, speed)
+    return FIXED_OVERHEAD_S + caching_seconds(candidate, passes, speed) + candidate.epochs * epoch_seconds(candidate.cut, data, speed)
+
+
+def caching_seconds(candidate: Candidate, passes: int, speed: SpeedProfile) -> float:
+    """`passes` trunk passes at the candidate's cut. The plain view decodes in a background thread while
+    the trunk runs (data/loader.prefetch), so the slower of the two sets the pace; seeded augmented views
+    decode inline, one after the other."""
+    trunk = speed.trunk[candidate.cut]
+    per_image = max(speed.decode, trunk) if candidate.views == 0 else speed.decode + trunk
+    return passes * per_image
 
 
 def epoch_seconds(cut: str, data: DataProfile, speed: SpeedProfile) -> float:
