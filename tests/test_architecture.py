@@ -26,7 +26,8 @@ LAYERS = [
     ("methods", ["visiontune.semi", "visiontune.adapt"]),
     ("artifact", ["visiontune.classifier", "visiontune.ensemble", "visiontune.runs"]),
     ("products", ["visiontune.training", "visiontune.beyond", "visiontune.report", "visiontune.export", "visiontune.serve",
-                  "visiontune.submission", "visiontune.doctor", "visiontune.registry"]),
+                  "visiontune.submission", "visiontune.doctor", "visiontune.registry",
+                  "visiontune.offline_backbones"]),
     ("api", ["visiontune.api"]),
     ("cli", ["visiontune.cli", "visiontune.__main__", "visiontune"]),
 ]

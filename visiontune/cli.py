@@ -14,7 +14,7 @@ from rich.table import Table
 from visiontune.errors import (
     ArtifactError, DataError, ImageError, RunExistsError, RunInterrupted, UsageError, WeightsError,
 )
-from visiontune.names import AUGMENTATIONS, COMBINE, ENGINES, TTA_MODES, default_engine
+from visiontune.names import AUGMENTATIONS, COMBINE, ENGINES, PRIOR_HELP, TTA_MODES, default_engine
 from visiontune.progress import console
 from visiontune.version import __version__
 
@@ -169,9 +169,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from visiontune import api
 
-    if (args.gradcam or args.feature_maps) and len(args.run) > 1:
-        raise UsageError(f"--gradcam/--feature-maps draw one run's model; {len(args.run)} runs were given")
-    if args.gradcam:
+    if (args.gradcam or args.feature_maps or args.kernels_demo) and len(args.run) > 1:
+        raise UsageError(f"--gradcam/--feature-maps/--kernels-demo draw one run's model; {len(args.run)} runs were given")
+    if args.kernels_demo:
+        console.print(f"wrote {api.show_kernels_demo(args.run[0], args.kernels_demo, args.out)}")
+    elif args.gradcam:
         console.print(f"wrote {api.show_gradcam(args.run[0], args.gradcam, args.out)}")
     elif args.feature_maps:
         console.print(f"wrote {api.show_feature_maps(args.run[0], args.feature_maps, args.layer, args.out)}")
@@ -229,6 +231,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     clf = api.load(args.classifier)
     options = {"batch_size": args.batch_size, "tta": args.tta, "engine": args.engine}
+    if args.prior:
+        console.print(f"prior: {_prior_text(api.shift_prior(clf, args.prior, args.images, **options), clf.classes)}")
     if args.submission:
         out = args.csv or "submission.csv"
         done = api.submission(clf, args.submission, args.images, out, **options)
@@ -275,11 +279,20 @@ def _shown_path(path: str) -> str:
         return str(path)
 
 
+def _prior_text(info: dict, classes: list[str]) -> str:
+    """'estimate (EM, 12 iterations): cat 0.31, dog 0.69'."""
+    how = info["prior"] + (f" (EM, {info['em_iterations']} iterations)" if "em_iterations" in info else "")
+    return how + ": " + ", ".join(f"{c} {p:.3f}" for c, p in zip(classes, info["proportions"]))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from visiontune import api
 
     clf = api.load(args.classifier)
-    metrics = api.evaluate(clf, args.data, labels=args.labels, batch_size=args.batch_size, tta=args.tta, combine=args.combine)
+    metrics = api.evaluate(clf, args.data, labels=args.labels, batch_size=args.batch_size, tta=args.tta, combine=args.combine,
+                           prior=args.prior)
+    if "prior" in metrics:
+        console.print(f"prior: {_prior_text(metrics['prior'], clf.classes)}")
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2))
     for table in _metrics_tables(metrics, clf.classes):
@@ -405,6 +418,26 @@ CLASSIFIER = _path_kind(_not_classifier, "run")
 def _command(sub, name: str, summary: str, description: str, *examples: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=summary, description=description, epilog=_examples(*examples),
                           formatter_class=_Help)
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from visiontune import api
+    from visiontune.backbones.weights_folder import weights_folder
+
+    rows = api.backbones(measure=not args.no_measure, remeasure=args.remeasure, progress=lambda text: console.print(text))
+    engines = sorted({e for row in rows for e in row["img_per_s"]})
+    table = Table(title="backbones loadable offline (img/s: the cached trunk pass, measured here, 112 / 224 px)")
+    for column in ("--arch", "weights", "parameters", "input", "ImageNet top-1", *engines):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        speeds = [" / ".join(f"{row['img_per_s'][e][size]:.0f}" for size in ("112", "224")) if e in row["img_per_s"] else ""
+                  for e in engines]
+        top1 = f"{row['imagenet_top1']:.1f} %" if row["imagenet_top1"] else "-"
+        table.add_row(row["arch"], row["source"], f"{row['parameters'] / 1e6:.1f} M", f"{row['input_size']} px", top1, *speeds)
+    Console().print(table)
+    console.print(f"more offline backbones: put <timm-name>.safetensors in {weights_folder()} ($VISIONTUNE_WEIGHTS), "
+                  "or pass --weights PATH with any timm architecture")
+    return 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -626,6 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--limit", type=int, default=12, metavar="N", help="how many mistakes")
     show.add_argument("--gradcam", nargs="+", metavar="IMAGE", type=EXISTING, help="write Grad-CAM overlays of these images (PNG)")
     show.add_argument("--feature-maps", metavar="IMAGE", type=EXISTING, help="write the feature maps of --layer for this image (PNG)")
+    show.add_argument("--kernels-demo", metavar="IMAGE", type=EXISTING,
+                      help="what a convolution does: blur/sharpen/Sobel/emboss on this image beside the first learned filters (PNG)")
     show.add_argument("--layer", default="blocks.2", help="module name for --feature-maps, e.g. conv_stem, blocks.4")
     show.add_argument("--out", help="PNG to write (default: inside the run folder)")
     show.set_defaults(func=cmd_show)
@@ -646,12 +681,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = _command(sub, "evaluate", "accuracy, per-class precision/recall/F1 and confusion matrix on labelled images",
                         "Evaluate a trained classifier on labelled images it has not seen (class folders, a train/valid "
                         "folder's valid/ part, or --labels CSV). Tables go to stdout.",
-                        "visiontune evaluate runs/NAME test/", "visiontune evaluate runs/NAME test/ --tta flip --json metrics.json")
+                        "visiontune evaluate runs/NAME test/", "visiontune evaluate runs/NAME test/ --tta flip --json metrics.json",
+                        "visiontune evaluate runs/NAME test/ --prior estimate")
     evaluate.add_argument("classifier", type=CLASSIFIER, help=classifier_help)
     evaluate.add_argument("data", type=FOLDER, help="labelled images: one sub-folder per class (or a split folder: its valid/ part)")
     evaluate.add_argument("--labels", type=EXISTING, metavar="CSV", help="CSV of filename,label instead of class folders")
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
     evaluate.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass")
+    evaluate.add_argument("--prior", metavar="PRIOR", help=PRIOR_HELP)
     _add_tta(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -670,6 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto",
                          help="auto: onnxruntime when installed (fastest here)")
     predict.add_argument("--submission", metavar="SAMPLE_CSV", type=EXISTING, help="write a Kaggle submission in this sample's format")
+    predict.add_argument("--prior", metavar="PRIOR", help=PRIOR_HELP)
     _add_tta(predict)
     predict.set_defaults(func=cmd_predict)
 
@@ -723,6 +761,15 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--valid", type=float, default=0.2, metavar="FRACTION", help="validation fraction")
     _add_seed(split)
     split.set_defaults(func=cmd_split)
+
+    listing = _command(sub, "backbones", "backbones loadable offline, with their measured speed here",
+                       "List every backbone this install loads without a network (packaged weights, files in the weights "
+                       "folder) with parameters, native input size, published ImageNet top-1 and the images/s of the "
+                       "cached trunk pass at 112 and 224 px on each installed engine, measured once on this machine.",
+                       "visiontune backbones", "visiontune backbones --remeasure")
+    listing.add_argument("--remeasure", action="store_true", help="time every backbone again (after a hardware or library change)")
+    listing.add_argument("--no-measure", action="store_true", help="list without timing what was never measured")
+    listing.set_defaults(func=cmd_backbones)
 
     registry = _command(sub, "runs", "list runs (status, data, recipe, best metric, wall time) or compare two",
                         "List every run under DIR (default: runs/) as a table: name, start, data, backbone, recipe, "

@@ -12,6 +12,11 @@ AUGMENTATIONS = ("none", "light", "standard", "strong", "aerial")
 ENGINES = ("torch", "torch-bf16", "onnxruntime")
 TTA_MODES = ("none", "flip", "flips", "5crop", "10crop", "scale")
 COMBINE = ("mean", "geometric")
+#: `--prior` of predict/evaluate (evaluation/priors.py).
+PRIOR_HELP = ("class proportions of the images being predicted, when they differ from training: balanced, "
+              "estimate (EM on these images, Saerens et al. 2002) or comma-separated proportions in class order")
+#: Classifier heads on the pooled features (backbones/heads.py, train/probe.py).
+HEADS = ("auto", "linear", "logreg", "svm", "mlp")
 
 
 def onnxruntime_available() -> bool:

@@ -19,6 +19,7 @@ import torch
 
 from visiontune import beyond
 from visiontune.backbones.cuts import Tail, cut_points
+from visiontune.backbones.heads import install_head, output_layer
 from visiontune.backbones.registry import Backbone, create_backbone, resolve_arch
 from visiontune.cache.features import cached_activations, trunk_engine_path, uncached_count
 from visiontune.cache.store import CachedRows, default_cache_root
@@ -32,7 +33,10 @@ from visiontune.progress import console
 from visiontune.runs import RunConfig, RunDir, Split
 from visiontune.task.kinds import Task, task_for
 from visiontune.train.checkpoint import load_checkpoint
-from visiontune.train.phases import cached_phase, finetune, predict_cached, train_cached
+from visiontune.train.balance import class_prior, shift_bias
+from visiontune.train.head_choice import AUTO_CANDIDATES, choose_head, fit_closed_form_head
+from visiontune.train.probe import FITS
+from visiontune.train.phases import cached_phase, finetune, pooled_features, predict_cached, train_cached
 from visiontune.train.plan import (
     Candidate, Plan, caching_seconds, choose_img_size, epochs_for_remaining, epoch_seconds, finetune_seconds, make_plan,
     parse_duration,
@@ -196,15 +200,18 @@ SELECTION_FRACTION = 0.15
 @dataclass
 class Selection:
     """Training images set aside for the run's automatic choices (early stopping's epoch, the batch-size
-    search, multi-label thresholds), so that none is made on the validation images the run reports on.
-    The model trains on `fit`; the choices are scored on the rest."""
+    search, the head, multi-label thresholds), so that none is made on the validation images the run
+    reports on. Choices made before training (batch size, head) are scored on `held` after trial fits on
+    `fit`, and the run then trains on every training image; choices made during or after training (early
+    stopping, thresholds) keep `held` out of training for good (`keeps_out`)."""
 
-    fit: np.ndarray  # positions in the training catalog the model trains on
-    held: np.ndarray  # positions of the selection images (held out of training)
+    fit: np.ndarray  # positions in the training catalog the trials (and, with keeps_out, the run) train on
+    held: np.ndarray  # positions of the selection images
     rows: object  # cached activations of the selection images (plain view)
     y: np.ndarray  # their targets
     catalog: Catalog  # their files (fine-tuning validates on images)
     reason: str
+    keeps_out: bool = True
 
     def rows_and_targets(self) -> tuple:
         return self.rows, self.y
@@ -213,20 +220,25 @@ class Selection:
 def carve_selection(prep: Prepared, config: RunConfig, inputs: CachedInputs, y_train: np.ndarray) -> Selection | None:
     """A stratified SELECTION_FRACTION of the training images when the plan makes a choice on data, else None."""
     plan = prep.plan
-    choices = [name for name, needed in (
-        ("the early-stopping epoch", plan.early_stop > 0), ("the batch size", "batch_size" in config.auto),
-        ("the decision thresholds", prep.task.name == "multi-label"),
+    during = [name for name, needed in (
+        ("the early-stopping epoch", plan.early_stop > 0), ("the decision thresholds", prep.task.name == "multi-label"),
     ) if needed]
-    if not choices:
+    before = [name for name, needed in (
+        ("the batch size", "batch_size" in config.auto), ("the classifier head", plan.head == "auto"),
+        ("the logit adjustment", tau_to_choose(plan, config)),
+    ) if needed]
+    if not during + before:
         return None
     from visiontune.data.split import stratified_split
 
     fit, held = (np.asarray(part, dtype=np.int64) for part in stratified_split(prep.train.labels, SELECTION_FRACTION, plan.seed + 1))
     if len(held) == 0 or len(fit) == 0:
         return None
-    reason = (f"{' and '.join(choices)} chosen on {len(held)} images carved from the training images "
-              f"({SELECTION_FRACTION:.0%}, stratified, not trained on), never on the reported validation images")
-    return Selection(fit, held, inputs.train_views[0][held], y_train[held], prep.train.subset([int(i) for i in held]), reason)
+    reason = (f"{' and '.join(during + before)} chosen on {len(held)} images carved from the training images "
+              f"({SELECTION_FRACTION:.0%}, stratified), never on the reported validation images")
+    reason += "; not trained on" if during else "; the run then trains on every training image"
+    return Selection(fit, held, inputs.train_views[0][held], y_train[held], prep.train.subset([int(i) for i in held]),
+                     reason, keeps_out=bool(during))
 
 
 def choose_auto(prep: Prepared, config: RunConfig, run: RunDir, inputs: CachedInputs, select: Selection | None) -> None:
@@ -272,6 +284,45 @@ def choose_auto(prep: Prepared, config: RunConfig, run: RunDir, inputs: CachedIn
         plan.batch_size = size
         plan.why["batch_size"] = reason
         console.print(f"batch size {size} ({reason})")
+    if plan.head == "auto":
+        choose_on_selection(prep, config, inputs, y_train, select)
+    elif plan.balance == "logit-adjust" and "balance_tau" not in plan.why:
+        plan.why["balance_tau"] = "1: the Bayes-optimal shift of a calibrated model (chosen on data with --head auto)"
+
+
+def tau_to_choose(plan: Plan, config: RunConfig) -> bool:
+    """The logit adjustment's strength is chosen on the selection images when the head's trial runs anyway
+    (`--head auto`) and you did not set it (--balance-tau); otherwise it stays at 1, the Bayes-optimal shift
+    of a calibrated model (no extra trial training on larger data)."""
+    return plan.balance == "logit-adjust" and plan.head == "auto" and config.overrides.get("balance_tau") is None
+
+
+def choose_on_selection(prep: Prepared, config: RunConfig, inputs: CachedInputs, y_fit: np.ndarray,
+                        select: Selection | None) -> None:
+    """`--head auto` (the plan's trained tail, or the cross-validated logistic regression when it scores
+    clearly better) and the logit adjustment of imbalanced data, from trial fits on the training images
+    minus the selection images, scored on the selection images."""
+    plan = prep.plan
+    choose_tau = tau_to_choose(plan, config)
+    if select is None:
+        if plan.head == "auto":
+            plan.head, plan.why["head"] = "linear", "too few training images to hold any out: the tail trained by the loop"
+        if choose_tau:
+            plan.why["balance_tau"] = "too few training images to hold any out: 1 (Bayes-optimal if calibrated)"
+        return
+    prior = class_prior(y_fit, len(prep.source.classes)) if choose_tau else None
+    tail = Tail(prep.backbone.model, plan.cut, dropout=plan.head_dropout)
+    with torch.random.fork_rng():  # the trials draw no random number the run's own training would draw
+        head, tau, scores = choose_head(tail, plan, inputs.train_views, y_fit, select.rows, select.y, prep.task, prior=prior)
+    shown = ", ".join(f"{name} {' / '.join(f'{k} {v:g}' for k, v in values.items())}" for name, values in scores.items())
+    where = f"on the {len(select.held)} selection images ({shown})"
+    verdict = "the probe scored clearly better" if head != AUTO_CANDIDATES[0] else "the plan's recipe unless the probe scores clearly better"
+    plan.head, plan.why["head"] = head, f"auto: {head} ({verdict}) {where}"
+    console.print(f"head: {plan.why['head']}")
+    if choose_tau:
+        plan.balance_tau = float(tau)
+        plan.why["balance_tau"] = f"the best balanced accuracy {where}"
+        console.print(f"logit adjustment: tau {tau:g}, {plan.why['balance_tau']}")
 
 
 def refit_to_budget(prep: Prepared, config: RunConfig) -> None:
@@ -334,24 +385,29 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
         console.print(f"[yellow]skipped {len(skipped)} unusable files[/] (listed in {run.file('skipped.txt')})")
     y_train, y_valid = task.targets(prep.train), task.targets(prep.valid)
     model = backbone.model
+    install_head(model, prep.plan.head)  # an MLP replaces timm's classifier; linear heads keep it
     tail = Tail(model, prep.plan.cut, dropout=prep.plan.head_dropout)
     select = carve_selection(prep, config, inputs, y_train) if extra is None else None
-    if select is not None:  # the rest of the run trains on the training images minus the selection images
+    trial_inputs = inputs
+    if select is not None:  # trials (and, for choices made during training, the run) train without them
         console.print(select.reason[0].upper() + select.reason[1:])
-        inputs = CachedInputs([v[select.fit] for v in inputs.train_views], inputs.valid, inputs.skipped)
-        y_train, fit_catalog = y_train[select.fit], prep.train.subset([int(i) for i in select.fit])
-    else:
-        fit_catalog = prep.train
+        trial_inputs = CachedInputs([v[select.fit] for v in inputs.train_views], inputs.valid, inputs.skipped)
     if not run.has_plan():
         if select is not None:
             prep.plan.why["selection"] = select.reason
-        choose_auto(prep, config, run, inputs, select)
+        choose_auto(prep, config, run, trial_inputs, select)
         refit_to_budget(prep, config)
         if extra is not None:
             choose_beyond(prep, run, tail, inputs, y_train, extra)
         run.write_plan(prep.plan)
     plan = prep.plan
-    before = beyond.domain_picture(beyond.pooled_rows(tail, inputs.train_views[0]), beyond.pooled_rows(tail, extra.views[0]), plan.seed) \
+    fit_catalog = prep.train
+    if select is not None and select.keeps_out:
+        inputs, y_train, fit_catalog = trial_inputs, y_train[select.fit], prep.train.subset([int(i) for i in select.fit])
+    elif select is not None:  # every choice is made: the run trains on every training image
+        select = None
+    head_fit: dict = {}
+    before = beyond.domain_picture(pooled_features(tail, inputs.train_views[0]), pooled_features(tail, extra.views[0]), plan.seed) \
         if extra is not None and extra.key == "xt" else None
 
     in_finetune = checkpoint is not None and checkpoint.position.phase == "finetune"
@@ -362,6 +418,12 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
         method = plan.ssl or plan.adapt
         chosen = beyond.candidate(method, plan, tail, inputs.train_views[0], y_train, extra)
         beyond.train_candidate(tail, chosen, inputs.train_views, y_train, inputs.valid, y_valid, extra, task, logger, **run_options)
+    elif not in_finetune and plan.head in FITS:
+        fitted = fit_closed_form_head(tail, plan, inputs.train_views[0], y_train)
+        head_fit = {"head": plan.head, **fitted.info}
+        logger({"phase": f"{plan.head}:{plan.cut}", "epoch": 1, **task.validate(predict_cached(tail, inputs.valid), torch.from_numpy(y_valid))})
+        console.print(f"{plan.head} head fitted on the pooled features of {len(y_train)} images "
+                      f"(C {fitted.info['C']:.3g} by {fitted.info['folds']}-fold cross-validation on them)")
     elif not in_finetune:
         train_cached(tail, inputs.train_views, y_train, inputs.valid, y_valid, plan, logger, task=task,
                      select=select.rows_and_targets() if select else None, **run_options)
@@ -374,12 +436,14 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
             select=select.catalog if select else None,
         )
         run.write_skipped(skipped)
+        apply_balance(model, plan, y_train, len(classes))
         kept, probs = classifier.probabilities(prep.valid.paths, plan.batch_size)
         tuning = None
         if select is not None:
             seen, select_probs = classifier.probabilities(select.catalog.paths, plan.batch_size)
             tuning = (select.y[seen], select_probs)
     else:
+        apply_balance(model, plan, y_train, len(classes))
         kept = np.arange(len(y_valid))
         probs = task.activation(predict_cached(tail, inputs.valid)).numpy()
         tuning = (select.y, task.activation(predict_cached(tail, select.rows)).numpy()) if select else None
@@ -393,7 +457,9 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
     logger.close()
     classifier.metrics = {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "confusion_matrix_normalized")}
     classifier.extra = {"weights": backbone.weights, "trained_on": str(Path(config.data).resolve()), "task": task.name,
-                        "multi_label": task.name == "multi-label", **decisions}
+                        "multi_label": task.name == "multi-label", **decisions, **({"head_fit": head_fit} if head_fit else {})}
+    if task.name == "single-label":  # what --prior re-weights from: the training prior, after any logit adjustment
+        classifier.extra["train_prior"] = effective_prior(plan, y_train, len(classes)).round(6).tolist()
     if extra is not None:
         classifier.metrics.update(finish_beyond(prep, config, run, tail, inputs, extra, before))
     classifier.save(run.classifier_dir)
@@ -407,6 +473,21 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
         budget = f" (budget {plan.budget_s:.0f}s)" if plan.budget_s is not None else ""
         console.print(f"time since start: predicted {plan.predicted_s:.1f}s, actual {seconds_since_process_start():.1f}s{budget}")
     return classifier
+
+
+def apply_balance(model: torch.nn.Module, plan: Plan, y_train: np.ndarray, n_classes: int) -> None:
+    """Fold the logit adjustment of imbalanced data into the trained classifier's biases (train/balance.py)."""
+    if plan.balance == "logit-adjust" and plan.balance_tau:
+        shift_bias(output_layer(model.get_classifier()), class_prior(y_train, n_classes), plan.balance_tau)
+
+
+def effective_prior(plan: Plan, y_train: np.ndarray, n_classes: int) -> np.ndarray:
+    """The class proportions the saved model's probabilities assume: the training prior, flattened by the
+    logit adjustment to prior^(1 - tau) (tau = 1: uniform)."""
+    prior = class_prior(y_train, n_classes)
+    if plan.balance == "logit-adjust":
+        prior = prior ** (1.0 - plan.balance_tau)
+    return prior / prior.sum()
 
 
 def extra_images(config: RunConfig) -> str | None:
@@ -431,7 +512,7 @@ def finish_beyond(prep: Prepared, config: RunConfig, run: RunDir, tail: Tail, in
     """After training: the target evaluation (the only read of target labels) and the domain picture."""
     plan, summary = prep.plan, {"method": plan_method(prep.plan), "extra_images": len(extra.catalog)}
     if extra.key == "xt":
-        after = beyond.domain_picture(beyond.pooled_rows(tail, inputs.train_views[0]), beyond.pooled_rows(tail, extra.views[0]), plan.seed)
+        after = beyond.domain_picture(pooled_features(tail, inputs.train_views[0]), pooled_features(tail, extra.views[0]), plan.seed)
         report = {"before": before, "after": after}
         if config.target_labels:
             catalog = labelled_like(config.target_labels, list(prep.source.classes))

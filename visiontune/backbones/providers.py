@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,10 @@ PACKAGED: dict[str, PackagedWeights] = {
     )
     for i in (0, 1, 2)
 }
+
+
+def package_installed(package: PackagedWeights) -> bool:
+    return importlib.util.find_spec(package.module) is not None
 
 
 def file_digest(path: Path) -> str:

@@ -15,12 +15,14 @@ import timm
 import torch
 from torch import nn
 
+from visiontune.backbones.weights_folder import local_weights, weights_folder
 from visiontune.backbones.providers import (
     PACKAGED,
     WeightsError,
     file_digest,
     load_from_hub,
     load_into,
+    package_installed,
     package_version,
     read_state_dict,
 )
@@ -89,14 +91,19 @@ def create_backbone(
         warnings.warn(f"{arch}: random initialisation (--weights none); expect far lower accuracy.", stacklevel=2)
         return Backbone(model, arch, "none", "none", _preprocessing(model, img_size))
     if source in ("default", "package"):
-        if arch not in PACKAGED:
+        local = local_weights(arch)
+        if arch in PACKAGED and (local is None or package_installed(PACKAGED[arch])):
+            package = PACKAGED[arch]
+            path = package.path()
+            label = f"package:{package.distribution}=={package_version(package.distribution)}"
+        elif local is not None:
+            path, label = local, f"file:{local}"
+        else:
             raise WeightsError(
-                f"no offline weights are bundled for {arch}. Pass --weights PATH (.safetensors/.pth), "
-                "--weights hub (needs internet) or --weights none (random init)."
+                f"no offline weights are bundled for {arch}. Pass --weights PATH (.safetensors/.pth), put "
+                f"{arch}.safetensors in the weights folder {weights_folder()}, use --weights hub (needs internet) "
+                "or --weights none (random init). `visiontune backbones` lists what loads offline."
             )
-        package = PACKAGED[arch]
-        path = package.path()
-        label = f"package:{package.distribution}=={package_version(package.distribution)}"
     else:
         path = Path(source).expanduser()
         label = f"file:{path}"

@@ -63,14 +63,22 @@ def load_fashion_mnist(split: str, root: Path = FASHION_MNIST_DIR) -> tuple[np.n
     return read_idx(images), read_idx(labels)
 
 
-def _balanced_sample(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
-    picks = [rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in np.unique(labels)]
+def _balanced_sample(labels: np.ndarray, per_class: int | dict[int, int], rng: np.random.Generator) -> np.ndarray:
+    """`per_class` images of each class (a dict gives some classes other counts: an imbalanced sample)."""
+    counts = per_class if isinstance(per_class, dict) else {}
+    default = per_class if isinstance(per_class, int) else None
+    picks = [rng.choice(np.flatnonzero(labels == c), counts.get(int(c), default), replace=False) for c in np.unique(labels)]
     return np.sort(np.concatenate(picks))
 
 
-def export_fashion_mnist(dest: str | Path, train_per_class: int = 200, valid_per_class: int = 200, seed: int = 0) -> Path:
-    """Seeded class-balanced Fashion-MNIST subset as `dest/train/<class>/*.png`, `dest/valid/<class>/*.png`."""
+def export_fashion_mnist(dest: str | Path, train_per_class: int = 200, valid_per_class: int = 200, seed: int = 0,
+                         scarce: dict[str, int] | None = None) -> Path:
+    """Seeded class-balanced Fashion-MNIST subset as `dest/train/<class>/*.png`, `dest/valid/<class>/*.png`;
+    `scarce` gives some classes fewer training images (an imbalanced training set, balanced validation)."""
     rng = np.random.default_rng(seed)
+    if scarce:
+        train_per_class = {**{c: train_per_class for c in range(len(FASHION_CLASSES))},
+                           **{FASHION_CLASSES.index(name): n for name, n in scarce.items()}}
     train_x, train_y = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")
     dest = _fresh(Path(dest))

@@ -44,6 +44,27 @@ def feature_maps(model: nn.Module, image: torch.Tensor, layer: str, limit: int =
     return captured["out"][0, :limit].float().numpy()
 
 
+#: Hand-made kernels every image-processing course starts with (what "a convolution" does).
+CLASSIC_KERNELS = {
+    "blur": np.full((5, 5), 1 / 25),
+    "sharpen": np.array([[0, -1, 0], [-1, 5, -1], [0, -1, 0]]),
+    "Sobel x (vertical edges)": np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]]),
+    "Sobel y (horizontal edges)": np.array([[-1, -2, -1], [0, 0, 0], [1, 2, 1]]),
+    "emboss": np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]]),
+    "Laplacian (all edges)": np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]]),
+}
+
+
+def classic_responses(gray: np.ndarray) -> dict[str, np.ndarray]:
+    """Each classic kernel convolved with a grayscale image (HxW, 0-255), 'same' size, as float arrays."""
+    image = torch.from_numpy(np.asarray(gray, dtype=np.float32))[None, None]
+    out = {}
+    for name, kernel in CLASSIC_KERNELS.items():
+        k = torch.from_numpy(np.asarray(kernel, dtype=np.float32))[None, None]
+        out[name] = F.conv2d(F.pad(image, [k.shape[-1] // 2] * 4, mode="replicate"), k)[0, 0].numpy()
+    return out
+
+
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish)
 
 

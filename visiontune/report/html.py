@@ -90,6 +90,14 @@ nav {{ font-size: 0.9em; }}
 """
 
 
+def recall_line(metrics: dict, shown: int = 10) -> str:
+    """'shirt 0.52, pullover 0.71, ...': each class's recall, the weakest first (what an imbalanced run's
+    user looks at before the accuracy), at most `shown` classes."""
+    ranked = sorted(metrics["per_class"].items(), key=lambda item: item[1]["recall"])
+    text = ", ".join(f"{name} {values['recall']:.2f}" for name, values in ranked[:shown])
+    return text + (f", … ({len(ranked) - shown} more)" if len(ranked) > shown else "")
+
+
 def _single_label_sections(run: RunDir, classifier: Classifier, data: dict) -> tuple[list[list], dict[str, str]]:
     """(summary rows, HTML of the sections particular to a single-label run)."""
     classes = classifier.classes
@@ -102,7 +110,8 @@ def _single_label_sections(run: RunDir, classifier: Classifier, data: dict) -> t
     body: dict[str, str] = {}
     summary = [
         ["validation images", metrics["n"]], ["accuracy", f"{metrics['accuracy']:.4f}"],
-        ["balanced accuracy", f"{metrics['balanced_accuracy']:.4f}"], ["macro F1", f"{metrics['macro_f1']:.4f}"],
+        ["balanced accuracy", f"{metrics['balanced_accuracy']:.4f}"], ["recall by class, lowest first", recall_line(metrics)],
+        ["macro F1", f"{metrics['macro_f1']:.4f}"],
         ["log loss", f"{metrics['log_loss']:.4f}"], ["expected calibration error", f"{metrics['ece']:.4f}"],
     ]
     if "roc_auc" in metrics:

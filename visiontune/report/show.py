@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from rich.console import Console
 from rich.table import Table
 
@@ -144,3 +146,29 @@ def show_feature_maps(run: str | Path, image: str, layer: str, out: str | Path |
     target = Path(out) if out else Path(run) / f"feature-maps-{layer}.png"
     rows = [[prepared[1]] + list(maps[:8]), list(maps[8:16])]
     return image_grid([r for r in rows if r], target, title=f"{layer} for {Path(image).name}", cmap="viridis")
+
+
+def show_kernels_demo(run: str | Path, image: str, out: str | Path | None = None, learned: int = 8) -> Path:
+    """What a convolution does, on your own image -> PNG: classic hand-made kernels (blur, sharpen, Sobel,
+    emboss, Laplacian) beside the backbone's first `learned` learned filters and their responses."""
+    from visiontune.classifier import Classifier
+    from visiontune.evaluation.visualize import CLASSIC_KERNELS, classic_responses, feature_maps, first_conv, kernel_tiles
+    from visiontune.report.parts import preprocessed_image
+    from visiontune.report.plots import image_grid
+
+    clf = Classifier.load(run)
+    prepared = preprocessed_image(clf, image)
+    if prepared is None:
+        raise ImageError(image, "cannot be read as an image")
+    tensor, shown = prepared
+    gray = shown.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    classic = classic_responses(gray)
+    stem = next(name for name, module in clf.model.named_modules() if module is first_conv(clf.model))
+    responses = feature_maps(clf.model, tensor, stem, learned)
+    tiles = [np.kron(t, np.ones((8, 8, 1), dtype=np.uint8)) for t in kernel_tiles(clf.model)[:learned]]
+    rows = [[shown, *classic.values()], tiles, list(responses)]
+    titles = [["your image", *CLASSIC_KERNELS], [f"learned filter {k}" for k in range(len(tiles))],
+              [f"response {k}" for k in range(len(responses))]]
+    target = Path(out) if out else Path(run) / "kernels-demo.png"
+    return image_grid(rows, target, tile_titles=titles, cmap="gray",
+                      title=f"hand-made kernels (top) vs {clf.arch}'s first learned filters ({stem}) on {Path(image).name}")

@@ -30,6 +30,8 @@ class LossSettings(Protocol):
     class_weights: str
     sampler: str
     fbeta: float
+    head: str
+    balance: str
 
 
 class Task:
@@ -160,6 +162,10 @@ class MultiLabel(Task):
         if settings.loss != "ce" or settings.class_weights != "none" or settings.sampler != "random":
             raise UsageError("multi-label data trains with binary cross-entropy: --loss focal, --class-weights and "
                              "--sampler balanced are for single-label data")
+        if settings.balance != "none":
+            raise UsageError("--balance shifts one softmax towards balanced accuracy; multi-label data tunes a threshold per class instead")
+        if settings.head in ("logreg", "svm", "auto"):
+            raise UsageError(f"--head {settings.head} fits one class per image; multi-label data trains --head linear or mlp")
 
     def check_data(self, catalog: Catalog, where: str) -> None:
         if not catalog.multi_label:

@@ -210,6 +210,10 @@ class Checkpointing(Callback):
         self.save(loop)
 
 
+#: Phases named "trial:..." are fits an automatic choice throws away (train/head_choice.py).
+TRIAL = "trial:"
+
+
 class EpochLine(Callback):
     """One compact line per epoch (losses, validation metrics, time) with the phase's and the run's ETA.
 
@@ -227,6 +231,10 @@ class EpochLine(Callback):
             return
         self.seconds.append(float(record.get("seconds", 0.0)))
         epochs = loop.phase.epochs
+        if loop.phase.name.startswith(TRIAL):  # a fit an automatic choice throws away: one line when done
+            if record["epoch"] == epochs:
+                console.print(f"{loop.phase.name}: {epochs} epochs in {sum(self.seconds):.1f}s", highlight=False)
+            return
         left = (epochs - record["epoch"]) * sum(self.seconds) / len(self.seconds)
         parts = [f"{loop.phase.name} epoch {record['epoch']:>{len(str(epochs))}}/{epochs}",
                  f"train_loss {record.get('train_loss', float('nan')):.4f}"]

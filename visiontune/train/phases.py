@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from visiontune.backbones.cuts import Tail
+from visiontune.backbones.heads import output_layer
 from visiontune.backbones.groups import group_index, layer_groups, param_groups
 from visiontune.cache.store import CachedRows
 from visiontune.data.catalog import Catalog, Skipped
@@ -31,11 +32,26 @@ from visiontune.train.plan import Plan
 Rows = np.ndarray | CachedRows  # cached activations: in memory, or read batch by batch from the store
 
 
+def take_rows(source: Rows, indices: np.ndarray) -> np.ndarray:
+    """float32 rows `indices` of an in-memory array or of lazily read cached rows."""
+    rows = source.take(indices) if isinstance(source, CachedRows) else source[indices]
+    return np.ascontiguousarray(rows, dtype=np.float32)
+
+
 def _rows(source: Rows, indices: np.ndarray) -> torch.Tensor:
-    """float32 rows of an in-memory array or of lazily read cached rows, channels-last for maps."""
-    rows = source.take(indices) if isinstance(source, CachedRows) else np.asarray(source[indices], dtype=np.float32)
-    tensor = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+    """take_rows as a tensor, channels-last for maps."""
+    tensor = torch.from_numpy(take_rows(source, indices))
     return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
+
+
+def pooled_features(tail: Tail, rows: Rows, batch_size: int = 256) -> np.ndarray:
+    """The pooled features the classifier reads (the tail's blocks as they are now), for cached rows."""
+    tail.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            out.append(tail.features(_rows(rows, np.arange(start, min(start + batch_size, len(rows))))).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, tail.model.num_features), np.float32)
 
 
 def selection_record(validated: dict) -> dict:
@@ -129,6 +145,20 @@ def _extra_batches(extra: Unlabelled, seed: int, epoch: int, steps: int, per_ste
     return out
 
 
+def init_output_layer(layer: nn.Linear, how: str, seed: int) -> None:
+    """`--head-init`: zero (the default: every class equally likely at step 0), or xavier/kaiming uniform
+    weights drawn from the run's seed (bias zero); bench/results/playbook.md has what each did."""
+    nn.init.zeros_(layer.bias)
+    if how == "zero":
+        nn.init.zeros_(layer.weight)
+        return
+    generator = torch.Generator().manual_seed(seed)
+    fan_in, fan_out = layer.weight.shape[1], layer.weight.shape[0]
+    bound = (6.0 / (fan_in + fan_out)) ** 0.5 if how == "xavier" else (6.0 / fan_in) ** 0.5  # kaiming: ReLU gain
+    with torch.no_grad():
+        layer.weight.copy_((torch.rand(layer.weight.shape, generator=generator) * 2 - 1) * bound)
+
+
 def cached_phase(
     tail: Tail, train_views: list[Rows], train_y: np.ndarray, valid_x: Rows, valid_y: np.ndarray, plan: Plan,
     name: str = "head", train_paths=None, task: Task | None = None, extras: list[Unlabelled] | None = None,
@@ -144,8 +174,7 @@ def cached_phase(
     task = task or SingleLabel()
     classifier = tail.model.get_classifier()
     if fresh_classifier:
-        nn.init.zeros_(classifier.weight)
-        nn.init.zeros_(classifier.bias)
+        init_output_layer(output_layer(classifier), plan.head_init, plan.seed)
     trained = tail.trainable_parameters()
     for p in trained:
         p.requires_grad_(True)

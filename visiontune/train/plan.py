@@ -24,12 +24,15 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from visiontune.errors import UsageError
-from visiontune.names import AUGMENTATIONS, ENGINES, default_engine
+from visiontune.names import AUGMENTATIONS, ENGINES, HEADS, default_engine
 
 if TYPE_CHECKING:  # the Plan's declarations build `train --help`, which must not load torch
     from visiontune.train.profile import DataProfile, SpeedProfile
 
 SMALL_DATA = 10_000
+IMBALANCED_BELOW = 0.5  # smallest class / largest class under this: the plan acts on the imbalance
+HEAD_CHOICE_MAX = 1_000  # up to here `--head auto` tries the probe: a trial tail + its CV add ~60 % to the run
+# (measured on fmnist-2k: 37 s -> 71 s, same accuracy); above it the retrained tail beat the probe on every bench set
 MEDIUM_DATA = 20_000
 FIXED_OVERHEAD_S = 4.0  # start-up, loading weights, writing the run: measured 3-5 s here
 
@@ -74,6 +77,18 @@ class Plan:
     predicted_s: float | None = setting("predicted wall time of the run (with --budget)", default=None)
     # The training playbook (one flag each); the defaults are the measured recipe, "off" where a trick
     # did not pay on the bench.
+    head: str = setting("classifier on the pooled features: linear (trained with the tail by the loop) | logreg | svm "
+                        "(scikit-learn, C by cross-validation on the training images; the blocks stay pretrained) | mlp "
+                        "(one hidden layer, trained with the tail) | auto (small data: linear or logreg, whichever scores "
+                        "better on images carved from the training data)", RECIPE, "linear", choices=HEADS)
+    head_init: str = setting("initialisation of a fresh classifier layer: zero (uniform predictions at step 0), xavier "
+                             "or kaiming (random, scaled by fan-in/out)", LOSS, "zero", choices=("zero", "xavier", "kaiming"))
+    balance: str = setting("imbalanced classes: logit-adjust (shift the classifier's biases by tau * log class prior, "
+                           "towards balanced accuracy; tau chosen on images carved from the training data) | none (default: "
+                           "logit-adjust when the smallest class has under half the largest's images)", LOSS, "none",
+                           choices=("none", "logit-adjust"))
+    balance_tau: float = setting("logit adjustment strength tau (1 = Bayes-optimal for balanced error if calibrated; "
+                                 "default: chosen on images carved from the training data)", LOSS, 1.0)
     objective: str = setting("training method (a registered objective; see docs/architecture.md)", LOSS, "supervised")
     optimizer: str = setting("optimizer (sgd: Nesterov momentum 0.9)", OPTIM, "adamw", choices=("adamw", "sgd"))
     schedule: str = setting("learning-rate schedule", OPTIM, "onecycle", choices=("onecycle", "cosine", "sgdr", "constant"))
@@ -170,8 +185,9 @@ class Candidate:
 def candidates(cuts: list[str]) -> list[Candidate]:
     """Cached recipes from cheapest to most thorough (ordered by accuracy measured on the bench).
 
-    Deeper cuts and more views keep paying on data far from ImageNet (bench: blocks.6 0.860, blocks.5
-    with 2 views 0.882 on Fashion-MNIST 2k), so larger budgets go there.
+    Deeper cuts and more views keep paying on data far from ImageNet (the `--budget` rows of
+    bench/results/fmnist_speed.md: each larger budget picks a deeper candidate and scores higher), so larger
+    budgets go there.
     """
     found = [Candidate(cuts[0], 0, 30)]
     if len(cuts) > 1:
@@ -278,6 +294,29 @@ def _batch_size(n_train: int) -> int:
     return size
 
 
+def choose_head(n_train: int, task: str) -> tuple[str, str]:
+    """`auto` on small single-label data (the probe is a real contender there), else the trained tail."""
+    if task != "single-label":
+        return "linear", "multi-label: the tail's own sigmoid layer, trained by the loop"
+    if n_train <= HEAD_CHOICE_MAX:
+        return "auto", (f"{n_train} training images <= {HEAD_CHOICE_MAX:,}: the trained tail, or a cross-validated "
+                        "logistic regression on the pooled features if it scores clearly better on images carved from "
+                        "the training data")
+    return "linear", f"{n_train} training images > {HEAD_CHOICE_MAX:,}: the tail trained by the loop"
+
+
+def choose_balance(data: DataProfile, task: str) -> tuple[str, str]:
+    """Act on imbalance (logit adjustment, train/balance.py) when the smallest class is under half the largest."""
+    ratio = data.smallest_to_largest
+    if task != "single-label" or ratio >= IMBALANCED_BELOW:
+        return "none", f"classes balanced enough (smallest/largest {ratio:.2f} >= {IMBALANCED_BELOW})" if task == "single-label" \
+            else "multi-label: per-class thresholds decide each tag"
+    counts = data.class_counts or []
+    return "logit-adjust", (f"imbalanced: smallest class {min(c for c in counts if c)} images, largest {max(counts)} "
+                            f"({ratio:.2f} < {IMBALANCED_BELOW}): logits shifted towards balanced accuracy (each class's "
+                            f"recall counts equally); tau chosen on images carved from the training data")
+
+
 def epochs_for_remaining(remaining_s: float, planned: int, data: DataProfile, speed: SpeedProfile, cut: str) -> int:
     """Epochs that fill the budget's rest once caching is done (1 to 3x the planned number).
 
@@ -365,7 +404,8 @@ def make_plan(
         finetune_epochs, groups = 0, 0
         why["recipe"] = why["cut"] = why["views"] = why["epochs"] = reason
         why["budget_s"] = "set by you (--budget)"
-    why.setdefault("views", "extra augmented views cost a trunk pass each; +0.5 pt measured, not by default")
+    why.setdefault("views", "extra augmented views cost a trunk pass each; bench/results/playbook.md: --views 2 "
+                            "alone -0.65 pt, with --aug standard +0.5 pt; not by default")
     why["finetune_epochs"] = why["unfreeze_groups"] = "follows the recipe"
 
     img_size, why["img_size"] = choose_img_size(data, native_size)
@@ -392,13 +432,16 @@ def make_plan(
         predicted_s=None if predicted is None else round(predicted, 1),
         why=why,
     )
+    plan.head, why["head"] = choose_head(n, (overrides or {}).get("task", "single-label"))
+    plan.balance, why["balance"] = choose_balance(data, (overrides or {}).get("task", "single-label"))
     why.setdefault("epochs", "cheap on cached activations; one-cycle schedule")
     why.setdefault("batch_size", "64 fits CPU caches; smaller for tiny data to keep >= 8 steps per epoch")
     why.setdefault("lr", "AdamW one-cycle peak for the classifier")
     why.setdefault("head_dropout", "dropout on the head only, never on conv layers")
     why.setdefault("finetune_lr", "peak for the head when fine-tuning on images")
-    why.setdefault("bn_freeze", "pretrained BN statistics kept: measured 0.49 vs 0.90 on digits fine-tuning")
-    why.setdefault("lr_mult", "pretrained layers learn 10x slower than the head (best of 1/3/10 on the bench)")
+    why.setdefault("bn_freeze", "pretrained BN statistics kept (bench/results/playbook.md: --no-bn-freeze -0.95 pt)")
+    why.setdefault("lr_mult", "pretrained layers learn 10x slower than the head, the notes' discriminative rates "
+                              "(bench/results/playbook.md: --lr-mult 1 +0.4 pt on the cached tail, within noise)")
     why.setdefault("engine", "fastest exact fp32 engine installed (onnxruntime 1.6x torch here); bf16 is opt-in")
     why.setdefault("valid_fraction", "stratified hold-out when no valid/ folder is given")
     why.setdefault("predicted_s", "from timed batches (with --budget)")

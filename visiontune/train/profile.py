@@ -37,6 +37,13 @@ class DataProfile:
     median_side: int | None
     grayscale: float  # fraction of sampled images with R == G == B
     imagenet_entropy: float | None  # mean normalised entropy of the source head's predictions, 0..1
+    class_counts: list[int] | None = None  # training images per class (class order of the catalog)
+
+    @property
+    def smallest_to_largest(self) -> float:
+        """Images of the smallest class / of the largest (1.0 = balanced); classes without images excluded."""
+        counts = [c for c in (self.class_counts or []) if c > 0]
+        return min(counts) / max(counts) if counts else 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,6 +84,8 @@ def profile_data(backbone: Backbone, train: Catalog, n_valid: int) -> DataProfil
         median_side=int(median(sides)) if sides else None,
         grayscale=round(sum(gray) / len(gray), 3) if gray else 0.0,
         imagenet_entropy=entropy,
+        class_counts=np.bincount(np.asarray(train.labels, dtype=np.int64), minlength=len(train.classes)).tolist()
+        if train.labels else None,
     )
 
 
