@@ -121,7 +121,8 @@ def row_floor_onnxruntime() -> dict:
 def row_linear_probe() -> dict:
     """The strongest fair probe: frozen pooled features extracted on the fastest engine visiontune uses
     (onnxruntime, the same export as the floor row), then scikit-learn's LogisticRegressionCV choosing its
-    regularisation by 5-fold cross-validation on the training images only (never the validation images)."""
+    regularisation by 5-fold cross-validation on the training images only (never the validation images), its
+    folds on every core (its fastest setting)."""
     import numpy as np
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.preprocessing import StandardScaler
@@ -133,9 +134,9 @@ def row_linear_probe() -> dict:
         return np.concatenate([session.run(None, {"x": np.ascontiguousarray(x.numpy())})[0] for x in _batches(paths, pre)])
 
     scaler = StandardScaler().fit(x_train := features(train))
-    probe = LogisticRegressionCV(Cs=10, cv=5, max_iter=2000).fit(scaler.transform(x_train), y_train)
+    probe = LogisticRegressionCV(Cs=10, cv=5, max_iter=2000, n_jobs=-1).fit(scaler.transform(x_train), y_train)
     return {"accuracy": float(probe.score(scaler.transform(features(valid)), y_valid)), "C": float(probe.C_[0]),
-            "engine": "onnxruntime", "selection": "LogisticRegressionCV, 5-fold CV on the training images"}
+            "engine": "onnxruntime", "selection": "LogisticRegressionCV, 5-fold CV on the training images, n_jobs=-1"}
 
 
 def _fastai(lr_find: bool, epochs: int) -> dict:

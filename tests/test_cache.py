@@ -138,7 +138,7 @@ def test_sigkilled_cache_build_resumes_without_recomputing_finished_shards(tmp_p
     assert done.returncode == 0, done.stderr
     after = {p.name: p.read_text() for p in cache.glob("features/*/shard-*.json")}
     assert all(after[name] == text for name, text in finished.items())  # untouched
-    rows = [h for text in after.values() for h in json.loads(text)]
+    rows = [h for text in after.values() for h in json.loads(text)["hashes"]]
     assert len(rows) == len(set(rows)) == 180  # every image once, nothing computed twice
 
 

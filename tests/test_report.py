@@ -103,6 +103,28 @@ def test_evaluate_and_predict_with_tta(run):
     assert predicted.returncode == 0, predicted.stderr
 
 
+@pytest.mark.parametrize("mode,how", [("flip", "mean"), ("5crop", "mean"), ("10crop", "geometric"), ("scale", "mean")])
+def test_tta_probabilities_are_exactly_the_combined_views(run, mode, how):
+    """Not only 'something changed': the TTA output is the model's softmax on each view, combined as asked."""
+    import numpy as np
+    import torch
+
+    from visiontune.classifier import Classifier
+    from visiontune.data.images import load_rgb
+    from visiontune.inference.tta import tta_transform
+
+    clf = Classifier.load(run)
+    paths = json.loads((run / "split.json").read_text())["valid"][:5]
+    _, probs = clf.probabilities(paths, batch_size=4, tta=mode, combine=how, engine="torch")
+    views = torch.stack([tta_transform(clf.preprocessing, mode)(load_rgb(p)) for p in paths])  # [n, v, 3, H, W]
+    with torch.no_grad():
+        each = clf.model.eval()(views.flatten(0, 1)).softmax(-1).view(len(paths), views.shape[1], -1).double()
+    expected = each.mean(1) if how == "mean" else (each.log().mean(1).exp() / each.log().mean(1).exp().sum(-1, keepdim=True))
+    np.testing.assert_allclose(probs, expected.numpy(), atol=2e-5)
+    _, plain = clf.probabilities(paths, batch_size=4, engine="torch")
+    assert np.abs(probs - plain).max() > 1e-4  # the views are not all the plain image
+
+
 def test_show_gradcam_and_feature_maps_of_chosen_images(run, tmp_path):
     image = json.loads((run / "split.json").read_text())["valid"][0]
     result = cli("show", str(run), "--gradcam", image, "--out", str(tmp_path / "cam.png"))

@@ -20,8 +20,9 @@ import torch
 from visiontune.backbones.registry import DEFAULT_ARCH
 from visiontune.cache.store import default_cache_root
 from visiontune.classifier import Classifier, Prediction
+from visiontune.data.archives import split_member
 from visiontune.data.catalog import (
-    Catalog, DataError, Skipped, catalog_from_csv, catalog_from_folders, no_images_message,
+    Catalog, DataError, Skipped, catalog_from_csv, catalog_from_folders, files_below, is_folder, no_images_message,
 )
 from visiontune.data.images import is_image_name
 from visiontune.errors import UsageError, RunInterrupted
@@ -154,9 +155,9 @@ def image_files(items: Sequence[str | Path]) -> list[Path]:
     paths: list[Path] = []
     for item in items:
         path = Path(item)
-        if path.is_dir():
-            paths.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p)))
-        elif path.exists():
+        if is_folder(path):  # a folder, a .zip/.tar, or a folder inside one
+            paths.extend(p for p in files_below(path) if is_image_name(p))
+        elif path.exists() or split_member(path) is not None:
             paths.append(path)
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
@@ -279,7 +280,7 @@ def evaluation_catalog(data: str | Path, classes: list[str], labels: str | Path 
         catalog = catalog_from_csv(Path(data), Path(labels))
     else:
         root = Path(data)
-        valid_dir = next((root / n for n in ("valid", "val", "validation") if (root / n).is_dir()), None)
+        valid_dir = next((root / n for n in ("valid", "val", "validation") if is_folder(root / n)), None)
         catalog = catalog_from_folders(valid_dir or root, classes=classes)
     if catalog.classes != classes:
         unknown = sorted(set(catalog.classes) - set(classes))

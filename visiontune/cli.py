@@ -14,6 +14,7 @@ from rich.table import Table
 from visiontune.errors import (
     ArtifactError, DataError, ImageError, RunExistsError, RunInterrupted, UsageError, WeightsError,
 )
+from visiontune.data.archives import is_archive, split_member
 from visiontune.names import AUGMENTATIONS, COMBINE, ENGINES, PRIOR_HELP, TTA_MODES, default_engine
 from visiontune.progress import console
 from visiontune.version import __version__
@@ -389,13 +390,17 @@ def _where(path: Path) -> str:
 
 
 def _missing(path: Path) -> str | None:
-    return None if path.exists() else f"no such file or folder{_where(path)}. Check the path."
+    if path.exists() or split_member(path) is not None:  # a path inside a .zip/.tar is checked when read
+        return None
+    return f"no such file or folder{_where(path)}. Check the path."
 
 
 def _not_folder(path: Path) -> str | None:
+    if split_member(path) is not None:
+        return None
     if not path.exists():
         return f"no such folder{_where(path)}. Check the path."
-    return None if path.is_dir() else "is a file, not a folder of images"
+    return None if path.is_dir() or is_archive(path) else "is a file, not a folder of images (or a .zip/.tar of them)"
 
 
 def _not_classifier(path: Path) -> str | None:

@@ -306,7 +306,8 @@ def choose_on_selection(prep: Prepared, config: RunConfig, inputs: CachedInputs,
     choose_tau = tau_to_choose(plan, config)
     if select is None:
         if plan.head == "auto":
-            plan.head, plan.why["head"] = "linear", "too few training images to hold any out: the tail trained by the loop"
+            plan.head, plan.why["head"] = "linear", ("no images held out for choices in this run (too few, or unlabelled/target "
+                                                     "images: their method is chosen on its own inner split): the tail trained by the loop")
         if choose_tau:
             plan.why["balance_tau"] = "too few training images to hold any out: 1 (Bayes-optimal if calibrated)"
         return

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visiontune.backbones.providers import file_digest
 
 
 def default_cache_root() -> Path:
@@ -60,15 +61,50 @@ class FeatureStore:
         return sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("shard-*.json"))
 
     def index(self) -> dict[str, tuple[int, int]]:
-        """content hash -> (shard id, row), over all finished shards."""
+        """content hash -> (shard id, row), over all finished shards whose bytes pass their checksum; a
+        shard that fails it (truncated, bit-flipped) is deleted and its rows count as missing, so the
+        caching pass recomputes them instead of training on damaged numbers."""
         if self._index is None:
             index: dict[str, tuple[int, int]] = {}
             for shard in self._shard_ids():
-                hashes = json.loads((self.dir / f"shard-{shard}.json").read_text())
+                hashes = self._verified_hashes(shard)
                 for row, digest in enumerate(hashes):
                     index.setdefault(digest, (shard, row))
             self._index = index
         return self._index
+
+    def _verified_hashes(self, shard: int) -> list[str]:
+        """The image hashes of a shard, or [] (and the shard deleted) when its data is damaged."""
+        meta_path, npy = self.dir / f"shard-{shard}.json", self.dir / f"shard-{shard}.npy"
+        try:
+            meta = json.loads(meta_path.read_text())
+            if isinstance(meta, list):  # written before shards carried a checksum
+                return meta
+            if npy.exists() and file_digest(npy) == meta["sha256"]:
+                return meta["hashes"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        from visiontune.progress import console
+
+        console.print(f"[yellow]cache shard {npy} failed its checksum (truncated or altered on disk): deleted; "
+                      "its rows are recomputed[/]")
+        meta_path.unlink(missing_ok=True)
+        npy.unlink(missing_ok=True)
+        return []
+
+    def _reserve_shard_id(self) -> int:
+        """The next free shard id, reserved by creating `shard-<n>.reserved` exclusively (O_EXCL), so two
+        processes caching into one store at once never write the same shard. Reservations stay (an empty file
+        per shard): removing one after writing would let a process that listed the folder in between take
+        the id again (seen in the test: a lost shard). A killed process's reservation only retires its id."""
+        reserved = (int(p.stem.split("-")[1]) for p in self.dir.glob("shard-*.reserved"))
+        shard = max([*self._shard_ids(), *reserved], default=-1) + 1  # shards written before reservations too
+        while True:
+            try:
+                os.close(os.open(self.dir / f"shard-{shard}.reserved", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                return shard
+            except FileExistsError:
+                shard += 1
 
     def missing(self, hashes: list[str]) -> list[int]:
         """Positions in `hashes` that no finished shard holds."""
@@ -79,13 +115,13 @@ class FeatureStore:
         """Write one finished shard atomically (rows stored as float16)."""
         if len(hashes) != len(features):
             raise ValueError("one hash per feature row")
-        ids = self._shard_ids()
-        shard = (ids[-1] + 1) if ids else 0
+        shard = self._reserve_shard_id()
         npy = self.dir / f"shard-{shard}.npy"
         tmp = npy.with_name(npy.name + f".tmp{os.getpid()}.npy")
         np.save(tmp, np.asarray(features, dtype=np.float16))
+        digest = file_digest(tmp)
         os.replace(tmp, npy)
-        _atomic_write_bytes(self.dir / f"shard-{shard}.json", json.dumps(hashes).encode())
+        _atomic_write_bytes(self.dir / f"shard-{shard}.json", json.dumps({"hashes": hashes, "sha256": digest}).encode())
         index = self.index()
         for row, digest in enumerate(hashes):
             index.setdefault(digest, (shard, row))
@@ -151,12 +187,16 @@ class CachedRows:
         return out if dtype is None else out.astype(dtype)
 
 
+def _shard_hashes(meta) -> list[str]:
+    return meta if isinstance(meta, list) else meta.get("hashes", [])
+
+
 def cache_info(root: Path) -> list[dict]:
     """One entry per feature key under `root`: its key, rows and bytes on disk."""
     entries = []
     for key_file in sorted((Path(root) / "features").glob("*/key.json")):
         folder = key_file.parent
-        rows = sum(len(json.loads(p.read_text())) for p in folder.glob("shard-*.json"))
+        rows = sum(len(_shard_hashes(json.loads(p.read_text()))) for p in folder.glob("shard-*.json"))
         size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
         entries.append({"dir": str(folder), "key": json.loads(key_file.read_text()), "rows": rows, "bytes": size})
     return entries

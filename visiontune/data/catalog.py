@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visiontune.data.archives import JUNK_PARTS, Archive, is_archive, open_archive, split_member, text_member
 from visiontune.data.images import IMAGE_EXTENSIONS, ImageError, is_image_name, probe_and_hash
 from visiontune.progress import track
 from visiontune.errors import DataError  # noqa: F401  (raised here; defined light for the CLI)
@@ -88,9 +89,55 @@ class Source:
         return self.train.skipped + (self.valid.skipped if self.valid else [])
 
 
+# --- a folder, or a folder inside a .zip/.tar (data/archives.py): the same walk for both -------------
+def _in_archive(path: Path) -> tuple[Archive, str] | None:
+    """(archive, folder prefix inside it) when `path` is an archive or a folder inside one."""
+    if is_archive(path):
+        return open_archive(path), ""
+    found = split_member(path)
+    return (open_archive(found[0]), found[1]) if found else None
+
+
+def is_folder(path: Path) -> bool:
+    """A folder, an archive (.zip/.tar: its root) or a folder inside an archive."""
+    inside = _in_archive(path)
+    return path.is_dir() if inside is None else inside[0].is_folder(inside[1])
+
+
+def _is_file(path: Path) -> bool:
+    found = split_member(path)
+    return path.is_file() if found is None else found[1] in open_archive(found[0]).members
+
+
+def _subfolders(path: Path) -> list[Path]:
+    inside = _in_archive(path)
+    if inside is None:
+        return sorted(p for p in path.iterdir() if p.is_dir())
+    return [path / name for name in inside[0].folders(inside[1])]
+
+
+def files_below(folder: Path) -> list[Path]:
+    """Every file below `folder`, recursively and sorted (inside archives too)."""
+    inside = _in_archive(folder)
+    if inside is None:
+        return [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    archive, prefix = inside
+    return [folder / name[len(prefix) + 1 if prefix else 0:] for name in archive.files(prefix)]
+
+
+def archive_skipped(root: Path) -> list[Skipped]:
+    """Members of the archive at (or holding) `root` that were refused on opening it, with the reason."""
+    inside = _in_archive(root)
+    if inside is None:
+        return []
+    archive = inside[0]
+    base = root if is_archive(root) else split_member(root)[0]
+    return [Skipped(str(base / name), reason) for name, reason in archive.skipped]
+
+
 def _find_valid_dir(root: Path) -> Path | None:
     for name in VALID_DIR_NAMES:
-        if (root / name).is_dir():
+        if is_folder(root / name):
             return root / name
     return None
 
@@ -101,9 +148,9 @@ def _is_hidden(path: Path, root: Path) -> bool:
 
 def _scan_class_folders(root: Path) -> tuple[dict[str, list[Path]], list[Skipped]]:
     """Map class name -> files below its folder (recursively); non-image names are skipped."""
-    if not root.is_dir():
+    if not is_folder(root):
         raise DataError(f"{root}: not a folder. Pass a folder with one sub-folder per class.")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = [p for p in _subfolders(root) if not p.name.startswith(".") and p.name not in JUNK_PARTS]
     files: dict[str, list[Path]] = {}
     skipped: list[Skipped] = []
     for class_dir in class_dirs:
@@ -114,8 +161,8 @@ def _scan_class_folders(root: Path) -> tuple[dict[str, list[Path]], list[Skipped
 def _image_files(folder: Path, root: Path, skipped: list[Skipped]) -> list[Path]:
     """Image files below `folder` (recursively, sorted, hidden ones left out); other names go to `skipped`."""
     found = []
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file() or _is_hidden(path, root):
+    for path in files_below(folder):
+        if _is_hidden(path, root):
             continue
         if is_image_name(path):
             found.append(path)
@@ -139,10 +186,17 @@ def _check_files(paths: list[Path], labels: list[int], what: str) -> tuple[list[
     return kept_paths, kept_labels, skipped
 
 
+def refused_summary(skipped: list[Skipped], shown: int = 3) -> str:
+    """'a.jpg (empty file (0 bytes)); b.png (...); and 4 more': the refused files inside an error message, so
+    a run that stops before it has a folder still says which files and why (it has no skipped.txt yet)."""
+    parts = [f"{Path(s.path).name} ({s.reason})" for s in skipped[:shown]]
+    return "; ".join(parts) + (f"; and {len(skipped) - shown} more" if len(skipped) > shown else "")
+
+
 def no_images_message(where: Path, skipped: int = 0, classes: list[str] | None = None) -> str:
     """Why a folder gave no labelled image, from what is actually in it, and what to do."""
     where = Path(where)
-    loose = sum(1 for p in where.iterdir() if p.is_file() and is_image_name(p)) if where.is_dir() else 0
+    loose = sum(1 for p in files_below(where) if p.parent == where and is_image_name(p)) if is_folder(where) else 0
     layout = "one sub-folder per class" + (f" named like the classifier's classes ({', '.join(classes[:5])}"
                                            f"{', ...' if len(classes) > 5 else ''})" if classes else "")
     if loose:
@@ -150,8 +204,8 @@ def no_images_message(where: Path, skipped: int = 0, classes: list[str] | None =
                 f"{layout}, e.g. {where}/cat/1.jpg, {where}/dog/2.jpg, or pass --labels labels.csv "
                 "(columns filename,label).")
     if skipped:
-        return (f"{where}: none of the {skipped} image files could be read (each is listed with its reason above "
-                "or in skipped.txt). Check that they are images and not truncated.")
+        return (f"{where}: none of the {skipped} image files could be read. Check that they are images and not "
+                "truncated.")
     return (f"{where}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} in class sub-folders). "
             f"Put images in {layout}, e.g. DATA/cat/1.jpg, DATA/dog/2.jpg.")
 
@@ -159,7 +213,8 @@ def no_images_message(where: Path, skipped: int = 0, classes: list[str] | None =
 def _require_trainable(catalog: Catalog, where: Path) -> None:
     """Stop with one actionable line when a catalog cannot train a classifier."""
     if len(catalog) == 0:
-        raise DataError(no_images_message(where, len(catalog.skipped)))
+        refused = f" Refused: {refused_summary(catalog.skipped)}." if catalog.skipped else ""
+        raise DataError(no_images_message(where, len(catalog.skipped)) + refused)
     if len(catalog.classes) < 2:
         raise DataError(
             f"{where}: only one class ({catalog.classes[0]!r}); a classifier needs at least two. "
@@ -169,7 +224,8 @@ def _require_trainable(catalog: Catalog, where: Path) -> None:
     if empty:
         raise DataError(
             f"{where}: class folder(s) with no usable image: {', '.join(empty)}. "
-            "Add images there or remove the folder(s); see the skipped-file list for why files were refused."
+            "Add images there or remove the folder(s)."
+            + (f" Refused files: {refused_summary(catalog.skipped)}." if catalog.skipped else "")
         )
 
 
@@ -197,20 +253,20 @@ def catalog_from_folders(root: Path, classes: list[str] | None = None, check: bo
 def _resolve_csv_file(root: Path, name: str) -> Path | None:
     """The file a CSV row names: relative to the data folder, trying image extensions when it has none."""
     candidate = root / name
-    if candidate.is_file():
+    if _is_file(candidate):
         return candidate
     if not Path(name).suffix:
         for ext in (".jpg", ".png", ".jpeg", ".tif", ".bmp", ".webp"):
-            if candidate.with_suffix(ext).is_file():
+            if _is_file(candidate.with_suffix(ext)):
                 return candidate.with_suffix(ext)
     return None
 
 
 def catalog_from_csv(root: Path, labels_csv: Path, check: bool = True) -> Catalog:
     """Read a Kaggle-style labels CSV: first column the file (relative to `root`), second the label."""
-    if not labels_csv.is_file():
+    if not _is_file(labels_csv):
         raise DataError(f"{labels_csv}: labels file not found. Pass --labels PATH/TO/labels.csv.")
-    with labels_csv.open(newline="", encoding="utf-8-sig") as handle:
+    with (text_member(labels_csv) if split_member(labels_csv) else labels_csv.open(newline="", encoding="utf-8-sig")) as handle:
         rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
     if rows and rows[0] and rows[0][0].strip().lower() in ("filename", "file", "id", "image", "image_id", "path"):
         rows = rows[1:]
@@ -248,23 +304,27 @@ def catalog_from_csv(root: Path, labels_csv: Path, check: bool = True) -> Catalo
 def discover(root: str | Path, labels: str | Path | None = None, check: bool = True) -> Source:
     """Find the layout of `root` and catalog it, raising :class:`DataError` for unusable data."""
     root = Path(root).expanduser()
-    if not root.exists():
+    if not root.exists() and split_member(root) is None:
         raise DataError(f"{root}: no such folder. Check the path.")
-    if not root.is_dir():
-        raise DataError(f"{root}: is a file, not a folder. Pass the folder that holds the images.")
+    if not is_folder(root):
+        raise DataError(f"{root}: is a file, not a folder. Pass the folder that holds the images (or a .zip/.tar of it).")
+    refused = archive_skipped(root)  # members a .zip/.tar held that are unsafe to read (reported, never read)
     if labels is not None:
         train = catalog_from_csv(root, Path(labels).expanduser(), check)
+        train.skipped[:0] = refused
         _require_trainable(train, root)
         return Source(root, "csv", train, None)
     valid_dir = _find_valid_dir(root)
-    if (root / "train").is_dir() and valid_dir is not None:
+    if is_folder(root / "train") and valid_dir is not None:
         train = catalog_from_folders(root / "train", check=check)
+        train.skipped[:0] = refused
         _require_trainable(train, root / "train")
         valid = catalog_from_folders(valid_dir, classes=train.classes, check=check)
         if len(valid) == 0:
             raise DataError(f"{valid_dir}: no usable validation images. Add images or remove the folder.")
         return Source(root, "split", train, valid)
     train = catalog_from_folders(root, check=check)
+    train.skipped[:0] = refused
     _require_trainable(train, root)
     return Source(root, "folders", train, None)
 
@@ -275,9 +335,9 @@ def unlabelled_catalog(root: str | Path, what: str = "unlabelled", check: bool =
     ignored; hidden files are left out, other non-image names and unreadable files are skipped with the
     reason."""
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"{root}: no such folder of {what} images. Pass a folder (searched recursively).")
-    skipped: list[Skipped] = []
+    if not is_folder(root):
+        raise DataError(f"{root}: no such folder of {what} images. Pass a folder (searched recursively) or a .zip/.tar.")
+    skipped: list[Skipped] = archive_skipped(root)
     paths = _image_files(root, root, skipped)
     labels = [-1] * len(paths)
     if check:

@@ -1,4 +1,4 @@
-"""The one place that opens image files.
+"""The one place that opens image files (also inside .zip/.tar archives: data/archives.py).
 
 Real-world folders hold CMYK JPEGs, palette PNGs with transparency, 16-bit TIFFs, rotated phone photos,
 truncated downloads and the odd text file named `.jpg`. Every reader in visiontune goes through
@@ -21,6 +21,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from visiontune.data.archives import member_key, read_member, split_member
 from visiontune.errors import ImageError  # noqa: F401  (raised here; defined light for the CLI)
 
 #: File endings treated as images when a folder is scanned (lower case, with the dot).
@@ -39,6 +40,10 @@ def _opened(path: Path, source: BinaryIO | None = None, max_pixels: int | None =
     """Open an image (a file, or `source` bytes named `path`) with the bomb guard on and, with
     `max_pixels`, a stricter pixel limit checked from the header; every failure becomes an :class:`ImageError`."""
     try:
+        if source is None and split_member(path) is not None:  # inside a .zip/.tar: read in place
+            source = io.BytesIO(read_member(path))
+            if not source.getbuffer().nbytes:
+                raise ImageError(path, "empty file (0 bytes)")
         if source is None and path.stat().st_size == 0:
             raise ImageError(path, "empty file (0 bytes)")
         with warnings.catch_warnings():
@@ -118,14 +123,19 @@ def content_hash(path: str | Path) -> str:
     memo_key = _memo_key(path)
     if memo_key not in _HASH_MEMO:
         digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        if split_member(path) is not None:
+            digest.update(read_member(path))
+        else:
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
         _HASH_MEMO[memo_key] = digest.hexdigest()[:32]
     return _HASH_MEMO[memo_key]
 
 
 def _memo_key(path: str | Path) -> tuple[str, int, int]:
+    if split_member(path) is not None:
+        return member_key(path)
     stat = os.stat(path)
     return str(path), stat.st_size, stat.st_mtime_ns
 
@@ -140,7 +150,7 @@ def probe_and_hash(path: str | Path) -> tuple[int, int]:
     path = Path(path)
     try:
         memo_key = _memo_key(path)
-        data = path.read_bytes()
+        data = read_member(path) if split_member(path) is not None else path.read_bytes()
     except OSError as exc:
         raise ImageError(path, f"cannot be read: {exc.strerror or exc}") from None
     if not data:

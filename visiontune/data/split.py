@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visiontune.data.archives import split_member
 from visiontune.data.catalog import Catalog, DataError
 
 
@@ -78,6 +79,9 @@ def write_split_folders(catalog: Catalog, source_root: Path, dest: Path, valid_f
     """
     if dest.exists() and any(dest.iterdir()):
         raise DataError(f"{dest}: already exists and is not empty. Choose a new destination folder.")
+    if split_member(source_root / "x") is not None:
+        raise DataError(f"{source_root}: split links files, and a .zip/.tar holds none to link. Train on the archive "
+                        "directly (visiontune train ARCHIVE: a stratified split is made in memory) or extract it first.")
     train, valid = split_catalog(catalog, valid_fraction, seed)
     kinds: dict[str, int] = {}
     for part, cat in (("train", train), ("valid", valid)):

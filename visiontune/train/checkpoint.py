@@ -19,6 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from visiontune.backbones.providers import file_digest
+from visiontune.errors import ArtifactError
+
 
 @dataclass
 class Position:
@@ -77,6 +80,7 @@ def save_checkpoint(
     save_file(tensors, str(tmp), metadata={"id": tensor_id})
     meta = {
         "id": tensor_id,
+        "sha256": file_digest(tmp),  # a truncated or bit-flipped file is refused on resume, never half-used
         "position": asdict(position),
         "optimizer": opt_meta,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -111,7 +115,12 @@ def load_checkpoint(folder: Path) -> Checkpoint | None:
     if not meta_path.exists():
         return None
     meta = json.loads(meta_path.read_text())
-    tensors = load_file(str(folder / f"last-{meta['id']}.safetensors"))
+    weights = folder / f"last-{meta['id']}.safetensors"
+    if not weights.exists() or ("sha256" in meta and file_digest(weights) != meta["sha256"]):
+        raise ArtifactError(f"{weights}: the checkpoint is missing or damaged (its checksum does not match what was "
+                            "written), so the run cannot resume from it exactly. Start a new run with the same "
+                            "command (config.yaml in the run folder has its settings).")
+    tensors = load_file(str(weights))
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -405,7 +405,7 @@ def make_plan(
         why["recipe"] = why["cut"] = why["views"] = why["epochs"] = reason
         why["budget_s"] = "set by you (--budget)"
     why.setdefault("views", "extra augmented views cost a trunk pass each; bench/results/playbook.md: --views 2 "
-                            "alone -0.65 pt, with --aug standard +0.5 pt; not by default")
+                            "alone -0.9 pt, with --aug standard +0.05 pt; not by default")
     why["finetune_epochs"] = why["unfreeze_groups"] = "follows the recipe"
 
     img_size, why["img_size"] = choose_img_size(data, native_size)
@@ -439,9 +439,9 @@ def make_plan(
     why.setdefault("lr", "AdamW one-cycle peak for the classifier")
     why.setdefault("head_dropout", "dropout on the head only, never on conv layers")
     why.setdefault("finetune_lr", "peak for the head when fine-tuning on images")
-    why.setdefault("bn_freeze", "pretrained BN statistics kept (bench/results/playbook.md: --no-bn-freeze -0.95 pt)")
+    why.setdefault("bn_freeze", "pretrained BN statistics kept (bench/results/playbook.md: --no-bn-freeze -1.4 pt)")
     why.setdefault("lr_mult", "pretrained layers learn 10x slower than the head, the notes' discriminative rates "
-                              "(bench/results/playbook.md: --lr-mult 1 +0.4 pt on the cached tail, within noise)")
+                              "(bench/results/playbook.md: --lr-mult 1 +0.35 pt on the cached tail, within noise)")
     why.setdefault("engine", "fastest exact fp32 engine installed (onnxruntime 1.6x torch here); bf16 is opt-in")
     why.setdefault("valid_fraction", "stratified hold-out when no valid/ folder is given")
     why.setdefault("predicted_s", "from timed batches (with --budget)")

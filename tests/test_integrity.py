@@ -1,0 +1,100 @@
+"""Issue G: damaged cache shards and checkpoints are detected by checksum — recomputed or refused, never used."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from visiontune.cache.store import FeatureStore
+from visiontune.errors import ArtifactError
+from visiontune.train.checkpoint import Position, load_checkpoint, save_checkpoint
+
+
+def flip_byte(path, offset_from_end: int = 10) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["bit-flip", "truncate"])
+def test_a_damaged_cache_shard_is_dropped_and_its_rows_count_as_missing(tmp_path, damage, capsys):
+    key = {"arch": "x", "cut": "pooled"}
+    store = FeatureStore(tmp_path, key)
+    hashes = [f"h{i}" for i in range(6)]
+    store.add_shard(hashes[:3], np.ones((3, 4)))
+    store.add_shard(hashes[3:], np.full((3, 4), 2.0))
+    shard = store.dir / "shard-1.npy"
+    if damage == "bit-flip":
+        flip_byte(shard)
+    else:
+        shard.write_bytes(shard.read_bytes()[:-8])
+    again = FeatureStore(tmp_path, key)
+    assert again.missing(hashes) == [3, 4, 5]  # recomputed by the next caching pass
+    assert not shard.exists() and not (store.dir / "shard-1.json").exists()
+    assert np.array_equal(again.get(hashes[:3]), np.ones((3, 4)))
+    assert "failed its checksum" in capsys.readouterr().err
+
+
+def test_shards_written_before_checksums_are_still_read(tmp_path):
+    store = FeatureStore(tmp_path, {"k": 1})
+    store.add_shard(["a", "b"], np.zeros((2, 3)))
+    (store.dir / "shard-0.json").write_text(json.dumps(["a", "b"]))  # the old format: hashes only
+    assert FeatureStore(tmp_path, {"k": 1}).missing(["a", "b", "c"]) == [2]
+
+
+@pytest.mark.parametrize("damage", ["bit-flip", "truncate", "missing"])
+def test_a_damaged_checkpoint_is_refused_with_what_to_do(tmp_path, damage):
+    module = nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(module.parameters())
+    module(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    save_checkpoint(tmp_path, Position("head", 1, 0, 0), module, optimizer, None)
+    assert load_checkpoint(tmp_path) is not None  # intact: loads
+    weights = next(tmp_path.glob("last-*.safetensors"))
+    if damage == "bit-flip":
+        flip_byte(weights)
+    elif damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-16])
+    else:
+        weights.unlink()
+    with pytest.raises(ArtifactError, match="damaged .* Start a new run"):
+        load_checkpoint(tmp_path)
+
+
+def _writer(root, key, offset: int, shards: int) -> None:
+    store = FeatureStore(root, key)
+    for k in range(shards):
+        value = offset + k
+        store.add_shard([f"h{value}-{r}" for r in range(3)], np.full((3, 4), float(value)))
+
+
+def test_two_processes_caching_into_one_store_never_mix_their_shards(tmp_path):
+    import multiprocessing
+
+    key = {"shared": True}
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_writer, args=(tmp_path, key, offset, 25)) for offset in (0, 1000)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    store = FeatureStore(tmp_path, key)
+    hashes = [f"h{offset + k}-{r}" for offset in (0, 1000) for k in range(25) for r in range(3)]
+    assert store.missing(hashes) == []  # every shard of both writers survived
+    rows = store.get(hashes)
+    expected = np.repeat([offset + k for offset in (0, 1000) for k in range(25)], 3).astype(np.float32)
+    assert np.array_equal(rows[:, 0], expected)  # each hash reads its own writer's numbers
+    assert len(list(store.dir.glob("shard-*.reserved"))) == 50  # one id per shard, none taken twice
+
+
+def test_a_store_written_before_reservations_keeps_its_shards(tmp_path):
+    store = FeatureStore(tmp_path, {"old": 1})
+    store.add_shard(["a"], np.zeros((1, 2)))
+    next(store.dir.glob("shard-0.reserved")).unlink()  # as an older visiontune left it
+    FeatureStore(tmp_path, {"old": 1}).add_shard(["b"], np.ones((1, 2)))
+    assert np.array_equal(FeatureStore(tmp_path, {"old": 1}).get(["a", "b"]), [[0, 0], [1, 1]])
