@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -98,3 +99,20 @@ def test_a_store_written_before_reservations_keeps_its_shards(tmp_path):
     next(store.dir.glob("shard-0.reserved")).unlink()  # as an older visiontune left it
     FeatureStore(tmp_path, {"old": 1}).add_shard(["b"], np.ones((1, 2)))
     assert np.array_equal(FeatureStore(tmp_path, {"old": 1}).get(["a", "b"]), [[0, 0], [1, 1]])
+
+
+def test_a_shard_is_hashed_once_per_process_however_often_the_store_is_opened(tmp_path, monkeypatch):
+    from visiontune.cache import store as store_module
+
+    FeatureStore(tmp_path, {"k": 2}).add_shard(["a"], np.zeros((1, 2)))
+    calls = []
+    real = store_module.file_digest
+    monkeypatch.setattr(store_module, "file_digest", lambda path: calls.append(path) or real(path))
+    for _ in range(3):
+        assert FeatureStore(tmp_path, {"k": 2}).missing(["a"]) == []
+    assert len(calls) <= 1
+    shard = next(FeatureStore(tmp_path, {"k": 2}).dir.glob("shard-*.npy"))
+    before = shard.stat().st_mtime_ns
+    flip_byte(shard)  # altered after the check (a file system with coarse times: move its mtime on by hand)
+    os.utime(shard, ns=(before + 1_000_000, before + 1_000_000))
+    assert FeatureStore(tmp_path, {"k": 2}).missing(["a"]) == [0]
