@@ -311,9 +311,8 @@ def evaluate(
     kept, probs = clf.probabilities(catalog.paths, batch_size, skipped=skipped, tta=tta, combine=combine, engine=engine)
     shifted = None
     if prior is not None:  # one pass: `estimate` reads the same probabilities it then re-weights
-        new_prior, shifted = resolve(parse_prior(prior, clf.classes), lambda: probs, clf.train_prior)
-        clf.use_prior(new_prior)  # checks the task
-        probs = reweight(probs, clf.train_prior, new_prior)
+        shifted = shift_prior(clf, prior, probabilities=probs)
+        probs = reweight(probs, *clf.shifted_prior)
         clf.use_prior(None)
     metrics = task.evaluate(task.targets(catalog)[kept], probs, clf.classes, clf.extra)
     if shifted is not None:
@@ -323,20 +322,24 @@ def evaluate(
 
 
 def shift_prior(classifier: Classifier | str | Path, prior: str | None, items: Sequence[str | Path] = (),
-                batch_size: int = 64, tta: str = "none", combine: str = "mean", engine: str = "auto") -> dict | None:
+                batch_size: int = 64, tta: str = "none", combine: str = "mean", engine: str = "auto",
+                probabilities: np.ndarray | None = None) -> dict | None:
     """Make `classifier` predict for images whose class proportions are `prior` (balanced | estimate | a,b,c;
-    None: as trained). `estimate` runs the model over `items` once to estimate them (EM). Returns what was
-    applied: {"prior", "proportions"[, "em_iterations"]}."""
+    None: as trained). `estimate` runs the model over `items` once to estimate them (EM), or reads the
+    as-trained `probabilities` when the caller has them. Returns what was applied: {"prior", "proportions"[,
+    "em_iterations"]}."""
     clf = _classifier(classifier)
     clf.use_prior(None)
     if prior is None:
         return None
-    paths = image_files(items)
+    train_prior = clf.train_prior  # refuses multi-label classifiers before any image is read
 
     def as_trained() -> np.ndarray:
-        return clf.probabilities(paths, batch_size, tta=tta, combine=combine, engine=engine)[1]
+        if probabilities is not None:
+            return probabilities
+        return clf.probabilities(image_files(items), batch_size, tta=tta, combine=combine, engine=engine)[1]
 
-    new_prior, info = resolve(parse_prior(prior, clf.classes), as_trained, clf.train_prior)
+    new_prior, info = resolve(parse_prior(prior, clf.classes), as_trained, train_prior)
     clf.use_prior(new_prior)
     return info
 

@@ -63,6 +63,8 @@ class Classifier:
     def train_prior(self) -> np.ndarray:
         """The class proportions the model's probabilities assume (its training images', after any logit
         adjustment); older classifiers: from their run's split.json."""
+        if self.task.name != "single-label":
+            raise ArtifactError("--prior re-weights one softmax; a multi-label classifier decides each tag by its own threshold")
         if "train_prior" in self.extra:
             return np.asarray(self.extra["train_prior"], dtype=np.float64)
         split = self.run_dir / "split.json" if self.run_dir is not None else None
@@ -74,8 +76,6 @@ class Classifier:
 
     def use_prior(self, new_prior: np.ndarray | None) -> None:
         """Predict for images with class proportions `new_prior` (None: as trained); evaluation/priors.py."""
-        if new_prior is not None and self.task.name != "single-label":
-            raise ArtifactError("--prior re-weights one softmax; a multi-label classifier decides each tag by its own threshold")
         self.shifted_prior = None if new_prior is None else (self.train_prior, np.asarray(new_prior))
 
     @property
