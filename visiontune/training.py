@@ -305,11 +305,11 @@ def choose_on_selection(prep: Prepared, config: RunConfig, inputs: CachedInputs,
     plan = prep.plan
     choose_tau = tau_to_choose(plan, config)
     if select is None:
-        if plan.head == "auto":
-            plan.head, plan.why["head"] = "linear", ("no images held out for choices in this run (too few, or unlabelled/target "
-                                                     "images: their method is chosen on its own inner split): the tail trained by the loop")
+        unheld = ("no images held out for choices in this run (too few, or unlabelled/target images: their method "
+                  "is chosen on its own inner split)")
+        plan.head, plan.why["head"] = "linear", f"{unheld}: the tail trained by the loop"
         if choose_tau:
-            plan.why["balance_tau"] = "too few training images to hold any out: 1 (Bayes-optimal if calibrated)"
+            plan.why["balance_tau"] = f"{unheld}: 1 (Bayes-optimal if calibrated)"
         return
     prior = class_prior(y_fit, len(prep.source.classes)) if choose_tau else None
     tail = Tail(prep.backbone.model, plan.cut, dropout=plan.head_dropout)

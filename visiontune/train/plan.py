@@ -294,7 +294,7 @@ def _batch_size(n_train: int) -> int:
     return size
 
 
-def choose_head(n_train: int, task: str) -> tuple[str, str]:
+def default_head(n_train: int, task: str) -> tuple[str, str]:
     """`auto` on small single-label data (the probe is a real contender there), else the trained tail."""
     if task != "single-label":
         return "linear", "multi-label: the tail's own sigmoid layer, trained by the loop"
@@ -305,7 +305,7 @@ def choose_head(n_train: int, task: str) -> tuple[str, str]:
     return "linear", f"{n_train} training images > {HEAD_CHOICE_MAX:,}: the tail trained by the loop"
 
 
-def choose_balance(data: DataProfile, task: str) -> tuple[str, str]:
+def default_balance(data: DataProfile, task: str) -> tuple[str, str]:
     """Act on imbalance (logit adjustment, train/balance.py) when the smallest class is under half the largest."""
     ratio = data.smallest_to_largest
     if task != "single-label" or ratio >= IMBALANCED_BELOW:
@@ -432,8 +432,8 @@ def make_plan(
         predicted_s=None if predicted is None else round(predicted, 1),
         why=why,
     )
-    plan.head, why["head"] = choose_head(n, (overrides or {}).get("task", "single-label"))
-    plan.balance, why["balance"] = choose_balance(data, (overrides or {}).get("task", "single-label"))
+    plan.head, why["head"] = default_head(n, (overrides or {}).get("task", "single-label"))
+    plan.balance, why["balance"] = default_balance(data, (overrides or {}).get("task", "single-label"))
     why.setdefault("epochs", "cheap on cached activations; one-cycle schedule")
     why.setdefault("batch_size", "64 fits CPU caches; smaller for tiny data to keep >= 8 steps per epoch")
     why.setdefault("lr", "AdamW one-cycle peak for the classifier")
