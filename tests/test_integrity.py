@@ -116,3 +116,59 @@ def test_a_shard_is_hashed_once_per_process_however_often_the_store_is_opened(tm
     flip_byte(shard)  # altered after the check (a file system with coarse times: move its mtime on by hand)
     os.utime(shard, ns=(before + 1_000_000, before + 1_000_000))
     assert FeatureStore(tmp_path, {"k": 2}).missing(["a"]) == [0]
+
+
+class Trap:
+    """Unpickling this object creates a marker file: a stand-in for a malicious payload."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant_pickle(path, marker) -> None:
+    """Replace `path` with a pickle (torch.save's zip format) that would create `marker` if unpickled."""
+    torch.save({"weights": Trap(marker)}, path)
+
+
+def test_a_pickle_in_place_of_a_classifiers_weights_is_refused_unread(tmp_path):
+    import timm
+
+    from visiontune.classifier import Classifier
+    from visiontune.data.transforms import Preprocessing
+
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=2)
+    Classifier(model=model, arch="mobilenetv3_small_050", classes=["a", "b"],
+               preprocessing=Preprocessing(32, (0.5,) * 3, (0.25,) * 3)).save(tmp_path / "clf")
+    plant_pickle(tmp_path / "clf" / "model.safetensors", tmp_path / "owned")
+    with pytest.raises(ArtifactError, match="never unpickles"):
+        Classifier.load(tmp_path / "clf")
+    assert not (tmp_path / "owned").exists()
+
+
+def test_a_pickle_in_place_of_a_checkpoint_is_refused_unread(tmp_path):
+    module = nn.Linear(4, 2)
+    save_checkpoint(tmp_path, Position("head", 1, 0, 0), module, torch.optim.SGD(module.parameters(), lr=0.1), None)
+    weights = next(tmp_path.glob("last-*.safetensors"))
+    plant_pickle(weights, tmp_path / "owned")
+    meta = json.loads((tmp_path / "last.json").read_text())
+    meta.pop("sha256")  # an attacker who edits the folder can edit the checksum too: the format must still hold
+    (tmp_path / "last.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="never unpickles"):
+        load_checkpoint(tmp_path)
+    assert not (tmp_path / "owned").exists()
+
+
+def test_a_pickle_in_place_of_a_cache_shard_is_refused_unread(tmp_path):
+    from visiontune.backbones.providers import file_digest
+
+    store = FeatureStore(tmp_path, {"k": 1})
+    store.add_shard(["a", "b"], np.zeros((2, 3)))
+    shard = store.dir / "shard-0.npy"
+    np.save(shard, np.array([Trap(tmp_path / "owned"), None], dtype=object), allow_pickle=True)
+    (store.dir / "shard-0.json").write_text(json.dumps({"hashes": ["a", "b"], "sha256": file_digest(shard)}))
+    with pytest.raises(ArtifactError, match="never unpickles"):
+        FeatureStore(tmp_path, {"k": 1}).get(["a", "b"])
+    assert not (tmp_path / "owned").exists()

@@ -4,6 +4,7 @@ ensembles, the HTTP server (API limits and the page in headless Chromium)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import io
 import json
@@ -215,33 +216,101 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@needs_browser
-def test_page_in_headless_chromium_shows_the_predicted_class(runs, tmp_path):
+@contextlib.contextmanager
+def live_server(run: Path, **limits):
+    """A real uvicorn server (the one `visiontune serve` starts) in a thread; yields its port."""
     import uvicorn
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    from visiontune.serve.app import create_app
+    from visiontune.serve.app import ServeLimits, create_app, server_config
 
+    settings = ServeLimits(**limits)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(vt.load(runs / "a")), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(server_config(create_app(vt.load(run), settings), settings, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    image = tmp_path / "mine.png"
-    image.write_bytes(png_bytes((40, 60, 200)))
-    driver = chromium(tmp_path / "chrome")
     try:
-        driver.get(f"http://127.0.0.1:{port}/")
-        driver.find_element(By.ID, "file").send_keys(str(image))
-        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "label").text != "")
-        assert driver.find_element(By.ID, "label").text == "blue"
-        assert len(driver.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 3
-        assert "3 classes" in driver.find_element(By.ID, "model").text
-        assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-        driver.save_screenshot(str(runs / "serve-page.png"))
+        yield port
     finally:
-        driver.quit()
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def raw_request(port: int, head: bytes, body: bytes = b"", timeout: float = 10.0) -> socket.socket:
+    """A socket that has sent `head` (request line + headers, CRLF-terminated) and `body`, and nothing more."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.sendall(head + b"\r\n" + body)
+    return sock
+
+
+def status_of(sock: socket.socket) -> int:
+    answer = b""
+    while b"\r\n" not in answer:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    sock.close()
+    return int(answer.split(b" ")[1])
+
+
+def post_png(port: int, colour=(200, 40, 40)) -> tuple[int, dict]:
+    import http.client
+
+    boundary = "vtboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode() + png_bytes(colour) + f"\r\n--{boundary}--\r\n".encode()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("POST", "/predict", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def test_slow_uploads_hold_connections_not_prediction_slots(runs):
+    """Three clients start a 50 kB upload and go silent; with one prediction slot, a normal client is still
+    answered at once, and each silent client gets 408 once its body has stalled for body_timeout."""
+    with live_server(runs / "a", max_concurrent=1, body_timeout=2.0) as port:
+        head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 50000\r\n")
+        stalled = [raw_request(port, head, b'{"images": ["') for _ in range(3)]
+        time.sleep(0.3)
+        started = time.monotonic()
+        status, answer = post_png(port)
+        assert status == 200 and answer["predictions"][0]["label"] == "red"
+        assert time.monotonic() - started < 1.5  # answered while the stalled uploads wait, not after them
+        assert [status_of(sock) for sock in stalled] == [408, 408, 408]
+
+
+def test_malformed_or_oversized_content_length_is_a_client_error(runs):
+    with live_server(runs / "a", max_upload_bytes=100_000) as port:
+        for length in (b"abc", b"-5", b"12, 13", b"1e3"):
+            sock = raw_request(port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                     b"Content-Length: " + length + b"\r\n", b"{}")
+            assert 400 <= status_of(sock) < 500, length
+        sock = raw_request(port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: 99999999999\r\n", b"{}")
+        assert status_of(sock) == 413
+        assert post_png(port)[0] == 200  # and the server still answers
+
+
+@needs_browser
+def test_page_in_headless_chromium_shows_the_predicted_class(runs, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = tmp_path / "mine.png"
+    image.write_bytes(png_bytes((40, 60, 200)))
+    with live_server(runs / "a") as port:
+        driver = chromium(tmp_path / "chrome")
+        try:
+            driver.get(f"http://127.0.0.1:{port}/")
+            driver.find_element(By.ID, "file").send_keys(str(image))
+            WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "label").text != "")
+            assert driver.find_element(By.ID, "label").text == "blue"
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 3
+            assert "3 classes" in driver.find_element(By.ID, "model").text
+            assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+            driver.save_screenshot(str(runs / "serve-page.png"))
+        finally:
+            driver.quit()

@@ -512,12 +512,13 @@ def split(src: str | Path, dst: str | Path, valid: float = 0.2, seed: int = 0) -
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: int = 10,
-          max_pixels: int = 40_000_000, max_concurrent: int = 4) -> None:
-    """Serve a classifier over HTTP (FastAPI + uvicorn) with a small web page; blocks until stopped."""
+          max_pixels: int = 40_000_000, max_concurrent: int = 4, **limits) -> None:
+    """Serve a classifier over HTTP (FastAPI + uvicorn) with a small web page; blocks until stopped.
+    `limits`: the other `visiontune.serve.app.ServeLimits` fields (body_timeout, body_deadline, max_connections)."""
     from visiontune.serve.app import serve as run_server
 
     run_server(run, host, port, max_upload_bytes=max_upload_mb * 1024 * 1024, max_pixels=max_pixels,
-               max_concurrent=max_concurrent)
+               max_concurrent=max_concurrent, **limits)
 
 
 def demo_data(name: str, dest: str | Path) -> Path:

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from visiontune.backbones.heads import MLP_HIDDEN, head_record, install_head
+from visiontune.backbones.providers import read_safetensors
 from visiontune.data.catalog import Skipped
 from visiontune.data.transforms import Preprocessing
 from visiontune.evaluation.priors import reweight
@@ -211,7 +212,7 @@ class Classifier:
             raise ArtifactError(f"{directory}: classifier.json without model.safetensors; copy the whole folder.")
         model = timm.create_model(meta["arch"], pretrained=False, num_classes=int(meta["num_classes"]))
         install_head(model, meta.get("head", "linear"), int(meta.get("head_hidden", MLP_HIDDEN)))
-        state = load_file(str(weights_path), device="cpu")
+        state = read_safetensors(weights_path, refuse=ArtifactError)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ArtifactError(f"{weights_path}: tensors do not match {meta['arch']} ({len(missing)} missing)")

@@ -156,7 +156,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]serving on {args.host}: reachable from other machines[/]")
-    api.serve(args.run, args.host, args.port, args.max_upload_mb, args.max_pixels, args.max_concurrent)
+    api.serve(args.run, args.host, args.port, args.max_upload_mb, args.max_pixels, args.max_concurrent,
+              max_connections=args.max_connections, body_timeout=args.body_timeout)
     return 0
 
 
@@ -741,7 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
     serve.add_argument("--max-upload-mb", type=int, default=10, metavar="MB", help="larger uploads get HTTP 413")
     serve.add_argument("--max-pixels", type=int, default=40_000_000, metavar="N", help="larger images (decompression bombs) get HTTP 413")
-    serve.add_argument("--max-concurrent", type=int, default=4, metavar="N", help="requests predicted at once; more wait (HTTP 503 when the queue is full)")
+    serve.add_argument("--max-concurrent", type=int, default=4, metavar="N", help="requests decoded and predicted at once; more get HTTP 503 (retry)")
+    serve.add_argument("--max-connections", type=int, default=64, metavar="N", help="open connections; more get HTTP 503 (bounds memory: N x upload limit)")
+    serve.add_argument("--body-timeout", type=float, default=10.0, metavar="S", help="an upload silent this long gets HTTP 408 (slow clients cannot hold the server)")
     serve.set_defaults(func=cmd_serve)
 
     ens = _command(sub, "ensemble", "evaluate runs and their ensemble; error correlation; save it",

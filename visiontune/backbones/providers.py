@@ -65,14 +65,25 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_safetensors(path: Path, refuse: type[Exception] = WeightsError) -> dict[str, torch.Tensor]:
+    """Tensors of a `.safetensors` file; anything else in its place (a pickle, a truncated or foreign file) is
+    refused with `refuse` and never executed: safetensors parses a JSON header and raw buffers only."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # SafetensorError, OSError, ...: all mean "not readable as tensors"
+        raise refuse(f"{path}: not a readable safetensors file ({exc}). visiontune reads tensors only and never "
+                     "unpickles; replace the file with the one visiontune wrote (or rerun the command that wrote it)."
+                     ) from None
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from a weights file, without unpickling arbitrary objects."""
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found. Check the --weights path.")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+        return read_safetensors(path)
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors come in many types

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from visiontune.backbones.providers import file_digest
+from visiontune.errors import ArtifactError
 
 
 def default_cache_root() -> Path:
@@ -159,8 +160,19 @@ class CachedRows:
         self._shards: dict[int, np.ndarray] = {}
 
     def _shard(self, shard: int) -> np.ndarray:
+        """Shard `shard`, memory-mapped; a file that is not a plain numeric array (an object array is a pickle)
+        is refused, never unpickled (`np.load` keeps `allow_pickle=False`)."""
         if shard not in self._shards:
-            self._shards[shard] = np.load(self.directory / f"shard-{shard}.npy", mmap_mode="r")
+            path = self.directory / f"shard-{shard}.npy"
+            try:
+                rows = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise ArtifactError(f"{path}: not a feature shard ({exc}). visiontune never unpickles cache files; "
+                                    "delete the folder (visiontune cache clear) and rerun.") from None
+            if rows.dtype.kind != "f":
+                raise ArtifactError(f"{path}: holds {rows.dtype} rows, not features; delete the folder "
+                                    "(visiontune cache clear) and rerun.")
+            self._shards[shard] = rows
         return self._shards[shard]
 
     def __len__(self) -> int:

@@ -4,10 +4,15 @@
   answers ``{"predictions": [{"name", "label", "top": [{"class", "prob"}, ...]}]}``.
 * ``GET /health``, ``GET /model`` (architecture, classes, metrics, preprocessing), ``GET /`` (the page).
 
-Limits, all answered with a JSON error and a 4xx code: request size (413), pixel count checked from the
-image header before decoding (413), images per request (413), unreadable images (422), and concurrent
-predictions (503 once `max_concurrent` are running, so a burst cannot queue unbounded work).
-Binds 127.0.0.1 unless told otherwise.
+Limits (`ServeLimits`), all answered with a JSON error: request size (413, from `Content-Length` before
+any byte is read, then counted while reading), a malformed `Content-Length` (400), a body that stalls
+(408 after `body_timeout` seconds without a byte, or `body_deadline` seconds in all: slow-loris clients
+cannot hold the server), pixel count checked from the image header before decoding (413), images per
+request (413), unreadable images (422), and concurrent predictions (503 once `max_concurrent` are
+decoding or predicting, so a burst cannot queue unbounded work). The body is read *before* a prediction
+slot is taken: slow uploads hold a connection, never a slot, so other clients keep being answered; open
+connections are capped by uvicorn's `limit_concurrency` (`max_connections`, 503 beyond it), which bounds
+memory at about `max_connections` x `max_upload_bytes`. Binds 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -34,6 +41,22 @@ MAX_IMAGES = 32
 MAX_CONCURRENT = 4
 
 
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one client may cost the server. Defaults: a 10 MB upload is a large phone photo several times over;
+    40 MP covers any camera and refuses decompression bombs; 4 predictions at once keep 2-8 cores busy without
+    queueing; 10 s without a byte is far beyond any live connection's gap, 60 s in all lets 10 MB through a
+    slow (~1.5 Mbit/s) uplink; 64 open connections x 10 MB bounds the bodies held in memory at 640 MB."""
+
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    max_pixels: int = MAX_PIXELS
+    max_images: int = MAX_IMAGES
+    max_concurrent: int = MAX_CONCURRENT
+    body_timeout: float = 10.0
+    body_deadline: float = 60.0
+    max_connections: int = 64
+
+
 class RequestError(Exception):
     def __init__(self, status: int, message: str):
         self.status, self.message = status, message
@@ -43,10 +66,11 @@ def _page() -> str:
     return resources.files("visiontune.serve").joinpath("static/index.html").read_text()
 
 
-def create_app(
-    classifier: Classifier, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS,
-    max_images: int = MAX_IMAGES, max_concurrent: int = MAX_CONCURRENT, topk: int = 5,
-) -> FastAPI:
+def create_app(classifier: Classifier, limits: ServeLimits | None = None, topk: int = 5, **overrides) -> FastAPI:
+    """The app; `overrides` are `ServeLimits` fields (`create_app(c, max_images=3)`)."""
+    limits = limits or ServeLimits(**overrides)
+    max_upload_bytes, max_pixels, max_images, max_concurrent = (
+        limits.max_upload_bytes, limits.max_pixels, limits.max_images, limits.max_concurrent)
     app = FastAPI(title="visiontune", version=__version__)
     transform = eval_transform(classifier.preprocessing)
     forward = classifier.engine_forward("auto")
@@ -74,15 +98,32 @@ def create_app(
                             "top": [{"class": classifier.classes[j], "prob": float(row[j])} for j in top]})
         return results
 
-    async def read_images(request: Request) -> list[tuple[str, bytes]]:
+    async def read_body(request: Request) -> bytes:
+        """The whole body, or a RequestError: over the size limit, or stalled (slow-loris)."""
         length = request.headers.get("content-length")
-        if length is not None and int(length) > max_upload_bytes:
-            raise RequestError(413, f"request of {int(length):,} bytes is over the limit of {max_upload_bytes:,}")
+        if length is not None:
+            if not length.strip().isdigit():
+                raise RequestError(400, f"Content-Length {length[:40]!r} is not a byte count")
+            if int(length) > max_upload_bytes:
+                raise RequestError(413, f"request of {int(length):,} bytes is over the limit of {max_upload_bytes:,}")
         body = bytearray()
-        async for chunk in request.stream():
+        chunks = request.stream().__aiter__()
+        deadline = time.monotonic() + limits.body_deadline
+        while True:
+            wait = min(limits.body_timeout, deadline - time.monotonic())
+            try:
+                chunk = await asyncio.wait_for(chunks.__anext__(), timeout=max(wait, 0.0))
+            except StopAsyncIteration:
+                return bytes(body)
+            except asyncio.TimeoutError:
+                raise RequestError(408, f"request body stalled: {len(body):,} bytes in, none for {wait:.0f} s "
+                                        "(or over the time limit for one upload)") from None
             body += chunk
             if len(body) > max_upload_bytes:
                 raise RequestError(413, f"request is over the limit of {max_upload_bytes:,} bytes")
+
+    async def read_images(request: Request) -> list[tuple[str, bytes]]:
+        body = await read_body(request)
         kind = request.headers.get("content-type", "")
         if kind.startswith("application/json"):
             import json
@@ -97,7 +138,7 @@ def create_app(
             from starlette.formparsers import MultiPartParser
 
             async def replay():
-                yield bytes(body)
+                yield body
 
             try:
                 form = await MultiPartParser(request.headers, replay(), max_files=max_images + 1).parse()
@@ -127,17 +168,26 @@ def create_app(
 
     @app.post("/predict")
     async def predict_endpoint(request: Request) -> dict:
+        images = await read_images(request)  # before a slot: a slow upload must not hold one
         if slots.locked():
             raise RequestError(503, f"busy: {max_concurrent} predictions running; retry shortly")
         async with slots:
-            images = await read_images(request)
             return {"predictions": await asyncio.to_thread(predict, images)}
 
     return app
 
 
+def server_config(app: FastAPI, limits: ServeLimits, host: str = "127.0.0.1", port: int = 8000,
+                  log_level: str = "info"):
+    """uvicorn's config with the connection cap and idle timeout taken from `limits`."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, limit_concurrency=limits.max_connections,
+                          timeout_keep_alive=5)
+
+
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, **limits) -> None:
     import uvicorn
 
-    app = create_app(Classifier.load(run), **limits)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    settings = ServeLimits(**limits)
+    uvicorn.Server(server_config(create_app(Classifier.load(run), settings), settings, host, port)).run()

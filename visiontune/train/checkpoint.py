@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from visiontune.backbones.providers import file_digest
+from visiontune.backbones.providers import file_digest, read_safetensors
 from visiontune.errors import ArtifactError
 
 
@@ -120,7 +120,7 @@ def load_checkpoint(folder: Path) -> Checkpoint | None:
         raise ArtifactError(f"{weights}: the checkpoint is missing or damaged (its checksum does not match what was "
                             "written), so the run cannot resume from it exactly. Start a new run with the same "
                             "command (config.yaml in the run folder has its settings).")
-    tensors = load_file(str(weights))
+    tensors = read_safetensors(weights, refuse=ArtifactError)
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
