@@ -8,8 +8,8 @@ Rows, all on the same 2,000 Fashion-MNIST PNG files and the same weights (lite0 
   in-process PIL decode; model only at batch 4 (this CPU runs small batches faster); and model only with
   visiontune's session settings (batches split into chunks of 4, threads that sleep when idle);
 * fastai `get_preds` and `learn.predict` on a Learner holding the same model.
-Batch-32 rows: each in a fresh process, median of 5 interleaved rounds. Then 500 requests, 8 concurrent, to `visiontune serve` on
-loopback: p50/p99 latency, errors.
+Batch-32 rows: each in a fresh process, median of 5 interleaved rounds.
+(The server's load test is bench/serve_load.py.)
 
     .venv/bin/python bench/predict_speed.py     # ~6 min; writes bench/results/predict_speed.json/.md
 """
@@ -21,9 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +161,6 @@ def main() -> None:
             lambda b: run(torch.stack([transform(load_rgb(p)) for p in b]).numpy()), paths[:N_SINGLE])
         print(results, flush=True)
         results.update(fastai_rows(clf, paths))
-        results["server load test"] = load_test(tmp, paths)
     (RESULTS / "predict_speed.json").write_text(json.dumps(results, indent=2))
     (RESULTS / "predict_speed.md").write_text(report(results))
     print(report(results))
@@ -195,67 +192,9 @@ def fastai_rows(clf, paths) -> dict:
     return out
 
 
-def load_test(tmp: Path, paths, requests: int = 500, concurrency: int = 8) -> dict:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "visiontune.cli", "serve", str(tmp / "classifier"), "--port", str(port),
-                               "--max-concurrent", str(concurrency)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.2)
-    bodies = []
-    for p in paths[:50]:
-        boundary = "visiontunebench"
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{p.name}\"\r\n"
-                f"Content-Type: image/png\r\n\r\n").encode() + p.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-        bodies.append(body)
-    latencies, errors = [], []
-    lock = threading.Lock()
-    counter = iter(range(requests))
-
-    def worker():
-        for i in counter:
-            request = urllib.request.Request(url + "/predict", data=bodies[i % len(bodies)], method="POST",
-                                             headers={"Content-Type": "multipart/form-data; boundary=visiontunebench"})
-            started = time.perf_counter()
-            reason = ""
-            try:
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    if response.status != 200 or not json.loads(response.read())["predictions"]:
-                        reason = f"status {response.status}"
-            except Exception as exc:  # every failure is counted, whatever its kind
-                reason = str(exc)
-            with lock:
-                latencies.append(time.perf_counter() - started)
-                if reason:
-                    errors.append(reason)
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
-    server.terminate()
-    server.wait(timeout=30)
-    ms = sorted(1000 * x for x in latencies)
-    return {"requests": requests, "concurrency": concurrency, "p50_ms": ms[len(ms) // 2], "p99_ms": ms[int(len(ms) * 0.99) - 1],
-            "errors": len(errors), "first_errors": errors[:3], "requests_per_s": requests / wall}
-
-
 def report(results: dict) -> str:
     lines = ["| path | batch 32 (img/s) | batch 1 (ms) |", "|---|---|---|"]
     for name, row in results.items():
-        if name == "server load test":
-            continue
         b32 = f"{row['batch32_img_per_s']:.1f}" if "batch32_img_per_s" in row else ""
         b1 = f"{row['batch1_ms']:.1f}" if "batch1_ms" in row else ""
         lines.append(f"| {name} | {b32} | {b1} |")
@@ -265,11 +204,6 @@ def report(results: dict) -> str:
         for peer in ("plain onnxruntime (model only)", "plain onnxruntime (PIL decode in process)", "fastai get_preds"):
             if "batch32_img_per_s" in results.get(peer, {}):
                 lines.append(f"- visiontune default / {peer}: {ours / results[peer]['batch32_img_per_s']:.2f}x at batch 32")
-    load = results.get("server load test")
-    if load:
-        lines.append("")
-        lines.append(f"Server: {load['requests']} requests, {load['concurrency']} concurrent: p50 {load['p50_ms']:.1f} ms, "
-                     f"p99 {load['p99_ms']:.1f} ms, {load['errors']} errors, {load['requests_per_s']:.1f} requests/s.")
     return "\n".join(lines) + "\n"
 
 

@@ -205,7 +205,7 @@ def test_api_refuses_work_beyond_its_concurrency(runs):
 
     from visiontune.serve.app import create_app
 
-    busy = TestClient(create_app(vt.load(runs / "a"), max_concurrent=0))
+    busy = TestClient(create_app(vt.load(runs / "a"), max_concurrent=0, queue_timeout=0.2))
     response = busy.post("/predict", files={"file": ("red.png", png_bytes(), "image/png")})
     assert response.status_code == 503 and "busy" in response.json()["error"]
 

@@ -8,8 +8,8 @@ Limits (`ServeLimits`), all answered with a JSON error: request size (413, from 
 any byte is read, then counted while reading), a malformed `Content-Length` (400), a body that stalls
 (408 after `body_timeout` seconds without a byte, or `body_deadline` seconds in all: slow-loris clients
 cannot hold the server), pixel count checked from the image header before decoding (413), images per
-request (413), unreadable images (422), and concurrent predictions (503 once `max_concurrent` are
-decoding or predicting, so a burst cannot queue unbounded work). The body is read *before* a prediction
+request (413), unreadable images (422), and concurrent predictions: at most `max_concurrent` requests
+decode and predict at once; the others wait for a slot up to `queue_timeout` seconds, then get 503. The body is read *before* a prediction
 slot is taken: slow uploads hold a connection, never a slot, so other clients keep being answered; open
 connections are capped by uvicorn's `limit_concurrency` (`max_connections`, 503 beyond it), which bounds
 memory at about `max_connections` x `max_upload_bytes`. Binds 127.0.0.1 unless told otherwise.
@@ -45,13 +45,15 @@ MAX_CONCURRENT = 4
 class ServeLimits:
     """What one client may cost the server. Defaults: a 10 MB upload is a large phone photo several times over;
     40 MP covers any camera and refuses decompression bombs; 4 predictions at once keep 2-8 cores busy without
-    queueing; 10 s without a byte is far beyond any live connection's gap, 60 s in all lets 10 MB through a
+    oversubscribing; a request waits up to 30 s for one (a burst is answered late rather than refused; the
+    queue is bounded by the connection cap); 10 s without a byte is far beyond any live connection's gap, 60 s in all lets 10 MB through a
     slow (~1.5 Mbit/s) uplink; 64 open connections x 10 MB bounds the bodies held in memory at 640 MB."""
 
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     max_pixels: int = MAX_PIXELS
     max_images: int = MAX_IMAGES
     max_concurrent: int = MAX_CONCURRENT
+    queue_timeout: float = 30.0
     body_timeout: float = 10.0
     body_deadline: float = 60.0
     max_connections: int = 64
@@ -169,10 +171,15 @@ def create_app(classifier: Classifier, limits: ServeLimits | None = None, topk: 
     @app.post("/predict")
     async def predict_endpoint(request: Request) -> dict:
         images = await read_images(request)  # before a slot: a slow upload must not hold one
-        if slots.locked():
-            raise RequestError(503, f"busy: {max_concurrent} predictions running; retry shortly")
-        async with slots:
+        try:
+            await asyncio.wait_for(slots.acquire(), timeout=limits.queue_timeout)
+        except asyncio.TimeoutError:
+            raise RequestError(503, f"busy: {max_concurrent} predictions running and no slot free for "
+                                    f"{limits.queue_timeout:g} s; retry shortly") from None
+        try:
             return {"predictions": await asyncio.to_thread(predict, images)}
+        finally:
+            slots.release()
 
     return app
 
