@@ -150,13 +150,14 @@ def _classifier(classifier: Classifier | str | Path) -> Classifier:
     return classifier if isinstance(classifier, Classifier) else load(classifier)
 
 
-def image_files(items: Sequence[str | Path]) -> list[Path]:
-    """Expand folders (recursively) into their image files; keep explicit files as given."""
+def image_files(items: Sequence[str | Path], skipped: list[Skipped] | None = None) -> list[Path]:
+    """Expand folders (recursively) into their image files; keep explicit files as given. Links leading out
+    of a folder are refused (to `skipped`, with the reason)."""
     paths: list[Path] = []
     for item in items:
         path = Path(item)
         if is_folder(path):  # a folder, a .zip/.tar, or a folder inside one
-            paths.extend(p for p in files_below(path) if is_image_name(p))
+            paths.extend(p for p in files_below(path, skipped=skipped) if is_image_name(p))
         elif path.exists() or split_member(path) is not None:
             paths.append(path)
         else:
@@ -179,7 +180,7 @@ def iter_predictions(
 ) -> Iterable[Prediction]:
     """Stream predictions for files and folders (expanded recursively); unreadable files go to `skipped`."""
     return _classifier(classifier).iter_predictions(
-        image_files(items), topk=topk, batch_size=batch_size, skipped=skipped, tta=tta, combine=combine, engine=engine,
+        image_files(items, skipped), topk=topk, batch_size=batch_size, skipped=skipped, tta=tta, combine=combine, engine=engine,
     )
 
 

@@ -156,11 +156,12 @@ def augment_preview(
     img_size: int = 224, seed: int = 0,
 ) -> Path:
     """A grid: each row one source image, then `samples` augmented versions by `preset` (de-normalised)."""
+    from visiontune.data.catalog import files_below
     from visiontune.data.images import is_image_name, load_rgb
     from visiontune.data.transforms import Preprocessing, augmentation, denormalise_uint8, eval_transform
     from visiontune.report.plots import image_grid
 
-    files = sorted(p for p in Path(data).rglob("*") if p.is_file() and is_image_name(p))
+    files = [p for p in files_below(Path(data)) if is_image_name(p)]
     if not files:
         raise FileNotFoundError(f"{data}: no image files found")
     picked = [files[i] for i in np.random.default_rng(seed).choice(len(files), size=min(images, len(files)), replace=False)]

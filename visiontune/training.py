@@ -21,11 +21,12 @@ from visiontune import beyond
 from visiontune.backbones.cuts import Tail, cut_points
 from visiontune.backbones.heads import install_head, output_layer
 from visiontune.backbones.registry import Backbone, create_backbone, resolve_arch
-from visiontune.cache.features import cached_activations, trunk_engine_path, uncached_count
+from visiontune.cache.features import cached_activations, cached_thumbnails, trunk_engine_path, uncached_count
 from visiontune.cache.store import CachedRows, default_cache_root
 from visiontune.classifier import Classifier
 from visiontune.clock import expect_after_phase, seconds_since_process_start
 from visiontune.data.catalog import Catalog, DataError, Skipped, Source, discover, labelled_like
+from visiontune.data.leakage import Leakage, exact_leakage, near_leakage
 from visiontune.data.split import kfold_indices, split_catalog
 from visiontune.inference.engines import default_engine
 from visiontune.errors import UsageError
@@ -167,6 +168,19 @@ class CachedInputs:
     train_views: list[CachedRows]
     valid: CachedRows
     skipped: list[Skipped]
+
+
+def report_leakage(prep: Prepared, config: RunConfig, run: RunDir) -> Leakage:
+    """The same image in two classes, or on both sides of the split (byte-identical or near): printed as
+    warnings and kept in `leakage.json`, so a run's numbers say what they may be inflated by."""
+    found = exact_leakage(prep.train.paths, prep.train.labels, prep.valid.paths, prep.valid.labels, list(prep.source.classes))
+    cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_root()
+    found = near_leakage(found, cached_thumbnails(prep.train.paths, cache_root, "train"), prep.train.paths,
+                         cached_thumbnails(prep.valid.paths, cache_root, "valid"), prep.valid.paths, seed=prep.plan.seed)
+    run.write_json("leakage.json", found.to_dict())
+    for line in found.lines():
+        console.print(f"[yellow]{line}[/]")
+    return found
 
 
 def cache_inputs(prep: Prepared, config: RunConfig) -> CachedInputs:
@@ -384,6 +398,7 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
     ))
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} unusable files[/] (listed in {run.file('skipped.txt')})")
+    report_leakage(prep, config, run)
     y_train, y_valid = task.targets(prep.train), task.targets(prep.valid)
     model = backbone.model
     install_head(model, prep.plan.head)  # an MLP replaces timm's classifier; linear heads keep it

@@ -123,6 +123,28 @@ def cached_activations(
     return kept, store.rows([hashes[i] for i in kept]) if load else None, skipped
 
 
+#: What a thumbnail row means (data/leakage.py): bump the version when `thumbnail` changes.
+THUMBNAIL_KEY = {"kind": "thumbnail", "side": 32, "version": 1}
+
+
+def cached_thumbnails(paths: Sequence[Path], cache_root: Path, description: str = "thumbnails") -> CachedRows:
+    """The near-duplicate thumbnails of `paths` (all readable), through the feature store: decoded once per
+    image content, in threads (Pillow decodes outside the GIL), a shard at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from visiontune.data.leakage import thumbnail
+
+    store = FeatureStore(cache_root, THUMBNAIL_KEY)
+    hashes = [content_hash(path) for path in paths]
+    todo = list({h: i for i, h in reversed(list(enumerate(hashes))) if h not in store.index()}.values())
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for start in track(range(0, len(todo), SHARD_SIZE), f"{description} for the near-duplicate check"):
+            chunk = todo[start : start + SHARD_SIZE]
+            rows = list(pool.map(thumbnail, [paths[i] for i in chunk]))
+            store.add_shard([hashes[i] for i in chunk], np.stack(rows))
+    return store.rows(hashes)
+
+
 def trunk_engine_path(backbone: Backbone, cache_root: Path, cut: str, engine: str, seed: int = 0) -> Path:
     """Where the plain view's cache keeps the trunk exported for `engine`: timing the plan's speed exports it
     there, so caching then reuses the file instead of exporting again."""

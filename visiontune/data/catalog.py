@@ -14,6 +14,7 @@ a CSV naming missing files) stops with a one-line :class:`DataError` before any 
 from __future__ import annotations
 
 import csv
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,19 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from visiontune.data.archives import JUNK_PARTS, Archive, is_archive, open_archive, split_member, text_member
-from visiontune.data.images import IMAGE_EXTENSIONS, ImageError, is_image_name, probe_and_hash
+from visiontune.data.images import IMAGE_EXTENSIONS, ImageError, is_image_name, probe_and_hash, unreadable_name_reason
+from visiontune.data.walk import Skipped, walk_files
 from visiontune.progress import track
 from visiontune.errors import DataError  # noqa: F401  (raised here; defined light for the CLI)
 
 VALID_DIR_NAMES = ("valid", "val", "validation")
-
-
-@dataclass
-class Skipped:
-    """A file left out of a catalog and why."""
-
-    path: str
-    reason: str
 
 
 @dataclass
@@ -116,11 +110,16 @@ def _subfolders(path: Path) -> list[Path]:
     return [path / name for name in inside[0].folders(inside[1])]
 
 
-def files_below(folder: Path) -> list[Path]:
-    """Every file below `folder`, recursively and sorted (inside archives too)."""
+def files_below(folder: Path, root: Path | None = None, skipped: list[Skipped] | None = None) -> list[Path]:
+    """Every file below `folder`, recursively and sorted (inside archives too), junk and hidden names left
+    out and nothing whose real path is outside the data folder `root` (default `folder`): those refused
+    go to `skipped` with their reason (`data/walk.py`)."""
     inside = _in_archive(folder)
     if inside is None:
-        return [p for p in sorted(folder.rglob("*")) if p.is_file()]
+        files, refused = walk_files(folder, root)
+        if skipped is not None:
+            skipped.extend(refused)
+        return files
     archive, prefix = inside
     return [folder / name[len(prefix) + 1 if prefix else 0:] for name in archive.files(prefix)]
 
@@ -142,10 +141,6 @@ def _find_valid_dir(root: Path) -> Path | None:
     return None
 
 
-def _is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
 def _scan_class_folders(root: Path) -> tuple[dict[str, list[Path]], list[Skipped]]:
     """Map class name -> files below its folder (recursively); non-image names are skipped."""
     if not is_folder(root):
@@ -159,15 +154,14 @@ def _scan_class_folders(root: Path) -> tuple[dict[str, list[Path]], list[Skipped
 
 
 def _image_files(folder: Path, root: Path, skipped: list[Skipped]) -> list[Path]:
-    """Image files below `folder` (recursively, sorted, hidden ones left out); other names go to `skipped`."""
+    """Image files below `folder` (recursively, sorted, hidden and junk ones left out); other names, and links
+    leading outside the data folder `root`, go to `skipped`."""
     found = []
-    for path in files_below(folder):
-        if _is_hidden(path, root):
-            continue
+    for path in files_below(folder, root, skipped):
         if is_image_name(path):
             found.append(path)
         else:
-            skipped.append(Skipped(str(path), f"not an image file name ({path.suffix or 'no extension'})"))
+            skipped.append(Skipped(str(path), unreadable_name_reason(path)))
     return found
 
 
@@ -250,6 +244,12 @@ def catalog_from_folders(root: Path, classes: list[str] | None = None, check: bo
     return Catalog(paths, labels, list(classes), skipped)
 
 
+#: Header names of the file and label columns (lower case; spaces and dashes read as underscores).
+FILE_COLUMNS = ("filename", "file", "file_name", "fname", "id", "image", "image_id", "image_file", "image_name",
+                "img", "path", "name")
+LABEL_COLUMNS = ("label", "labels", "class", "class_name", "category", "target", "tags", "y", "breed", "species")
+
+
 def _resolve_csv_file(root: Path, name: str) -> Path | None:
     """The file a CSV row names: relative to the data folder, trying image extensions when it has none."""
     candidate = root / name
@@ -262,26 +262,81 @@ def _resolve_csv_file(root: Path, name: str) -> Path | None:
     return None
 
 
-def catalog_from_csv(root: Path, labels_csv: Path, check: bool = True) -> Catalog:
-    """Read a Kaggle-style labels CSV: first column the file (relative to `root`), second the label."""
-    if not _is_file(labels_csv):
-        raise DataError(f"{labels_csv}: labels file not found. Pass --labels PATH/TO/labels.csv.")
+def _csv_columns(header: list[str]) -> tuple[int, int] | None:
+    """(file column, label column) when `header` is a header row naming them, else None."""
+    names = [cell.strip().lower().replace(" ", "_").replace("-", "_") for cell in header]
+    files = [i for i, n in enumerate(names) if n in FILE_COLUMNS]
+    labels = [i for i, n in enumerate(names) if n in LABEL_COLUMNS]
+    if files and labels:
+        return files[0], labels[0]
+    return (0, 1) if files or labels else None
+
+
+def _csv_rows(root: Path, labels_csv: Path) -> tuple[list[tuple[Path, str, str]], list[Skipped]]:
+    """(file, name as written, label) per usable row, and the rows refused with their line and reason:
+    files outside the data folder (absolute paths, `..`), missing files, repeated rows (the first is kept),
+    files given two different labels (all their rows refused: which label is right is the user's call)."""
     with (text_member(labels_csv) if split_member(labels_csv) else labels_csv.open(newline="", encoding="utf-8-sig")) as handle:
-        rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
-    if rows and rows[0] and rows[0][0].strip().lower() in ("filename", "file", "id", "image", "image_id", "path"):
-        rows = rows[1:]
-    if not rows:
+        lines = [(number, row) for number, row in enumerate(csv.reader(handle), start=1)
+                 if row and any(cell.strip() for cell in row)]
+    if lines and lines[0][1] and lines[0][1][0].startswith("\ufeff"):  # a BOM inside an archive member
+        lines[0] = (lines[0][0], [lines[0][1][0].lstrip("\ufeff"), *lines[0][1][1:]])
+    file_col, label_col = 0, 1
+    if lines:
+        columns = _csv_columns(lines[0][1])
+        if columns is not None:
+            file_col, label_col = columns
+            lines = lines[1:]
+        elif len(lines) > 1 and _resolve_csv_file(root, lines[0][1][0].strip()) is None \
+                and _resolve_csv_file(root, lines[1][1][0].strip()) is not None:
+            lines = lines[1:]  # a header with names we do not know: the first row names no file, the next does
+    if not lines:
         raise DataError(f"{labels_csv}: no rows. Expected 'filename,label' lines.")
-    short = [i + 2 for i, row in enumerate(rows) if len(row) < 2 or not row[1].strip()]
+    short = [n for n, row in lines if len(row) <= max(file_col, label_col) or not row[label_col].strip()]
     if short:
         raise DataError(f"{labels_csv}: rows without a label (lines {short[:5]}). Expected 'filename,label'.")
-    resolved = [(_resolve_csv_file(root, row[0].strip()), row[0].strip(), row[1].strip()) for row in rows]
-    missing = [name for path, name, _ in resolved if path is None]
-    if missing:
+    real_root = os.path.realpath(root) if split_member(root) is None else None
+    rows, skipped, first_line, label_of = [], [], {}, {}
+    for number, row in lines:
+        name, label = row[file_col].strip(), row[label_col].strip()
+        where = f"{labels_csv.name} line {number}"
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            skipped.append(Skipped(name, f"{where}: names a file outside the data folder (absolute or '..' path): not read"))
+            continue
+        path = _resolve_csv_file(root, name)
+        if path is None:
+            skipped.append(Skipped(str(root / name), f"{where}: file not found under {root}"))
+            continue
+        if real_root is not None and not os.path.realpath(path).startswith(real_root.rstrip(os.sep) + os.sep):
+            skipped.append(Skipped(str(path), f"{where}: a link to a file outside the data folder: not read"))
+            continue
+        if path in first_line:
+            if label_of[path] == label:
+                skipped.append(Skipped(str(path), f"{where}: repeats line {first_line[path]}; used once"))
+            else:
+                label_of[path] = None  # contradictory: refused below
+                skipped.append(Skipped(str(path), f"{where}: a second label ({label!r}) for the file of line "
+                                                  f"{first_line[path]}: every row of it skipped; fix the CSV"))
+            continue
+        first_line[path], label_of[path] = number, label
+        rows.append((path, name, label))
+    rows = [row for row in rows if label_of[row[0]] is not None]
+    missing = sum(1 for s in skipped if "file not found" in s.reason)
+    if not rows or missing * 2 >= len(lines):
+        example = ", ".join(s.path for s in skipped if "file not found" in s.reason)[:200]
         raise DataError(
-            f"{labels_csv}: {len(missing)} of {len(rows)} files named in the CSV are missing under {root} "
-            f"(first: {', '.join(missing[:3])}). Fix the paths (relative to the data folder) or remove the rows."
+            f"{labels_csv}: {missing} of {len(lines)} files named in the CSV are missing under {root} "
+            f"(first: {example}). Fix the paths (relative to the data folder) or remove the rows."
         )
+    return rows, skipped
+
+
+def catalog_from_csv(root: Path, labels_csv: Path, check: bool = True) -> Catalog:
+    """Read a Kaggle-style labels CSV: a file column (relative to `root`) and a label column, found by
+    their header names in any order (else the first two columns); refused rows are skipped with their line."""
+    if not _is_file(labels_csv):
+        raise DataError(f"{labels_csv}: labels file not found. Pass --labels PATH/TO/labels.csv.")
+    resolved, refused = _csv_rows(root, labels_csv)
     tag_lists = [label.split() for _, _, label in resolved]
     if any(len(tags) > 1 for tags in tag_lists):  # space-separated tags (Kaggle Planet): multi-label
         classes = sorted({t for tags in tag_lists for t in tags})
@@ -290,7 +345,7 @@ def catalog_from_csv(root: Path, labels_csv: Path, check: bool = True) -> Catalo
         if check:
             paths, rows, skipped = _check_files(paths, rows, labels_csv.name)
         tags = [sorted({index[t] for t in tag_lists[r]}) for r in rows]
-        return Catalog(paths, [t[0] for t in tags], classes, skipped, tags=tags)
+        return Catalog(paths, [t[0] for t in tags], classes, refused + skipped, tags=tags)
     classes = sorted({label for _, _, label in resolved})
     index = {name: i for i, name in enumerate(classes)}
     paths = [path for path, _, _ in resolved]
@@ -298,7 +353,7 @@ def catalog_from_csv(root: Path, labels_csv: Path, check: bool = True) -> Catalo
     skipped: list[Skipped] = []
     if check:
         paths, labels, skipped = _check_files(paths, labels, labels_csv.name)
-    return Catalog(paths, labels, classes, skipped)
+    return Catalog(paths, labels, classes, refused + skipped)
 
 
 def discover(root: str | Path, labels: str | Path | None = None, check: bool = True) -> Source:

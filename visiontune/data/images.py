@@ -24,10 +24,28 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from visiontune.data.archives import member_key, read_member, split_member
 from visiontune.errors import ImageError  # noqa: F401  (raised here; defined light for the CLI)
 
-#: File endings treated as images when a folder is scanned (lower case, with the dot).
+#: Phone photos (iPhones save HEIC by default): read through pillow-heif's Pillow plugin when installed.
+HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".hif"})
+try:
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    _HEIF = True
+except ImportError:  # an install without the dependency: such files are skipped with what to do
+    _HEIF = False
+
+#: File endings treated as images when a folder is scanned (lower case, with the dot). AVIF is native in Pillow.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
-)
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif", ".avif"}
+) | (HEIF_EXTENSIONS if _HEIF else frozenset())
+
+
+def unreadable_name_reason(path: str | Path) -> str:
+    """Why a file is not taken as an image by its name (what to do, for the formats we know)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in HEIF_EXTENSIONS and not _HEIF:
+        return f"HEIC/HEIF photo ({suffix}): pip install pillow-heif to read it"
+    return f"not an image file name ({suffix or 'no extension'})"
 
 
 def is_image_name(path: str | Path) -> bool:
@@ -70,6 +88,14 @@ def probe(path: str | Path) -> tuple[int, int]:
     """
     with _opened(Path(path)) as img:
         return img.size
+
+
+def gray_thumbnail(path: str | Path, side: int) -> np.ndarray:
+    """`side` x `side` grayscale pixels (uint8) of an image, decoded at reduced size where the format allows
+    (JPEG `draft`), for cheap picture comparisons (near-duplicates)."""
+    with _opened(Path(path)) as img:
+        img.draft("L", (side * 2, side * 2))
+        return np.asarray(img.convert("L").resize((side, side), Image.BILINEAR))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

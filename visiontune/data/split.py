@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from visiontune.data.archives import split_member
+from visiontune.data.walk import LINKS_FILE
 from visiontune.data.catalog import Catalog, DataError
 
 
@@ -89,4 +90,7 @@ def write_split_folders(catalog: Catalog, source_root: Path, dest: Path, valid_f
             rel = path.relative_to(source_root / catalog.classes[label])
             kind = _link(path, dest / part / catalog.classes[label] / rel)
             kinds[kind] = kinds.get(kind, 0) + 1
+    if kinds.get("symlink"):  # symlinks lead out of `dest`: allow their source folder (data/walk.py)
+        for folder in (dest, dest / "train", dest / "valid"):
+            (folder / LINKS_FILE).write_text(os.path.realpath(source_root) + "\n")
     return {"train": len(train), "valid": len(valid), "links": kinds}

@@ -7,6 +7,7 @@ so `visiontune report RUN` can rebuild it at any time; only the few images it sh
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
 import torch
@@ -98,6 +99,23 @@ def recall_line(metrics: dict, shown: int = 10) -> str:
     return text + (f", … ({len(ranked) - shown} more)" if len(ranked) > shown else "")
 
 
+def leakage_rows(run: RunDir) -> list[list]:
+    """Summary rows for what `train` found in leakage.json (copies across the split, one image in two
+    classes): a reader must see them next to the accuracy they inflate."""
+    path = run.file("leakage.json")
+    if not path.exists():
+        return []
+    found = json.loads(path.read_text())
+    rows = []
+    if found.get("identical_across_split"):
+        rows.append(["validation images identical to training images", len(found["identical_across_split"])])
+    if found.get("near_across_split"):
+        rows.append(["validation images near-duplicates of training images", len(found["near_across_split"])])
+    if found.get("conflicting"):
+        rows.append(["images in two classes at once (groups)", len(found["conflicting"])])
+    return rows
+
+
 def _single_label_sections(run: RunDir, classifier: Classifier, data: dict) -> tuple[list[list], dict[str, str]]:
     """(summary rows, HTML of the sections particular to a single-label run)."""
     classes = classifier.classes
@@ -116,6 +134,7 @@ def _single_label_sections(run: RunDir, classifier: Classifier, data: dict) -> t
     ]
     if "roc_auc" in metrics:
         summary.append(["ROC AUC (one-vs-rest, macro)", f"{metrics['roc_auc']:.4f}"])
+    summary += leakage_rows(run)
     body["data"] = figure_html(plots.plot_class_distribution, class_counts(data["split"], classes, "labels"))
     per_class = [[c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", v["support"]] for c, v in metrics["per_class"].items()]
     averages = [[f"{a} average", f"{metrics[f'{a}_precision']:.3f}", f"{metrics[f'{a}_recall']:.3f}", f"{metrics[f'{a}_f1']:.3f}", metrics["n"]]
