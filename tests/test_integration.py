@@ -9,6 +9,7 @@ import pytest
 
 import visiontune as vt
 from visiontune.data.demo import export_digits
+from visiontune.errors import DataError
 
 pytestmark = pytest.mark.integration
 
@@ -26,6 +27,9 @@ def test_digits_demo_dataset_trains_well_above_chance(tmp_path):
         link = held_out / Path(path).parent.name / Path(path).name
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(Path(path).resolve())
+    with pytest.raises(DataError, match="symbolic links leading outside"):  # links out of a folder are not read...
+        vt.evaluate(tmp_path / "run", held_out)
+    (held_out / ".visiontune-links").write_text(f"{data.resolve()}\n")  # ...unless their folder is allowed
     evaluation = vt.evaluate(tmp_path / "run", held_out)
     assert evaluation["n"] == clf.metrics["n"]
     assert evaluation["accuracy"] == pytest.approx(clf.metrics["accuracy"], abs=1.5 / clf.metrics["n"])

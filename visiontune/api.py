@@ -93,9 +93,16 @@ def resume(run_path: str | Path) -> Classifier:
     """Continue an interrupted run from its last checkpoint (same data, plan and seeds) to the same result
     as an uninterrupted run."""
     run = RunDir.open(run_path)
-    if run.classifier_dir.exists():
-        raise UsageError(f"{run.path}: this run already finished (classifier/ exists); nothing to resume.")
     config = run.read_config()
+    if (run.classifier_dir / "classifier.json").exists():  # written last: the training finished
+        if config.report and not run.report_path.exists():  # killed while writing the report: finish it
+            from visiontune.progress import console
+            from visiontune.report.html import build_report
+
+            console.print(f"{run.path}: training had finished; writing the report it was stopped in")
+            console.print(f"report: {build_report(run.path)}")
+            return Classifier.load(run.path)
+        raise UsageError(f"{run.path}: this run already finished (classifier/ exists); nothing to resume.")
     prep = prepare(RunConfig(**{**config.__dict__, "budget": None}))
     if run.has_plan():
         prep.plan = run.read_plan()
@@ -291,7 +298,7 @@ def evaluation_catalog(data: str | Path, classes: list[str], labels: str | Path 
         tags = [[index[catalog.classes[t]] for t in row] for row in catalog.tags] if catalog.tags is not None else None
         catalog = Catalog(catalog.paths, [index[catalog.classes[y]] for y in catalog.labels], classes, catalog.skipped, tags)
     if len(catalog) == 0:
-        raise DataError(no_images_message(Path(data), len(catalog.skipped), classes)
+        raise DataError(no_images_message(Path(data), catalog.skipped, classes)
                         + f" To classify unlabelled images instead: visiontune predict RUN {data}")
     return catalog
 

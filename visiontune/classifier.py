@@ -26,6 +26,7 @@ from visiontune.data.transforms import Preprocessing
 from visiontune.evaluation.priors import reweight
 from visiontune.task.kinds import Task, task_named
 from visiontune.inference.stream import gather, stream_outputs
+from visiontune.files import fault_point, write_text_whole, written_whole
 from visiontune.errors import ArtifactError  # noqa: F401  (raised here; defined light for the CLI)
 
 ARTIFACT_FORMAT = 1
@@ -180,7 +181,9 @@ class Classifier:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(directory / "model.safetensors"))
+        with written_whole(directory / "model.safetensors") as tmp:
+            save_file(state, str(tmp))
+        fault_point("classifier-half")
         meta = {
             "format": ARTIFACT_FORMAT,
             "visiontune_version": __version__,
@@ -193,7 +196,7 @@ class Classifier:
             **self.extra,
             **head_record(self.model),
         }
-        (directory / "classifier.json").write_text(json.dumps(meta, indent=2))
+        write_text_whole(directory / "classifier.json", json.dumps(meta, indent=2))  # last: its presence = complete
         self.directory = directory
         return directory
 

@@ -22,6 +22,7 @@ from visiontune.backbones.providers import PACKAGED, package_version
 from visiontune.backbones.weights_folder import WEIGHT_SUFFIXES, weights_folder
 from visiontune.cache.store import default_cache_root
 from visiontune.inference.engines import compile_forward
+from visiontune.files import write_text_whole
 from visiontune.names import ENGINES, onnxruntime_available
 
 SIZES = (112, 224)
@@ -107,9 +108,7 @@ def with_speeds(infos: list[BackboneInfo], remeasure: bool = False, progress=Non
                     table[key] = round(measure(info.arch, engine, size), 1)
                 info.img_per_s.setdefault(engine, {})[str(size)] = table[key]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({**saved, machine_key(): table}, indent=2))
-    os.replace(tmp, path)
+    write_text_whole(path, json.dumps({**saved, machine_key(): table}, indent=2))
     return infos
 
 

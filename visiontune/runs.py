@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import yaml
 
+from visiontune.files import fault_point, remove_stale_partials, write_text_whole, written_whole
 from visiontune.backbones.registry import DEFAULT_ARCH
 from visiontune.classifier import read_classifier_meta
 from visiontune.data.catalog import Skipped
@@ -122,6 +123,7 @@ class RunDir:
         if not (path / "config.yaml").exists():
             raise FileNotFoundError(f"{path}: not a run folder (no config.yaml); give the folder `train` created")
         (path / "checkpoints").mkdir(exist_ok=True)
+        remove_stale_partials(path, recursive=True)  # what a killed process was writing when it died
         return cls(path)
 
     # --- paths of the parts other modules write whole (weights, figures, the report) -----------------
@@ -138,8 +140,8 @@ class RunDir:
         return self.path / "report.html"
 
     def write_report(self, page: str) -> Path:
-        self.report_path.write_text(page)
-        return self.report_path
+        fault_point("report")
+        return write_text_whole(self.report_path, page)
 
     def file(self, name: str) -> Path:
         """The path of a run file written by another module (a figure, an export)."""
@@ -147,7 +149,7 @@ class RunDir:
 
     # --- config.yaml, plan.json, profile.json ------------------------------------------------------
     def write_config(self, config: RunConfig, **more) -> None:
-        (self.path / "config.yaml").write_text(yaml.safe_dump({**config.to_yaml_dict(), **more}, sort_keys=False))
+        write_text_whole(self.path / "config.yaml", yaml.safe_dump({**config.to_yaml_dict(), **more}, sort_keys=False))
 
     def read_config(self) -> RunConfig:
         return RunConfig.from_yaml_dict(yaml.safe_load((self.path / "config.yaml").read_text()))
@@ -156,16 +158,14 @@ class RunDir:
         return (self.path / "plan.json").exists()
 
     def write_plan(self, plan: Plan) -> None:
-        (self.path / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+        write_text_whole(self.path / "plan.json", json.dumps(plan.to_dict(), indent=2))
 
     def read_plan(self) -> Plan:
         return Plan.from_dict(self.read_json("plan.json"))
 
     def write_json(self, name: str, data) -> Path:
         """A JSON side file of the run (profile.json, lr_find.json, folds.json, interpretation.json)."""
-        path = self.path / name
-        path.write_text(json.dumps(data, indent=2))
-        return path
+        return write_text_whole(self.path / name, json.dumps(data, indent=2))
 
     def read_json(self, name: str, default=None):
         path = self.path / name
@@ -202,13 +202,13 @@ class RunDir:
     # --- skipped.txt, split.json, predictions.npz, classifier.json -----------------------------------
     def write_skipped(self, skipped: list[Skipped]) -> None:
         lines = [f"{s.path}\t{s.reason}" for s in skipped]
-        (self.path / "skipped.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+        write_text_whole(self.path / "skipped.txt", "\n".join(lines) + ("\n" if lines else ""))
 
     def write_split(self, split: Split) -> None:
         """The exact files (and labels, tags) of each part, so evaluation and reports reuse the same split."""
         data = {k: v for k, v in asdict(split).items() if v is not None}
         data["train"], data["valid"] = [str(p) for p in split.train], [str(p) for p in split.valid]
-        (self.path / "split.json").write_text(json.dumps(data))
+        write_text_whole(self.path / "split.json", json.dumps(data))
 
     def read_split(self) -> Split | None:
         """The run's split, or None for a run that stopped before it was written."""
@@ -221,8 +221,9 @@ class RunDir:
     def save_predictions(self, positions: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> None:
         """Validation probabilities by position in split.json's valid list (numbers only); `labels` are
         class indices, or a multi-hot [images, classes] matrix for multi-label runs."""
-        np.savez_compressed(self.path / "predictions.npz", positions=np.asarray(positions, dtype=np.int64),
-                            probs=np.asarray(probs, dtype=np.float32), labels=np.asarray(labels, dtype=np.int64))
+        with written_whole(self.path / "predictions.npz") as tmp:
+            np.savez_compressed(tmp, positions=np.asarray(positions, dtype=np.int64),
+                                probs=np.asarray(probs, dtype=np.float32), labels=np.asarray(labels, dtype=np.int64))
 
     def read_predictions(self) -> dict[str, np.ndarray] | None:
         path = self.path / "predictions.npz"

@@ -30,6 +30,7 @@ from visiontune.data.leakage import Leakage, exact_leakage, near_leakage
 from visiontune.data.split import kfold_indices, split_catalog
 from visiontune.inference.engines import default_engine
 from visiontune.errors import UsageError
+from visiontune.files import fault_point
 from visiontune.progress import console
 from visiontune.runs import RunConfig, RunDir, Split
 from visiontune.task.kinds import Task, task_for
@@ -464,6 +465,7 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
         probs = task.activation(predict_cached(tail, inputs.valid)).numpy()
         tuning = (select.y, task.activation(predict_cached(tail, select.rows)).numpy()) if select else None
     targets = y_valid[kept]
+    fault_point("evaluation")
     metrics, decisions = task.finish(targets, probs, classes, plan, tuning)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     metrics["wall_seconds"] = round(seconds_since_process_start(), 1)
@@ -478,8 +480,8 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
         classifier.extra["train_prior"] = effective_prior(plan, y_train, len(classes)).round(6).tolist()
     if extra is not None:
         classifier.metrics.update(finish_beyond(prep, config, run, tail, inputs, extra, before))
-    classifier.save(run.classifier_dir)
     run.save_predictions(kept, probs, targets)
+    classifier.save(run.classifier_dir)  # last: a complete classifier/ marks the run finished (api.resume)
     if config.report:
         from visiontune.report.html import build_report
 

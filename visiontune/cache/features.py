@@ -19,6 +19,7 @@ from visiontune.backbones.registry import Backbone
 from visiontune.cache.store import CachedRows, FeatureStore
 from visiontune.data.images import content_hash
 from visiontune.data.transforms import augmentation
+from visiontune.files import fault_point
 from visiontune.inference.engines import compile_forward
 from visiontune.data.catalog import Skipped
 from visiontune.inference.stream import collect_outputs
@@ -118,6 +119,7 @@ def cached_activations(
         skipped.extend(chunk_skipped)
         if len(done):
             store.add_shard([hashes[chunk[j]] for j in done], rows)
+            fault_point("caching")
     index = store.index()
     kept = np.array([i for i in readable if hashes[i] in index], dtype=np.int64)
     return kept, store.rows([hashes[i] for i in kept]) if load else None, skipped

@@ -20,6 +20,7 @@ import numpy as np
 
 from visiontune.backbones.providers import file_digest
 from visiontune.errors import ArtifactError
+from visiontune.files import remove_stale_partials, write_bytes_whole, written_whole
 
 
 def default_cache_root() -> Path:
@@ -35,12 +36,6 @@ def key_digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 #: Shards whose bytes matched their checksum in this process (path, size, mtime, digest): a run opens the
 #: same store several times (counting what is cached, then caching each view), and a finished shard never
 #: changes, so its bytes are hashed once per process, not once per opening.
@@ -54,9 +49,10 @@ class FeatureStore:
         self.key = key
         self.dir = self.directory(root, key)
         self.dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(self.dir)  # shards a killed process was writing
         key_file = self.dir / "key.json"
         if not key_file.exists():
-            _atomic_write_bytes(key_file, json.dumps(key, indent=2, sort_keys=True).encode())
+            write_bytes_whole(key_file, json.dumps(key, indent=2, sort_keys=True).encode())
         self._index: dict[str, tuple[int, int]] | None = None
 
     @staticmethod
@@ -126,12 +122,10 @@ class FeatureStore:
         if len(hashes) != len(features):
             raise ValueError("one hash per feature row")
         shard = self._reserve_shard_id()
-        npy = self.dir / f"shard-{shard}.npy"
-        tmp = npy.with_name(npy.name + f".tmp{os.getpid()}.npy")
-        np.save(tmp, np.asarray(features, dtype=np.float16))
-        digest = file_digest(tmp)
-        os.replace(tmp, npy)
-        _atomic_write_bytes(self.dir / f"shard-{shard}.json", json.dumps({"hashes": hashes, "sha256": digest}).encode())
+        with written_whole(self.dir / f"shard-{shard}.npy") as tmp:
+            np.save(tmp, np.asarray(features, dtype=np.float16))
+            digest = file_digest(tmp)
+        write_bytes_whole(self.dir / f"shard-{shard}.json", json.dumps({"hashes": hashes, "sha256": digest}).encode())
         index = self.index()
         for row, digest in enumerate(hashes):
             index.setdefault(digest, (shard, row))

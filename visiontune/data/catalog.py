@@ -23,7 +23,7 @@ import numpy as np
 
 from visiontune.data.archives import JUNK_PARTS, Archive, is_archive, open_archive, split_member, text_member
 from visiontune.data.images import IMAGE_EXTENSIONS, ImageError, is_image_name, probe_and_hash, unreadable_name_reason
-from visiontune.data.walk import Skipped, walk_files
+from visiontune.data.walk import Skipped, outside_links_hint, walk_files
 from visiontune.progress import track
 from visiontune.errors import DataError  # noqa: F401  (raised here; defined light for the CLI)
 
@@ -187,9 +187,13 @@ def refused_summary(skipped: list[Skipped], shown: int = 3) -> str:
     return "; ".join(parts) + (f"; and {len(skipped) - shown} more" if len(skipped) > shown else "")
 
 
-def no_images_message(where: Path, skipped: int = 0, classes: list[str] | None = None) -> str:
+def no_images_message(where: Path, skipped: list[Skipped] | None = None, classes: list[str] | None = None) -> str:
     """Why a folder gave no labelled image, from what is actually in it, and what to do."""
     where = Path(where)
+    skipped = skipped or []
+    links = outside_links_hint(where, skipped)
+    if links:
+        return links
     loose = sum(1 for p in files_below(where) if p.parent == where and is_image_name(p)) if is_folder(where) else 0
     layout = "one sub-folder per class" + (f" named like the classifier's classes ({', '.join(classes[:5])}"
                                            f"{', ...' if len(classes) > 5 else ''})" if classes else "")
@@ -198,7 +202,7 @@ def no_images_message(where: Path, skipped: int = 0, classes: list[str] | None =
                 f"{layout}, e.g. {where}/cat/1.jpg, {where}/dog/2.jpg, or pass --labels labels.csv "
                 "(columns filename,label).")
     if skipped:
-        return (f"{where}: none of the {skipped} image files could be read. Check that they are images and not "
+        return (f"{where}: none of the {len(skipped)} image files could be read. Check that they are images and not "
                 "truncated.")
     return (f"{where}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} in class sub-folders). "
             f"Put images in {layout}, e.g. DATA/cat/1.jpg, DATA/dog/2.jpg.")
@@ -208,7 +212,7 @@ def _require_trainable(catalog: Catalog, where: Path) -> None:
     """Stop with one actionable line when a catalog cannot train a classifier."""
     if len(catalog) == 0:
         refused = f" Refused: {refused_summary(catalog.skipped)}." if catalog.skipped else ""
-        raise DataError(no_images_message(where, len(catalog.skipped)) + refused)
+        raise DataError(no_images_message(where, catalog.skipped) + refused)
     if len(catalog.classes) < 2:
         raise DataError(
             f"{where}: only one class ({catalog.classes[0]!r}); a classifier needs at least two. "

@@ -91,6 +91,5 @@ def write_split_folders(catalog: Catalog, source_root: Path, dest: Path, valid_f
             kind = _link(path, dest / part / catalog.classes[label] / rel)
             kinds[kind] = kinds.get(kind, 0) + 1
     if kinds.get("symlink"):  # symlinks lead out of `dest`: allow their source folder (data/walk.py)
-        for folder in (dest, dest / "train", dest / "valid"):
-            (folder / LINKS_FILE).write_text(os.path.realpath(source_root) + "\n")
+        (dest / LINKS_FILE).write_text(os.path.realpath(source_root) + "\n")  # read for train/ and valid/
     return {"train": len(train), "valid": len(valid), "links": kinds}

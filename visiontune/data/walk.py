@@ -37,13 +37,27 @@ def is_junk_or_hidden(relative: Path) -> bool:
 
 
 def allowed_roots(root: Path) -> list[str]:
-    """Real paths files may live under: the data folder's and those listed in its links file."""
+    """Real paths files may live under: the data folder's and those listed in its links file (in the folder,
+    or the one above it: `train/` and `valid/` of one dataset share DATA/.visiontune-links)."""
     real = os.path.realpath(root)
     roots = [real]
-    listed = Path(real) / LINKS_FILE
-    if listed.is_file():
-        roots += [os.path.realpath(line.strip()) for line in listed.read_text().splitlines() if line.strip()]
+    for listed in (Path(real) / LINKS_FILE, Path(real).parent / LINKS_FILE):
+        if listed.is_file():
+            roots += [os.path.realpath(line.strip()) for line in listed.read_text().splitlines() if line.strip()]
     return roots
+
+
+def outside_links_hint(where: Path, skipped: list[Skipped]) -> str | None:
+    """When refused files are mostly links leading outside `where`: which folder they lead into and how to
+    allow it — the usual cause of "no usable image" in a folder of links (a held-out set made with ln -s)."""
+    outside = [s.path for s in skipped if s.reason.startswith("symbolic link to")]
+    if not outside or len(outside) * 2 < len(skipped):
+        return None
+    targets = [os.path.dirname(os.path.realpath(p)) for p in outside]
+    common = os.path.commonpath(targets) if len(set(targets)) > 1 else targets[0]
+    return (f"{where}: {len(outside)} of its files are symbolic links leading outside it (into {common}), which "
+            f"visiontune does not read. Allow that folder: echo {common} >> {Path(where) / LINKS_FILE} "
+            "(or copy the files in).")
 
 
 def _inside(real: str, roots: list[str]) -> bool:

@@ -13,7 +13,6 @@ import json
 import os
 import zipfile
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from torch import nn
 from visiontune.classifier import Classifier
 from visiontune.inference.engines import export_onnx
 from visiontune.errors import UsageError
+from visiontune.files import fault_point, partial_path, remove_stale_partials, written_whole
 
 FORMATS = ("onnx", "torchscript")
 PARITY_TOLERANCE = 1e-4
@@ -85,20 +85,6 @@ def free_name(path: Path) -> Path:
     return candidate
 
 
-@contextmanager
-def written_whole(out: Path):
-    """Yield a temporary path beside `out`; rename it to `out` only if the block finishes, else delete it:
-    a crash or Ctrl-C never leaves a half-written file under the name a user would load."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial{out.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def export(classifier: Classifier, fmt: str, out: Path) -> Path:
     """Write the classifier as `fmt` to `out` (never overwriting an existing file; whole or not at all)."""
     if fmt not in FORMATS:
@@ -107,11 +93,12 @@ def export(classifier: Classifier, fmt: str, out: Path) -> Path:
         raise UsageError(f"{out} exists; nothing was overwritten. Choose another --out or delete it yourself.")
     module = Probabilities(classifier.model).eval().to(memory_format=torch.contiguous_format)
     size = classifier.preprocessing.input_size
+    remove_stale_partials(out.parent)  # what an export killed here before left
     with written_whole(out) as tmp:
         if fmt == "onnx":
             import onnx
 
-            plain = tmp.with_name(tmp.name + ".plain")
+            plain = partial_path(out.with_name(out.name + ".plain.onnx"))
             try:
                 export_onnx(module, size, plain)
                 graph = onnx.load(str(plain))
@@ -126,6 +113,7 @@ def export(classifier: Classifier, fmt: str, out: Path) -> Path:
             with torch.no_grad():
                 traced = torch.jit.trace(module, torch.zeros(1, 3, size, size))
             torch.jit.save(traced, str(tmp), _extra_files={"visiontune.json": json.dumps(metadata(classifier))})
+        fault_point("export")
     return out
 
 
@@ -190,7 +178,7 @@ def quantize_int8(classifier: Classifier, onnx_path: Path, out: Path, calibratio
     import onnx
 
     with written_whole(out) as tmp:
-        prepared = tmp.with_name(tmp.name + ".pre.onnx")
+        prepared = partial_path(out.with_name(out.name + ".pre.onnx"))
         try:
             quant_pre_process(str(onnx_path), str(prepared))
             quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,

@@ -8,7 +8,6 @@ features keep accuracy; bf16 is faster still but cost 0.2-0.5 accuracy points, s
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from visiontune.errors import UsageError
+from visiontune.files import written_whole
 from visiontune.names import ENGINES, default_engine, onnxruntime_available  # noqa: F401  (re-exported)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -31,9 +31,7 @@ def export_onnx(module: nn.Module, input_size: int, path: Path) -> Path:
     """Export `module` (eval mode, dynamic batch) to ONNX atomically; reuse the file if present."""
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with torch.no_grad():
+    with written_whole(path) as tmp, torch.no_grad():
         torch.onnx.export(
             module.eval(),
             torch.zeros(1, 3, input_size, input_size),
@@ -43,7 +41,6 @@ def export_onnx(module: nn.Module, input_size: int, path: Path) -> Path:
             dynamic_axes={"images": {0: "batch"}, "outputs": {0: "batch"}},
             dynamo=False,
         )
-    os.replace(tmp, path)
     return path
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from visiontune.backbones.providers import file_digest, read_safetensors
 from visiontune.errors import ArtifactError
+from visiontune.files import fault_point, write_text_whole, written_whole
 
 
 @dataclass
@@ -76,22 +77,21 @@ def save_checkpoint(
         tensors.update({f"part.{name}.{k}": v.detach().contiguous().clone() for k, v in state.items()})
     tensors["rng.torch"] = torch.get_rng_state()
     tensor_id = uuid.uuid4().hex
-    tmp = folder / f".last-{tensor_id}.safetensors"
-    save_file(tensors, str(tmp), metadata={"id": tensor_id})
+    old = {p for p in folder.glob("last-*.safetensors")}
+    final = folder / f"last-{tensor_id}.safetensors"
+    with written_whole(final) as tmp:
+        save_file(tensors, str(tmp), metadata={"id": tensor_id})
+        digest = file_digest(tmp)
     meta = {
         "id": tensor_id,
-        "sha256": file_digest(tmp),  # a truncated or bit-flipped file is refused on resume, never half-used
+        "sha256": digest,  # a truncated or bit-flipped file is refused on resume, never half-used
         "position": asdict(position),
         "optimizer": opt_meta,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "parts": sorted(parts or {}),
     }
-    tmp_json = folder / ".last.json.tmp"
-    tmp_json.write_text(json.dumps(meta))
-    old = {p for p in folder.glob("last-*.safetensors")}
-    final = folder / f"last-{tensor_id}.safetensors"
-    os.replace(tmp, final)
-    os.replace(tmp_json, folder / "last.json")
+    write_text_whole(folder / "last.json", json.dumps(meta))  # names the new tensors only once they are whole
+    fault_point("checkpoint")
     for path in old:
         path.unlink(missing_ok=True)
 

@@ -1,0 +1,85 @@
+"""Issue G: SIGKILL in every phase of `train` (caching, cached training, evaluation, saving the classifier, the
+report) and of `export`. `VISIONTUNE_FAULT=<point>` makes the real CLI process send itself SIGKILL at that
+point (visiontune/files.py: fault_point), so each phase is hit deterministically. After the kill, rerunning
+(`train --resume`, or the same export) must complete with the same weights and metrics as a run that was
+never interrupted, and no partial or damaged file may be left in the run folder or the cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_class_folders
+
+ARGS = ["--img-size", "64", "--epochs", "3", "--head", "linear", "--batch-size", "8"]
+STRIP = ("seconds", "wall_seconds", "predicted_seconds")
+
+
+def cli(*args: str, fault: str | None = None, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VISIONTUNE_CACHE": str(cache), "VISIONTUNE_SHARD_SIZE": "8"}
+    env.pop("VISIONTUNE_FAULT", None)
+    if fault:
+        env["VISIONTUNE_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "visiontune.cli", *args], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def final_metrics(run: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    return [{k: v for k, v in r.items() if k not in STRIP} for r in records]
+
+
+def assert_nothing_partial_or_damaged(*folders: Path) -> None:
+    for folder in folders:
+        leftovers = [p for p in folder.rglob("*") if ".partial-" in p.name]
+        assert not leftovers, f"partial files left behind: {leftovers}"
+        for path in folder.rglob("*.json"):
+            json.loads(path.read_text())  # every JSON whole
+        for path in folder.rglob("*.safetensors"):
+            load_file(str(path))  # every tensor file whole
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_class_folders(tmp_path_factory.mktemp("faults") / "data", per_class=10)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("whole")
+    done = cli("train", str(data), "--out", str(root / "run"), *ARGS, cache=root / "cache")
+    assert done.returncode == 0, done.stderr
+    return root / "run"
+
+
+@pytest.mark.parametrize("point", ["caching", "checkpoint", "evaluation", "classifier-half", "report"])
+def test_a_run_killed_in_any_phase_resumes_to_the_uninterrupted_result(data, uninterrupted, tmp_path, point):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    killed = cli("train", str(data), "--out", str(run), *ARGS, fault=point, cache=cache)
+    assert killed.returncode == -signal.SIGKILL, f"never reached {point}: {killed.stderr[-2000:]}"
+    assert not (run / "classifier" / "classifier.json").exists() or point == "report"
+    resumed = cli("train", "--resume", str(run), cache=cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_file(str(run / "classifier" / "model.safetensors")), load_file(str(uninterrupted / "classifier" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+    assert final_metrics(run) == final_metrics(uninterrupted)
+    assert (run / "report.html").exists() and (run / "predictions.npz").exists()
+    assert_nothing_partial_or_damaged(run, cache)
+
+
+def test_an_export_killed_midway_leaves_no_file_and_the_rerun_succeeds(uninterrupted, tmp_path):
+    out = tmp_path / "model.onnx"
+    killed = cli("export", str(uninterrupted), "--format", "onnx", "--out", str(out), fault="export", cache=tmp_path)
+    assert killed.returncode == -signal.SIGKILL and not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]  # what the kill left: a partial file
+    again = cli("export", str(uninterrupted), "--format", "onnx", "--out", str(out), cache=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert out.exists() and not [p for p in tmp_path.iterdir() if ".partial-" in p.name]

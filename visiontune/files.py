@@ -1,0 +1,87 @@
+"""Writing files so that a kill at any moment leaves the old file or the new one — never half of one.
+
+Every file visiontune writes for a user or for itself (run files, the classifier, checkpoints, cache
+shards, exports) is written under a hidden *partial* name beside its final name and renamed over it when
+complete (`os.replace`: atomic on POSIX and Windows). A process killed mid-write (SIGKILL, power loss)
+leaves only a partial file, which no reader looks at, and which the next process to open that folder
+deletes once the process that wrote it is gone (`remove_stale_partials`).
+
+`fault_point` is the hook the fault tests use: with `VISIONTUNE_FAULT=<name>` in the environment the
+process sends itself SIGKILL when it reaches the point of that name — a real kill at a known moment, so
+tests/test_faults.py can check every phase deterministically. Unset (always, outside those tests), it
+costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+PARTIAL = ".partial-"
+_PARTIAL_NAME = re.compile(r"^\..+\.partial-(\d+)(\.[^.]*)?$")
+
+
+def partial_path(path: Path) -> Path:
+    """The hidden name `path` is written under: `.NAME.partial-<pid>.SUFFIX` (the suffix kept last, since
+    some writers choose the format by it)."""
+    return path.with_name(f".{path.name}{PARTIAL}{os.getpid()}{path.suffix}")
+
+
+@contextmanager
+def written_whole(path: Path) -> Iterator[Path]:
+    """Yield a partial path beside `path`; rename it to `path` only if the block finishes, else delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes_whole(path: Path, data: bytes) -> Path:
+    with written_whole(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text_whole(path: Path, text: str) -> Path:
+    return write_bytes_whole(path, text.encode("utf-8"))
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_partials(folder: Path, recursive: bool = False) -> int:
+    """Delete partial files in `folder` left by processes that no longer run; returns how many."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for path in folder.rglob(".*") if recursive else folder.glob(".*"):
+        match = _PARTIAL_NAME.match(path.name)
+        if match and path.is_file() and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def fault_point(name: str) -> None:
+    """Kill this process with SIGKILL here when `VISIONTUNE_FAULT` names this point (fault tests only)."""
+    if os.environ.get("VISIONTUNE_FAULT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
