@@ -83,3 +83,33 @@ def test_an_export_killed_midway_leaves_no_file_and_the_rerun_succeeds(uninterru
     again = cli("export", str(uninterrupted), "--format", "onnx", "--out", str(out), cache=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert out.exists() and not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_an_unwritable_output_folder_stops_at_once_with_what_to_do(data, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = cli("train", str(data), "--out", str(blocker / "run"), *ARGS, cache=tmp_path / "cache")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot be written" in result.stderr and "--out" in result.stderr
+
+
+def test_a_full_disk_is_one_clear_error_and_the_run_resumes_once_there_is_room(data, uninterrupted, tmp_path):
+    """`ulimit -f` (RLIMIT_FSIZE) makes the first write past 60 kB fail with EFBIG, as a full disk would (here:
+    exporting the trunk for the cache, before the run folder exists); rerunning once there is room completes."""
+    import resource
+
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    env = {**os.environ, "VISIONTUNE_CACHE": str(cache)}
+    env.pop("VISIONTUNE_FAULT", None)
+    full = subprocess.run([sys.executable, "-m", "visiontune.cli", "train", str(data), "--out", str(run), *ARGS],
+                          capture_output=True, text=True, timeout=600, env=env,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000)))
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert "no room to write" in full.stderr and "$VISIONTUNE_CACHE" in full.stderr
+    assert_nothing_partial_or_damaged(tmp_path)
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before  # the user's data untouched
+    resumed = cli("train", "--resume", str(run), cache=cache) if run.exists() else \
+        cli("train", str(data), "--out", str(run), *ARGS, cache=cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert final_metrics(run) == final_metrics(uninterrupted)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from visiontune.backbones.heads import MLP_HIDDEN, head_record, install_head
@@ -26,7 +26,7 @@ from visiontune.data.transforms import Preprocessing
 from visiontune.evaluation.priors import reweight
 from visiontune.task.kinds import Task, task_named
 from visiontune.inference.stream import gather, stream_outputs
-from visiontune.files import fault_point, write_text_whole, written_whole
+from visiontune.files import fault_point, write_bytes_whole, write_text_whole
 from visiontune.errors import ArtifactError  # noqa: F401  (raised here; defined light for the CLI)
 
 ARTIFACT_FORMAT = 1
@@ -179,10 +179,8 @@ class Classifier:
         from visiontune.version import __version__
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
-        with written_whole(directory / "model.safetensors") as tmp:
-            save_file(state, str(tmp))
+        write_bytes_whole(directory / "model.safetensors", save(state))
         fault_point("classifier-half")
         meta = {
             "format": ARTIFACT_FORMAT,

@@ -12,14 +12,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from visiontune.errors import (
-    ArtifactError, DataError, ImageError, RunExistsError, RunInterrupted, UsageError, WeightsError,
+    ArtifactError, DataError, ImageError, RunExistsError, RunInterrupted, UsageError, WeightsError, WriteError,
 )
 from visiontune.data.archives import is_archive, split_member
 from visiontune.names import AUGMENTATIONS, COMBINE, ENGINES, PRIOR_HELP, TTA_MODES, default_engine
 from visiontune.progress import console
 from visiontune.version import __version__
 
-USER_ERRORS = (DataError, WeightsError, ArtifactError, RunExistsError, FileNotFoundError, UsageError, ImageError)
+USER_ERRORS = (DataError, WeightsError, ArtifactError, RunExistsError, FileNotFoundError, UsageError, ImageError,
+               WriteError)
 
 
 def _metrics_tables(metrics: dict, classes: list[str]) -> list[Table]:

@@ -34,6 +34,11 @@ class DataError(Exception):
     """Data that cannot be used as given; the message says what to do."""
 
 
+class WriteError(Exception):
+    """A file that cannot be written (no room on the disk, a read-only or unwritable folder); the message
+    names the file and what to do. Nothing is left half-written (visiontune/files.py)."""
+
+
 class ArtifactError(Exception):
     """A classifier directory that cannot be loaded; the message says why."""
 

@@ -14,12 +14,42 @@ costs one dictionary lookup.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from visiontune.errors import WriteError
+
+#: errno values meaning "the disk is full": ENOSPC, a quota (EDQUOT), a size limit (EFBIG, `ulimit -f`).
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+#: errno values meaning "this place cannot be written".
+NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
+
+
+def write_error(path: Path, exc: OSError) -> WriteError | None:
+    """The user-facing error for a failed write of `path`, or None when `exc` is not about writing."""
+    if exc.errno in NO_ROOM:
+        return WriteError(f"{path}: no room to write it ({exc.strerror}). Free space on that disk or write elsewhere "
+                          "(--out for a run, $VISIONTUNE_CACHE for the feature cache); nothing was left half-written, "
+                          "so rerun (a run: visiontune train --resume RUN) once there is room.")
+    if exc.errno in NOT_WRITABLE:
+        return WriteError(f"{path}: cannot be written ({exc.strerror}). Choose a folder you can write to "
+                          "(--out for a run, $VISIONTUNE_CACHE for the feature cache).")
+    return None
+
+
+def make_folder(folder: Path) -> Path:
+    """`mkdir -p folder`, with a WriteError that says what to do when it cannot be made."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise (write_error(Path(folder), exc) or exc) from None
+    return Path(folder)
+
 
 PARTIAL = ".partial-"
 _PARTIAL_NAME = re.compile(r"^\..+\.partial-(\d+)(\.[^.]*)?$")
@@ -35,11 +65,13 @@ def partial_path(path: Path) -> Path:
 def written_whole(path: Path) -> Iterator[Path]:
     """Yield a partial path beside `path`; rename it to `path` only if the block finishes, else delete it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     tmp = partial_path(path)
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk or an unwritable folder: one clear line, not a traceback
+        raise (write_error(path, exc) or exc) from None
     finally:
         if tmp.exists():
             tmp.unlink()

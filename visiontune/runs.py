@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import yaml
 
-from visiontune.files import fault_point, remove_stale_partials, write_text_whole, written_whole
+from visiontune.files import fault_point, make_folder, remove_stale_partials, write_error, write_text_whole, written_whole
 from visiontune.backbones.registry import DEFAULT_ARCH
 from visiontune.classifier import read_classifier_meta
 from visiontune.data.catalog import Skipped
@@ -113,7 +113,7 @@ class RunDir:
             path = Path(out)
             if path.exists() and any(path.iterdir()):
                 raise RunExistsError(f"{path}: {_what_is_there(path)}; nothing was overwritten.")
-        (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        make_folder(path / "checkpoints")  # the first write: an unwritable --out stops here, with what to do
         return cls(path)
 
     @classmethod
@@ -189,8 +189,12 @@ class RunDir:
 
     def log_metrics(self, record: dict) -> None:
         """Append one JSON line to metrics.jsonl (flushed at once, so a killed run keeps its history)."""
-        with (self.path / "metrics.jsonl").open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        path = self.path / "metrics.jsonl"
+        try:
+            with path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise (write_error(path, exc) or exc) from None
 
     def read_metrics(self) -> list[dict]:
         path = self.path / "metrics.jsonl"

@@ -20,7 +20,7 @@ import numpy as np
 
 from visiontune.backbones.providers import file_digest
 from visiontune.errors import ArtifactError
-from visiontune.files import remove_stale_partials, write_bytes_whole, written_whole
+from visiontune.files import make_folder, remove_stale_partials, write_bytes_whole, written_whole
 
 
 def default_cache_root() -> Path:
@@ -47,8 +47,7 @@ class FeatureStore:
 
     def __init__(self, root: Path, key: dict):
         self.key = key
-        self.dir = self.directory(root, key)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = make_folder(self.directory(root, key))
         remove_stale_partials(self.dir)  # shards a killed process was writing
         key_file = self.dir / "key.json"
         if not key_file.exists():

@@ -9,19 +9,19 @@ pair or the new one.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from visiontune.backbones.providers import file_digest, read_safetensors
 from visiontune.errors import ArtifactError
-from visiontune.files import fault_point, write_text_whole, written_whole
+from visiontune.files import fault_point, write_bytes_whole, write_text_whole
 
 
 @dataclass
@@ -79,9 +79,9 @@ def save_checkpoint(
     tensor_id = uuid.uuid4().hex
     old = {p for p in folder.glob("last-*.safetensors")}
     final = folder / f"last-{tensor_id}.safetensors"
-    with written_whole(final) as tmp:
-        save_file(tensors, str(tmp), metadata={"id": tensor_id})
-        digest = file_digest(tmp)
+    data = save(tensors, metadata={"id": tensor_id})
+    write_bytes_whole(final, data)
+    digest = hashlib.sha256(data).hexdigest()
     meta = {
         "id": tensor_id,
         "sha256": digest,  # a truncated or bit-flipped file is refused on resume, never half-used
