@@ -4,8 +4,8 @@ Synthetic 32x32 PNG files (distinct bytes) in 10 class folders. For each size, e
 fresh process and its peak RSS is measured (getrusage of the waited-for children, so decoding workers
 count too):
 
-* `plan DATA` twice: listing + header-checking every file (the catalog), cold and then warm (the second
-  run re-checks only new or changed files);
+* the catalog (`discover(DATA)`: listing and header-checking every file, in threads) twice: cold, then
+  warm (the header-check record: unchanged files are not read again);
 * `train DATA --cut pooled --epochs 2 --unfreeze 0 --head linear --img-size 64`: catalog, caching,
   training, evaluation, leakage checks and the report — a cheap plan on purpose: the point is memory;
 * `predict RUN DATA --csv`: prediction over every file, streamed.
@@ -49,11 +49,15 @@ def write_images(folder: Path, count: int, seed: int = 0) -> None:
         Image.fromarray(arr).save(folder / f"class{c}" / f"{i:06d}.png")
 
 
-def measured(*args: str, env: dict) -> dict:
-    """`visiontune ARGS` in a wrapper process that reports the command's wall time and peak RSS."""
+CATALOG = "import sys; from visiontune.data.catalog import discover; print(len(discover(sys.argv[1]).train))"
+
+
+def measured(*args: str, env: dict, python: str | None = None) -> dict:
+    """`visiontune ARGS` (or `python -c PYTHON ARGS`) in a wrapper process that reports its wall time and peak RSS."""
     wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); r = subprocess.run(sys.argv[1:]); "
                "print(r.returncode, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "visiontune.cli", *args],
+    command = ["-c", python] if python else ["-m", "visiontune.cli"]
+    out = subprocess.run([sys.executable, "-c", wrapper, sys.executable, *command, *args],
                          capture_output=True, text=True, env=env)
     code, seconds, max_rss_kb = out.stdout.strip().splitlines()[-1].split()
     if code != "0":
@@ -67,8 +71,8 @@ def run_size(tmp: Path, count: int) -> dict:
     write_images(data, count)
     env = {**os.environ, "VISIONTUNE_CACHE": str(cache)}
     row = {"write_seconds": round(time.perf_counter() - started, 1)}
-    row["plan (cold: list + check every file)"] = measured("plan", str(data), env=env)
-    row["plan (warm: re-check only changes)"] = measured("plan", str(data), env=env)
+    row["catalog, cold (list + check every file)"] = measured(str(data), env=env, python=CATALOG)
+    row["catalog, warm (unchanged files not re-read)"] = measured(str(data), env=env, python=CATALOG)
     row["train (cache, train, evaluate, report)"] = measured("train", str(data), "--out", str(run), *TRAIN, env=env)
     row["predict (every file, CSV)"] = measured("predict", str(run), str(data), "--csv", str(tmp / f"p-{count}.csv"), env=env)
     return row

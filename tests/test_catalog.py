@@ -131,3 +131,25 @@ def test_a_truncated_image_is_skipped_once_by_the_catalog(tmp_path):
     reasons = {Path(s.path).name: s.reason for s in source.skipped}
     assert "truncated PNG" in reasons["cut.png"] and "truncated JPEG" in reasons["cut.jpg"]
     assert len(source.train) == 12
+
+
+def test_a_second_check_of_a_folder_reads_only_new_or_changed_files(class_folders, monkeypatch):
+    """The header-check record (data/checked.py): unchanged files are not read again, changed ones are,
+    and the outcome is the same as checking everything afresh."""
+    from visiontune.data import checked
+
+    (class_folders / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    first = discover(class_folders)
+    calls = []
+    original = checked.probe_and_hash
+    monkeypatch.setattr(checked, "probe_and_hash", lambda path: calls.append(path) or original(path))
+    again = discover(class_folders)
+    assert calls == [] and again.train.paths == first.train.paths and again.train.skipped == first.train.skipped
+    changed = class_folders / "green" / "green_003.png"
+    changed.write_bytes(changed.read_bytes()[:40])  # truncated since the last check
+    third = discover(class_folders)
+    assert calls == [changed] and changed not in third.train.paths
+    assert [s.reason for s in third.train.skipped if s.path == str(changed)] == [checked._check_one(changed)[3]]
+    monkeypatch.setenv("VISIONTUNE_CHECK_RECORD", "0")
+    fresh = discover(class_folders)
+    assert fresh.train.paths == third.train.paths and fresh.train.skipped == third.train.skipped

@@ -20,15 +20,8 @@ import numpy as np
 
 from visiontune.backbones.providers import file_digest
 from visiontune.errors import ArtifactError
+from visiontune.locations import default_cache_root  # noqa: F401  (re-exported: the cache's home)
 from visiontune.files import make_folder, remove_stale_partials, write_bytes_whole, written_whole
-
-
-def default_cache_root() -> Path:
-    """`$VISIONTUNE_CACHE`, else `$XDG_CACHE_HOME/visiontune`, else `~/.cache/visiontune`."""
-    if os.environ.get("VISIONTUNE_CACHE"):
-        return Path(os.environ["VISIONTUNE_CACHE"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "visiontune"
 
 
 def key_digest(key: dict) -> str:

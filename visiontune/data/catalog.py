@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from visiontune.data.archives import JUNK_PARTS, Archive, is_archive, open_archive, split_member, text_member
-from visiontune.data.images import IMAGE_EXTENSIONS, ImageError, is_image_name, probe_and_hash, unreadable_name_reason
+from visiontune.data.images import IMAGE_EXTENSIONS, is_image_name, unreadable_name_reason
+from visiontune.data.checked import check_files
 from visiontune.data.walk import Skipped, outside_links_hint, walk_files
 from visiontune.progress import track
 from visiontune.errors import DataError  # noqa: F401  (raised here; defined light for the CLI)
@@ -169,11 +170,10 @@ def _check_files(paths: list[Path], labels: list[int], what: str) -> tuple[list[
     """Read each file once: its header (keep the readable ones, skip the rest with the reason) and its content
     hash, which the feature cache keys it by next."""
     kept_paths, kept_labels, skipped = [], [], []
-    for path, label in track(list(zip(paths, labels)), f"checking {what} images"):
-        try:
-            probe_and_hash(path)
-        except ImageError as err:
-            skipped.append(Skipped(err.path, err.reason))
+    reasons = check_files(list(paths), progress=lambda items, total: track(items, f"checking {what} images", total))
+    for path, label, reason in zip(paths, labels, reasons):
+        if reason is not None:
+            skipped.append(Skipped(str(path), reason))
             continue
         kept_paths.append(path)
         kept_labels.append(label)

@@ -159,6 +159,11 @@ def content_hash(path: str | Path) -> str:
     return _HASH_MEMO[memo_key]
 
 
+def remember_hash(path: str | Path, digest: str) -> None:
+    """Record `path`'s content hash for this process (known from the header-check record, data/checked.py)."""
+    _HASH_MEMO[_memo_key(path)] = digest
+
+
 def _memo_key(path: str | Path) -> tuple[str, int, int]:
     if split_member(path) is not None:
         return member_key(path)
