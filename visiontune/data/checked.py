@@ -28,6 +28,9 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS checked (
     path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, hash TEXT, width INTEGER, height INTEGER, reason TEXT)"""
 #: Paths looked up per query (SQLite's default limit on host parameters is 32,766).
 QUERY_ROWS = 900
+#: Files checked per round: lookups, checks and records go a round at a time, so memory stays flat in the
+#: folder's size (100k pending futures and rows would hold ~250 MB).
+ROUND = 4096
 
 
 class CheckRecord:
@@ -88,40 +91,45 @@ def _check_one(path: Path) -> tuple[str | None, int, int, str | None]:
     return content_hash(path), width, height, None
 
 
+def _key(path: Path) -> tuple[str, int, int] | None:
+    """(absolute path, size, mtime) of a file on disk; None inside an archive or when it cannot be stat'ed
+    (then it is checked, and refused with the reason)."""
+    if split_member(path) is not None:
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
+
+
 def check_files(paths: list[Path], workers: int | None = None, progress=None) -> list[str | None]:
     """The refusal reason of each file (None: usable), checking only files the record does not know as they
     are now; usable files' content hashes are remembered in-process for the cache to key them by."""
-    keys: list[tuple[str, int, int] | None] = []
-    for path in paths:
-        if split_member(path) is not None:
-            keys.append(None)
-            continue
-        try:
-            stat = os.stat(path)
-            keys.append((os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
-        except OSError:
-            keys.append(None)  # checked (and refused with the reason) below
     record = open_record()
-    known = record.known([k for k in keys if k is not None]) if record is not None else {}
     reasons: list[str | None] = [None] * len(paths)
-    todo = []
-    for i, key in enumerate(keys):
-        outcome = known.get(key[0]) if key is not None else None
-        if outcome is None:
-            todo.append(i)
-            continue
-        digest, _, _, reasons[i] = outcome
-        if digest is not None:
-            remember_hash(paths[i], digest)
-    fresh = []
+    rounds = range(0, len(paths), ROUND)
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        outcomes = pool.map(_check_one, [paths[i] for i in todo])
-        for i, outcome in zip(todo, progress(outcomes, total=len(todo)) if progress else outcomes):
-            reasons[i] = outcome[3]
-            if keys[i] is not None:
-                fresh.append((*keys[i], *outcome))
+        for start in progress(rounds, total=len(rounds)) if progress else rounds:
+            chunk = list(range(start, min(start + ROUND, len(paths))))
+            keys = {i: _key(paths[i]) for i in chunk}
+            known = record.known([k for k in keys.values() if k is not None]) if record is not None else {}
+            todo = []
+            for i, key in keys.items():
+                outcome = known.get(key[0]) if key is not None else None
+                if outcome is None:
+                    todo.append(i)
+                    continue
+                digest, _, _, reasons[i] = outcome
+                if digest is not None:
+                    remember_hash(paths[i], digest)
+            fresh = []
+            for i, outcome in zip(todo, pool.map(_check_one, [paths[i] for i in todo])):
+                reasons[i] = outcome[3]
+                if keys[i] is not None:
+                    fresh.append((*keys[i], *outcome))
+            if record is not None and fresh:
+                record.record(fresh)
     if record is not None:
-        if fresh:
-            record.record(fresh)
         record.close()
     return reasons
