@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo shell test browser test-slow fashion-mnist bench-speed bench-memory bench-playbook bench-beyond bench-serve clean
+.PHONY: install demo shell test browser test-slow fashion-mnist bench-speed bench-memory bench-playbook bench-beyond bench-serve bench-large clean
 
 # pip's wheel cache is off: torch alone is 5.5 GB in the venv, and a second copy in ~/.cache can fill a small disk.
 export PIP_NO_CACHE_DIR := 1
@@ -56,6 +56,9 @@ bench-playbook: $(STAMP) fashion-mnist
 bench-beyond: $(STAMP) fashion-mnist
 	$(BIN)/python bench/beyond_labels.py ssl
 	$(BIN)/python bench/beyond_labels.py adapt
+
+bench-large: $(STAMP)
+	$(BIN)/python bench/large_data.py
 
 bench-serve: $(STAMP) fashion-mnist
 	$(BIN)/python bench/serve_load.py
