@@ -209,6 +209,10 @@ def run_visiontune(label: str, *extra: str) -> dict:
             capture_output=True, text=True, env=env,
         )
         wall = time.perf_counter() - started
+        if out.returncode != 0 and "cannot be met" in out.stderr:  # a budget this machine cannot meet today
+            refusal = " ".join(out.stderr.split())
+            print(f"{label:32s} refused: {refusal}", flush=True)
+            return {"refused": refusal, "wall_seconds": wall, "args": " ".join(extra)}
         if out.returncode != 0:
             raise RuntimeError(f"{label} failed:\n{out.stderr[-3000:]}")
         meta = json.loads((Path(tmp) / "run" / "classifier" / "classifier.json").read_text())

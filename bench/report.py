@@ -9,7 +9,7 @@ from pathlib import Path
 
 def _rows(results: dict) -> list[tuple[str, float, float | None]]:
     rows = [(name, r["wall_seconds"], r.get("accuracy")) for name, r in results["peers"].items()]
-    rows += [(name, r["wall_seconds"], r["accuracy"]) for name, r in results["visiontune"].items()]
+    rows += [(name, r["wall_seconds"], r.get("accuracy")) for name, r in results["visiontune"].items()]
     return rows
 
 
@@ -38,7 +38,7 @@ def goals(results: dict) -> list[tuple[str, bool, str]]:
                            f"{run['wall_seconds']:.1f}s for {run['budget_s']:.0f}s ({error:+.0%})"))
     budgets = sorted({r["budget_s"] for r in ours.values() if "budget_s" in r} | {600.0})
     for budget in budgets:
-        ours_in = [r["accuracy"] for r in ours.values() if r["wall_seconds"] <= budget]
+        ours_in = [r["accuracy"] for r in ours.values() if r["wall_seconds"] <= budget and "accuracy" in r]
         peers_in = {n: r["accuracy"] for n, r in peers.items() if r["wall_seconds"] <= budget and r.get("accuracy")}
         if peers_in:
             best_ours = max(ours_in) if ours_in else 0.0
@@ -65,6 +65,9 @@ def write_markdown_and_plot(results: dict, md_path: Path, png_path: Path) -> Non
     lines += ["", "| floor (one pass, 4,000 images, decode included) | seconds | img/s |", "|---|---|---|"]
     for name, floor in results["floors"].items():
         lines.append(f"| {name} | {floor['seconds']:.1f} | {floor['img_per_s']:.0f} |")
+    refused = {name: r["refused"] for name, r in results["visiontune"].items() if "refused" in r}
+    if refused:
+        lines += [""] + [f"- {name}: refused by visiontune in this sitting — {text}" for name, text in refused.items()]
     lines += ["", "| goal | met | measured |", "|---|---|---|"]
     lines += [f"| {goal} | {'yes' if ok else '**no**'} | {measured} |" for goal, ok, measured in goals(results)]
     md_path.write_text("\n".join(lines) + "\n")
@@ -77,7 +80,7 @@ def write_markdown_and_plot(results: dict, md_path: Path, png_path: Path) -> Non
         ax.scatter(seconds, accuracy, marker="o" if ours else "s", color="tab:blue" if ours else "tab:red")
         ax.annotate(name.replace("visiontune_", "vt "), (seconds, accuracy), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
-    ours_sorted = sorted((r["wall_seconds"], r["accuracy"]) for r in results["visiontune"].values())
+    ours_sorted = sorted((r["wall_seconds"], r["accuracy"]) for r in results["visiontune"].values() if "accuracy" in r)
     ax.plot(*zip(*ours_sorted), color="tab:blue", alpha=0.4)
     ax.axvline(naive, color="gray", linestyle=":", label=f"naive floor {naive:.0f}s")
     ax.axvline(best, color="gray", linestyle="--", label=f"best floor {best:.0f}s")
