@@ -30,6 +30,7 @@ from visiontune.evaluation.metrics import classification_metrics
 from visiontune.evaluation.priors import parse_prior, resolve, reweight
 from visiontune.runs import RunConfig, RunDir
 from visiontune.train.plan import Plan
+from visiontune.files import written_whole
 from visiontune.training import REPORT_S, Prepared, cache_inputs, fit_folds, prepare, train_run
 
 #: fit() arguments that are plan settings under another name (the CLI's --unfreeze).
@@ -200,7 +201,7 @@ def predict_to_file(
     clf = _classifier(classifier)
     predictions = iter_predictions(clf, items, skipped=skipped, **options)
     count = 0
-    with Path(out).open("w", newline="") as handle:
+    with written_whole(Path(out)) as tmp, tmp.open("w", newline="") as handle:
         if fmt == "json":  # a JSON array written item by item
             handle.write("[")
             for p in predictions:

@@ -297,7 +297,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if "prior" in metrics:
         console.print(f"prior: {_prior_text(metrics['prior'], clf.classes)}")
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        from visiontune.files import write_text_whole
+
+        write_text_whole(Path(args.json), json.dumps(metrics, indent=2))
     for table in _metrics_tables(metrics, clf.classes):
         Console().print(table)
     for s in metrics["skipped"]:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from visiontune.classifier import ArtifactError, Classifier
+from visiontune.files import write_text_whole
 
 
 METHODS = ("mean", "vote", "weighted")
@@ -72,7 +73,7 @@ class Ensemble(Classifier):
         if (directory / "ensemble.json").exists():
             raise ArtifactError(f"{directory}: already holds an ensemble; nothing was overwritten")
         members = [str(m.directory.resolve()) for m in self.members]
-        (directory / "ensemble.json").write_text(json.dumps({
+        write_text_whole(directory / "ensemble.json", json.dumps({
             "method": self.method, "weights": self.model.weights.tolist(), "members": members,
             "classes": self.classes, "metrics": self.metrics,
         }, indent=2))

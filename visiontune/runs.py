@@ -185,7 +185,7 @@ class RunDir:
         path = self.path / "metrics.jsonl"
         if path.exists():
             kept = path.read_text().splitlines()[:lines]
-            path.write_text("".join(line + "\n" for line in kept))
+            write_text_whole(path, "".join(line + "\n" for line in kept))
 
     def log_metrics(self, record: dict) -> None:
         """Append one JSON line to metrics.jsonl (flushed at once, so a killed run keeps its history)."""

@@ -15,6 +15,7 @@ import numpy as np
 from visiontune.classifier import Classifier
 from visiontune.data.catalog import DataError
 from visiontune.errors import UsageError
+from visiontune.files import written_whole
 
 
 def read_sample(sample: Path) -> tuple[list[str], list[str]]:
@@ -56,7 +57,7 @@ def write_submission(classifier: Classifier, sample: Path, paths: list[Path], ou
     full = np.full((len(files), len(classifier.classes)), 1.0 / len(classifier.classes))
     full[kept] = probs
     index = [classifier.classes.index(c) for c in columns] if probability_format else []
-    with out.open("w", newline="") as handle:
+    with written_whole(out) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         for row_id, row in zip(ids, full):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from visiontune.files import written_whole
+
 
 
 @dataclass
@@ -66,7 +68,7 @@ def mine_hard_examples(
 
 
 def write_hard_examples(examples: list[HardExample], out: Path) -> Path:
-    with out.open("w", newline="") as handle:
+    with written_whole(out) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "predicted", "p_label", "p_predicted", "margin", "kind"])
         for h in examples:
