@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from visiontune.backbones.registry import DEFAULT_ARCH
-from visiontune.cache.store import default_cache_root
+from visiontune.locations import cache_folder
 from visiontune.classifier import Classifier, Prediction
 from visiontune.data.archives import split_member
 from visiontune.data.catalog import (
@@ -457,7 +457,7 @@ def warm_cache(
     from visiontune.cache.features import cached_activations
     from visiontune.inference.engines import default_engine
 
-    root = Path(cache_dir) if cache_dir else default_cache_root()
+    root = cache_folder(cache_dir)
     paths = image_files([data])
     backbone = create_backbone(arch, weights, num_classes=0, img_size=img_size)
     skipped: list[Skipped] = []
@@ -483,7 +483,7 @@ def cache_info(cache_dir: str | Path | None = None) -> tuple[Path, list[dict]]:
     """(cache folder, one entry per cached key: architecture, size, cut, view, rows, bytes)."""
     from visiontune.cache.store import cache_info as entries
 
-    root = Path(cache_dir) if cache_dir else default_cache_root()
+    root = cache_folder(cache_dir)
     return root, entries(root)
 
 
@@ -491,7 +491,7 @@ def clear_cache(cache_dir: str | Path | None = None) -> tuple[Path, int]:
     """Delete the feature cache; returns (folder, bytes freed)."""
     from visiontune.cache.store import clear_cache as clear
 
-    root = Path(cache_dir) if cache_dir else default_cache_root()
+    root = cache_folder(cache_dir)
     return root, clear(root)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ from visiontune import adapt, semi
 from visiontune.adapt.subspace import fit_jda, fit_tca
 from visiontune.backbones.cuts import POOLED, Tail
 from visiontune.cache.features import cached_activations
-from visiontune.cache.store import default_cache_root
+from visiontune.locations import cache_folder
 from visiontune.data.catalog import Catalog, Skipped, unlabelled_catalog
 from visiontune.data.split import stratified_split
 from visiontune.errors import UsageError
@@ -88,7 +87,7 @@ def cache_extra(key: str, folder: str, backbone, plan: Plan, cache_dir: str | No
     """Catalog and cache an unlabelled or target folder at the plan's cut."""
     what = "unlabelled" if key == "u" else "target"
     catalog = unlabelled_catalog(folder, what)
-    root = Path(cache_dir) if cache_dir else default_cache_root()
+    root = cache_folder(cache_dir)
     common = {"cut": plan.cut, "seed": plan.seed, "batch_size": plan.batch_size, "workers": workers, "engine": plan.engine}
     kept, plain, skipped = cached_activations(backbone, catalog.paths, root, description=what, **common)
     views = [plain]
@@ -269,7 +268,7 @@ def choose_method(
 
 def evaluate_target(tail: Tail, catalog: Catalog, backbone, plan: Plan, classes: list[str], cache_dir, workers) -> dict:
     """Metrics of the trained tail on labelled target images (read only now, after training)."""
-    root = Path(cache_dir) if cache_dir else default_cache_root()
+    root = cache_folder(cache_dir)
     kept, rows, _ = cached_activations(backbone, catalog.paths, root, cut=plan.cut, seed=plan.seed,
                                        batch_size=plan.batch_size, workers=workers, engine=plan.engine,
                                        description="target evaluation")

@@ -100,7 +100,7 @@ class Classifier:
         if engine not in self._engines:
             path = None
             if engine == "onnxruntime" and self.directory is not None:
-                from visiontune.cache.store import default_cache_root
+                from visiontune.locations import default_cache_root
                 from visiontune.data.images import content_hash
 
                 digest = content_hash(self.directory / "model.safetensors")

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from visiontune.backbones.registry import DEFAULT_ARCH, create_backbone
 from visiontune.cache.features import cached_activations
-from visiontune.cache.store import default_cache_root
+from visiontune.locations import default_cache_root
 from visiontune.data.catalog import discover
 from visiontune.data.stats import duplicate_groups, mean_std
 from visiontune.train.objectives import plain_objective, train_step

@@ -20,7 +20,7 @@ import torch
 
 from visiontune.backbones.providers import PACKAGED, package_version
 from visiontune.backbones.weights_folder import WEIGHT_SUFFIXES, weights_folder
-from visiontune.cache.store import default_cache_root
+from visiontune.locations import default_cache_root
 from visiontune.inference.engines import compile_forward
 from visiontune.files import write_text_whole
 from visiontune.names import ENGINES, onnxruntime_available

@@ -22,7 +22,7 @@ from visiontune.backbones.cuts import Tail, cut_points
 from visiontune.backbones.heads import install_head, output_layer
 from visiontune.backbones.registry import Backbone, create_backbone, resolve_arch
 from visiontune.cache.features import cached_activations, cached_thumbnails, trunk_engine_path, uncached_count
-from visiontune.cache.store import CachedRows, default_cache_root
+from visiontune.cache.store import CachedRows
 from visiontune.classifier import Classifier
 from visiontune.clock import expect_after_phase, seconds_since_process_start
 from visiontune.data.catalog import Catalog, DataError, Skipped, Source, discover, labelled_like
@@ -31,6 +31,7 @@ from visiontune.data.split import kfold_indices, split_catalog
 from visiontune.inference.engines import default_engine
 from visiontune.errors import UsageError
 from visiontune.files import fault_point
+from visiontune.locations import cache_folder
 from visiontune.progress import console
 from visiontune.runs import RunConfig, RunDir, Split
 from visiontune.task.kinds import Task, task_for
@@ -111,7 +112,7 @@ def prepare(config: RunConfig, fold: tuple[int, int] | None = None, reserve_s: f
     engine = overrides.get("engine") or default_engine()
     speed = profile_speed(backbone, train_cat, cuts[:4], engine) if budget_s is not None else None
     overrides = {**overrides, "seed": config.seed, "task": task.name}
-    cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_root()
+    cache_root = cache_folder(config.cache_dir)
 
     @functools.cache
     def missing(cut: str, view: int | None, part: str) -> int:  # one index read per feature key, not per candidate
@@ -175,7 +176,7 @@ def report_leakage(prep: Prepared, config: RunConfig, run: RunDir) -> Leakage:
     """The same image in two classes, or on both sides of the split (byte-identical or near): printed as
     warnings and kept in `leakage.json`, so a run's numbers say what they may be inflated by."""
     found = exact_leakage(prep.train.paths, prep.train.labels, prep.valid.paths, prep.valid.labels, list(prep.source.classes))
-    cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_root()
+    cache_root = cache_folder(config.cache_dir)
     found = near_leakage(found, cached_thumbnails(prep.train.paths, cache_root, "train"), prep.train.paths,
                          cached_thumbnails(prep.valid.paths, cache_root, "valid"), prep.valid.paths, seed=prep.plan.seed)
     run.write_json("leakage.json", found.to_dict())
@@ -187,7 +188,7 @@ def report_leakage(prep: Prepared, config: RunConfig, run: RunDir) -> Leakage:
 def cache_inputs(prep: Prepared, config: RunConfig) -> CachedInputs:
     """Cache (or read) the activations of every image; drops the files that fail from the catalogs."""
     plan, backbone = prep.plan, prep.backbone
-    cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_root()
+    cache_root = cache_folder(config.cache_dir)
     common = {"cut": plan.cut, "seed": plan.seed, "batch_size": plan.batch_size, "workers": config.workers,
               "engine": plan.engine}
     skipped: list[Skipped] = []

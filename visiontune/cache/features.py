@@ -138,7 +138,10 @@ def cached_thumbnails(paths: Sequence[Path], cache_root: Path, description: str 
 
     store = FeatureStore(cache_root, THUMBNAIL_KEY)
     hashes = [content_hash(path) for path in paths]
-    todo = list({h: i for i, h in reversed(list(enumerate(hashes))) if h not in store.index()}.values())
+    first: dict[str, int] = {}  # one decode per distinct content
+    for i in store.missing(hashes):
+        first.setdefault(hashes[i], i)
+    todo = list(first.values())
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for start in track(range(0, len(todo), SHARD_SIZE), f"{description} for the near-duplicate check"):
             chunk = todo[start : start + SHARD_SIZE]

@@ -20,7 +20,6 @@ import numpy as np
 
 from visiontune.backbones.providers import file_digest
 from visiontune.errors import ArtifactError
-from visiontune.locations import default_cache_root  # noqa: F401  (re-exported: the cache's home)
 from visiontune.files import make_folder, remove_stale_partials, write_bytes_whole, written_whole
 
 

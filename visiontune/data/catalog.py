@@ -24,7 +24,7 @@ import numpy as np
 from visiontune.data.archives import JUNK_PARTS, Archive, is_archive, open_archive, split_member, text_member
 from visiontune.data.images import IMAGE_EXTENSIONS, is_image_name, unreadable_name_reason
 from visiontune.data.checked import check_files
-from visiontune.data.walk import Skipped, outside_links_hint, walk_files
+from visiontune.data.walk import Skipped, inside, outside_links_hint, walk_files
 from visiontune.progress import track
 from visiontune.errors import DataError  # noqa: F401  (raised here; defined light for the CLI)
 
@@ -311,7 +311,7 @@ def _csv_rows(root: Path, labels_csv: Path) -> tuple[list[tuple[Path, str, str]]
         if path is None:
             skipped.append(Skipped(str(root / name), f"{where}: file not found under {root}"))
             continue
-        if real_root is not None and not os.path.realpath(path).startswith(real_root.rstrip(os.sep) + os.sep):
+        if real_root is not None and not inside(os.path.realpath(path), [real_root]):
             skipped.append(Skipped(str(path), f"{where}: a link to a file outside the data folder: not read"))
             continue
         if path in first_line:

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from visiontune.data.archives import split_member
-from visiontune.data.images import ImageError, probe_and_hash, remember_hash
+from visiontune.data.images import ImageError, content_hash, probe_and_hash, remember_hash
 from visiontune.locations import default_cache_root
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS checked (
@@ -86,9 +86,7 @@ def _check_one(path: Path) -> tuple[str | None, int, int, str | None]:
         width, height = probe_and_hash(path)
     except ImageError as err:
         return None, 0, 0, err.reason
-    from visiontune.data.images import content_hash
-
-    return content_hash(path), width, height, None
+    return content_hash(path), width, height, None  # memoised by probe_and_hash: no second read
 
 
 def _key(path: Path) -> tuple[str, int, int] | None:

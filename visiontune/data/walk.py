@@ -60,7 +60,8 @@ def outside_links_hint(where: Path, skipped: list[Skipped]) -> str | None:
             "(or copy the files in).")
 
 
-def _inside(real: str, roots: list[str]) -> bool:
+def inside(real: str, roots: list[str]) -> bool:
+    """`real` (a real path) is one of `roots` or below one."""
     return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
 
@@ -76,7 +77,7 @@ def walk_files(folder: Path, root: Path | None = None) -> tuple[list[Path], list
     roots = allowed_roots(root)
     files: list[Path] = []
     skipped: list[Skipped] = []
-    if not _inside(os.path.realpath(folder), roots):  # e.g. a class folder that is a link to elsewhere
+    if not inside(os.path.realpath(folder), roots):  # e.g. a class folder that is a link to elsewhere
         return [], [Skipped(str(folder), _outside_reason(folder, os.path.realpath(folder), root, "a folder"))]
     for here, dirs, names in os.walk(folder, followlinks=False):
         base = Path(here)
@@ -87,7 +88,7 @@ def walk_files(folder: Path, root: Path | None = None) -> tuple[list[Path], list
                 real = os.path.realpath(link)
                 if not os.path.exists(real):
                     skipped.append(Skipped(str(link), "broken symbolic link (its target is missing, or a link loop)"))
-                elif not _inside(real, roots):
+                elif not inside(real, roots):
                     skipped.append(Skipped(str(link), _outside_reason(link, real, root, "a folder")))
         for name in sorted(names):
             path = base / name
@@ -96,7 +97,7 @@ def walk_files(folder: Path, root: Path | None = None) -> tuple[list[Path], list
             real = os.path.realpath(path)
             if not os.path.exists(real):
                 skipped.append(Skipped(str(path), "broken symbolic link (its target is missing, or a link loop)"))
-            elif not _inside(real, roots):
+            elif not inside(real, roots):
                 skipped.append(Skipped(str(path), _outside_reason(path, real, root, "a file")))
             elif os.path.isfile(real):
                 files.append(path)
