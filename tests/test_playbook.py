@@ -354,3 +354,13 @@ def test_torch_compile_trains_the_same_model(model):
     _, eager, _ = pooled_run(model, make_plan(epochs=2))
     _, compiled, _ = pooled_run(model, make_plan(epochs=2, compile=True))
     assert compiled[-1]["valid_loss"] == pytest.approx(eager[-1]["valid_loss"], rel=1e-3, abs=1e-5)
+
+
+def test_onecycle_takes_any_number_of_steps():
+    """torch's OneCycleLR divides by (pct_start * total - 1): 5 steps at 0.2 crashed a tiny fine-tuning."""
+    for total in range(1, 12):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        schedule = make_schedule(optimizer, "onecycle", 1, total, pct_start=0.2)
+        for _ in range(total):
+            optimizer.step()
+            schedule.step()

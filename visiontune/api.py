@@ -25,6 +25,7 @@ from visiontune.data.catalog import (
     Catalog, DataError, Skipped, catalog_from_csv, catalog_from_folders, files_below, is_folder, no_images_message,
 )
 from visiontune.data.images import is_image_name
+from visiontune import distributed
 from visiontune.errors import UsageError, RunInterrupted
 from visiontune.evaluation.metrics import classification_metrics
 from visiontune.evaluation.priors import parse_prior, resolve, reweight
@@ -80,31 +81,56 @@ def fit(
     (class folders) evaluates on labelled target images after training — never used to train or choose.
     """
     config = _run_config(data, arch, weights, labels, budget, seed, cache_dir, workers, report, folds, settings)
+    if distributed.start().shared and (folds and folds > 1 or config.unlabeled or config.target):
+        raise UsageError("a distributed run (torchrun, --nproc) trains one model on labelled images; run --folds, "
+                         "--unlabeled and --target in one process")
     if folds and folds > 1:
         return fit_folds(config, out, Path(runs_root))
     prep = prepare(config, reserve_s=REPORT_S if report else 0.0)
-    run = RunDir.create(out, Path(data).resolve().name or "data", Path(runs_root))
+    prep.plan = distributed.broadcast(prep.plan)  # timings may differ between ranks: rank 0's plan for all
+    run = _new_run_dir(out, Path(data).resolve().name or "data", Path(runs_root))
     try:
         return train_run(prep, run, config)
     except KeyboardInterrupt:
         raise RunInterrupted(run.path) from None
 
 
+def _new_run_dir(out: str | Path | None, data_name: str, runs_root: Path) -> RunDir:
+    """The new run folder, made by rank 0 of a distributed run (the others follow it, writing nothing)."""
+    if not distributed.active():
+        return RunDir.create(out, data_name, runs_root)
+    made, problem = None, None
+    if distributed.world().main:
+        try:
+            made = RunDir.create(out, data_name, runs_root)
+        except Exception as exc:  # the followers must hear about it, or they wait for a folder forever
+            problem = exc
+    path, message = distributed.broadcast((str(made.path) if made else None, str(problem) if problem else None))
+    if problem is not None:
+        raise problem
+    if message is not None:
+        raise UsageError(f"rank 0 could not create the run folder: {message}")
+    return made or RunDir.follower(path)
+
+
 def resume(run_path: str | Path) -> Classifier:
     """Continue an interrupted run from its last checkpoint (same data, plan and seeds) to the same result
     as an uninterrupted run."""
-    run = RunDir.open(run_path)
+    distributed.start()
+    run = RunDir.open(run_path) if distributed.world().main else RunDir.follower(run_path)
     config = run.read_config()
     if (run.classifier_dir / "classifier.json").exists():  # written last: the training finished
         if config.report and not run.report_path.exists():  # killed while writing the report: finish it
             from visiontune.progress import console
             from visiontune.report.html import build_report
 
-            console.print(f"{run.path}: training had finished; writing the report it was stopped in")
-            console.print(f"report: {build_report(run.path)}")
+            if run.writes:
+                console.print(f"{run.path}: training had finished; writing the report it was stopped in")
+                console.print(f"report: {build_report(run.path)}")
             return Classifier.load(run.path)
         raise UsageError(f"{run.path}: this run already finished (classifier/ exists); nothing to resume.")
     prep = prepare(RunConfig(**{**config.__dict__, "budget": None}))
+    prep.plan = distributed.broadcast(prep.plan)
     if run.has_plan():
         prep.plan = run.read_plan()
     try:

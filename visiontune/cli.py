@@ -59,6 +59,10 @@ def _number_or_auto(kind):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from visiontune import distributed
+
+    if args.nproc is not None and args.nproc > 1 and not distributed.world().shared:
+        return distributed.launch(args.nproc, without_option(args.argv, "--nproc"))
     from visiontune import api
 
     if args.resume:
@@ -73,6 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             valid_fraction=args.valid, report=args.report, unlabeled=args.unlabeled, target=args.target,
             target_labels=args.target_labels, **settings,
         )
+    if not distributed.world().main:  # rank 0 reports the job's outcome
+        return 0
     results = Console()  # the outcome goes to stdout (progress and messages went to stderr)
     if "per_class" in clf.metrics:
         for table in _metrics_tables(clf.metrics, clf.classes):
@@ -610,6 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
         "visiontune train data/ --budget 5m --out runs/quick",
         "visiontune train data/ --unfreeze 3 --aug standard --lr auto",
         "visiontune train --resume runs/quick",
+        "visiontune train data/ --nproc 2",
+        "torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29400 -m visiontune train data/",
     )
     _add_data_and_backbone(train, optional=True)
     train.add_argument("--out", help="run folder (default: runs/<data>-<time>); never overwritten")
@@ -619,6 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--valid", type=float, metavar="FRACTION", help="validation fraction when DATA is not split (default: 0.2)")
     train.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: $VISIONTUNE_CACHE or ~/.cache/visiontune)")
     train.add_argument("--workers", type=int, default=1, metavar="N", help="image-decoding processes")
+    train.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine (starts "
+                       "torchrun; each gets cores/N threads); for several machines run torchrun yourself")
     train.add_argument("--report", action=argparse.BooleanOptionalAction, default=True, help="write report.html (default: yes)")
     train.add_argument("--unlabeled", metavar="DIR", type=FOLDER, help="also learn from these unlabelled images (recursive; --ssl picks the method)")
     train.add_argument("--target", metavar="DIR", type=FOLDER, help="adapt to this domain's unlabelled images (--adapt picks the method)")
@@ -821,8 +831,22 @@ def _quiet_library_warnings() -> None:
             warnings.filterwarnings("ignore", category=FutureWarning, module=module)
 
 
+def without_option(argv: list[str], option: str) -> list[str]:
+    """`argv` without `option` and its value (`--nproc 2` or `--nproc=2`)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_library_warnings()
     try:
         return args.func(args)

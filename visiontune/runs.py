@@ -1,11 +1,12 @@
 """Run directories: one folder per training run, and :class:`RunDir`, the only reader and writer of it.
 
 ``runs/<name>/``: ``config.yaml`` (the arguments: :class:`RunConfig`), ``plan.json`` (the final
-:class:`~visiontune.train.plan.Plan`, written once), ``profile.json``, ``metrics.jsonl`` (one line per
-epoch/phase), ``split.json`` (the files and labels of each part: :class:`Split`), ``skipped.txt``
+:class:`~visiontune.train.plan.Plan`, written once), ``profile.json``, ``timings.json`` (caching's seconds
+and processes), ``metrics.jsonl`` (one line per epoch/phase), ``split.json`` (the files and labels of each part: :class:`Split`), ``skipped.txt``
 (files left out, with reasons), ``predictions.npz`` (validation probabilities), ``checkpoints/``,
 ``classifier/``, ``report.html``, ``tb/``.
-A run never overwrites an existing non-empty folder: a user's earlier run is never lost silently.
+A run never overwrites an existing non-empty folder: a user's earlier run is never lost silently. In a
+distributed run rank 0 owns the folder; the other ranks hold a :meth:`RunDir.follower`, which writes nothing.
 """
 
 from __future__ import annotations
@@ -95,9 +96,19 @@ class Split:
         return matrix
 
 
+def owner_only(method):
+    """A RunDir write that a follower (another rank of a distributed run) skips: the folder has one owner."""
+    def write(self, *args, **kwargs):
+        return method(self, *args, **kwargs) if self.writes else None
+
+    write.__name__, write.__doc__ = method.__name__, method.__doc__
+    return write
+
+
 @dataclass
 class RunDir:
     path: Path
+    writes: bool = True  # False on the other ranks of a distributed run: rank 0 owns the folder
 
     @classmethod
     def create(cls, out: str | Path | None, data_name: str, base: Path = Path("runs")) -> RunDir:
@@ -115,6 +126,11 @@ class RunDir:
                 raise RunExistsError(f"{path}: {_what_is_there(path)}; nothing was overwritten.")
         make_folder(path / "checkpoints")  # the first write: an unwritable --out stops here, with what to do
         return cls(path)
+
+    @classmethod
+    def follower(cls, path: str | Path) -> RunDir:
+        """Rank 0's run folder as another rank of a distributed run sees it: read, never written."""
+        return cls(Path(path), writes=False)
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
@@ -136,9 +152,15 @@ class RunDir:
         return self.path / "checkpoints"
 
     @property
+    def checkpoints_to_write(self) -> Path | None:
+        """Where training saves checkpoints: the owner's checkpoints/, nowhere for a follower."""
+        return self.checkpoints if self.writes else None
+
+    @property
     def report_path(self) -> Path:
         return self.path / "report.html"
 
+    @owner_only
     def write_report(self, page: str) -> Path:
         fault_point("report")
         return write_text_whole(self.report_path, page)
@@ -148,6 +170,7 @@ class RunDir:
         return self.path / name
 
     # --- config.yaml, plan.json, profile.json ------------------------------------------------------
+    @owner_only
     def write_config(self, config: RunConfig, **more) -> None:
         write_text_whole(self.path / "config.yaml", yaml.safe_dump({**config.to_yaml_dict(), **more}, sort_keys=False))
 
@@ -157,12 +180,14 @@ class RunDir:
     def has_plan(self) -> bool:
         return (self.path / "plan.json").exists()
 
+    @owner_only
     def write_plan(self, plan: Plan) -> None:
         write_text_whole(self.path / "plan.json", json.dumps(plan.to_dict(), indent=2))
 
     def read_plan(self) -> Plan:
         return Plan.from_dict(self.read_json("plan.json"))
 
+    @owner_only
     def write_json(self, name: str, data) -> Path:
         """A JSON side file of the run (profile.json, lr_find.json, folds.json, interpretation.json)."""
         return write_text_whole(self.path / name, json.dumps(data, indent=2))
@@ -180,6 +205,7 @@ class RunDir:
         path = self.path / "metrics.jsonl"
         return len(path.read_text().splitlines()) if path.exists() else 0
 
+    @owner_only
     def truncate_metrics(self, lines: int) -> None:
         """Keep the first `lines` records: what the checkpoint being resumed had seen."""
         path = self.path / "metrics.jsonl"
@@ -187,6 +213,7 @@ class RunDir:
             kept = path.read_text().splitlines()[:lines]
             write_text_whole(path, "".join(line + "\n" for line in kept))
 
+    @owner_only
     def log_metrics(self, record: dict) -> None:
         """Append one JSON line to metrics.jsonl (flushed at once, so a killed run keeps its history)."""
         path = self.path / "metrics.jsonl"
@@ -201,13 +228,15 @@ class RunDir:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
     def logger(self) -> MetricsLogger:
-        return MetricsLogger(self)
+        return MetricsLogger(self)  # a follower's logs nothing (log_metrics is the owner's; no TensorBoard)
 
     # --- skipped.txt, split.json, predictions.npz, classifier.json -----------------------------------
+    @owner_only
     def write_skipped(self, skipped: list[Skipped]) -> None:
         lines = [f"{s.path}\t{s.reason}" for s in skipped]
         write_text_whole(self.path / "skipped.txt", "\n".join(lines) + ("\n" if lines else ""))
 
+    @owner_only
     def write_split(self, split: Split) -> None:
         """The exact files (and labels, tags) of each part, so evaluation and reports reuse the same split."""
         data = {k: v for k, v in asdict(split).items() if v is not None}
@@ -222,6 +251,7 @@ class RunDir:
         names = {f.name for f in fields(Split)}
         return Split(**{"classes": [], **{k: v for k, v in data.items() if k in names}})
 
+    @owner_only
     def save_predictions(self, positions: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> None:
         """Validation probabilities by position in split.json's valid list (numbers only); `labels` are
         class indices, or a multi-hot [images, classes] matrix for multi-label runs."""
@@ -272,6 +302,8 @@ class MetricsLogger:
     def __init__(self, run: RunDir):
         self.run = run
         self.writer = None
+        if not run.writes:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 

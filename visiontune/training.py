@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visiontune import beyond
+from visiontune import beyond, distributed
 from visiontune.backbones.cuts import Tail, cut_points
 from visiontune.backbones.heads import install_head, output_layer
 from visiontune.backbones.registry import Backbone, create_backbone, resolve_arch
@@ -186,11 +186,12 @@ def report_leakage(prep: Prepared, config: RunConfig, run: RunDir) -> Leakage:
 
 
 def cache_inputs(prep: Prepared, config: RunConfig) -> CachedInputs:
-    """Cache (or read) the activations of every image; drops the files that fail from the catalogs."""
+    """Cache (or read) the activations of every image; drops the files that fail from the catalogs. In a
+    distributed run the ranks share the work (cache/features.py)."""
     plan, backbone = prep.plan, prep.backbone
     cache_root = cache_folder(config.cache_dir)
     common = {"cut": plan.cut, "seed": plan.seed, "batch_size": plan.batch_size, "workers": config.workers,
-              "engine": plan.engine}
+              "engine": plan.engine, "shared": distributed.active()}
     skipped: list[Skipped] = []
     kept_va, x_va, bad = cached_activations(backbone, prep.valid.paths, cache_root, description="valid", **common)
     skipped += bad
@@ -364,8 +365,14 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
     """Cache, train (cached phase, then fine-tuning), evaluate and save one run; resumable.
 
     config.yaml is written first; plan.json once the plan is final (after caching and the automatic
-    choices), so a resumed run trains with exactly the plan it started."""
+    choices), so a resumed run trains with exactly the plan it started.
+
+    In a distributed run every rank runs this: caching and the training phases are shared; rank 0 alone
+    makes the automatic choices (the others receive its plan), writes the run folder, and evaluates and
+    saves the classifier after training, when the others return."""
     started = time.perf_counter()
+    shared, main = distributed.active(), distributed.world().main
+    planned = run.has_plan()
     backbone, classes, task = prep.backbone, prep.source.classes, prep.task
     checkpoint = load_checkpoint(run.checkpoints) if resuming else None
     expected = run.read_split() if resuming else None
@@ -385,7 +392,10 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
         console.print(predicted_text(prep.predicted) + ("" if extra_images(config) is None else
                       "; the unlabelled/target images' method comes on top"))
         expect_after_phase(sum(v for k, v in prep.predicted.items() if "fine-tuning" in k or "report" in k))
+    caching_started = time.perf_counter()
     inputs = cache_inputs(prep, config)
+    run.write_json("timings.json", {"caching_s": round(time.perf_counter() - caching_started, 2),
+                                    "processes": distributed.world().size})
     extra = None
     if extra_images(config):
         extra = beyond.cache_extra("u" if config.unlabeled else "xt", extra_images(config), backbone,
@@ -400,7 +410,8 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
     ))
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} unusable files[/] (listed in {run.file('skipped.txt')})")
-    report_leakage(prep, config, run)
+    if main:
+        report_leakage(prep, config, run)
     y_train, y_valid = task.targets(prep.train), task.targets(prep.valid)
     model = backbone.model
     install_head(model, prep.plan.head)  # an MLP replaces timm's classifier; linear heads keep it
@@ -410,14 +421,16 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
     if select is not None:  # trials (and, for choices made during training, the run) train without them
         console.print(select.reason[0].upper() + select.reason[1:])
         trial_inputs = CachedInputs([v[select.fit] for v in inputs.train_views], inputs.valid, inputs.skipped)
-    if not run.has_plan():
-        if select is not None:
-            prep.plan.why["selection"] = select.reason
-        choose_auto(prep, config, run, trial_inputs, select)
-        refit_to_budget(prep, config)
-        if extra is not None:
-            choose_beyond(prep, run, tail, inputs, y_train, extra)
-        run.write_plan(prep.plan)
+    if not planned:
+        if main:  # trials run on rank 0 only; the others wait for the plan they chose
+            if select is not None:
+                prep.plan.why["selection"] = select.reason
+            choose_auto(prep, config, run, trial_inputs, select)
+            refit_to_budget(prep, config)
+            if extra is not None:
+                choose_beyond(prep, run, tail, inputs, y_train, extra)
+            run.write_plan(prep.plan)
+        prep.plan = distributed.broadcast(prep.plan)
     plan = prep.plan
     fit_catalog = prep.train
     if select is not None and select.keeps_out:
@@ -430,29 +443,33 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
 
     in_finetune = checkpoint is not None and checkpoint.position.phase == "finetune"
     logger = run.logger()
-    run_options = {"phase": f"cached:{plan.cut}", "checkpoints": run.checkpoints, "resume": checkpoint,
+    run_options = {"phase": f"cached:{plan.cut}", "checkpoints": run.checkpoints_to_write, "resume": checkpoint,
                    "metrics_lines": run.metrics_lines, "train_paths": fit_catalog.paths}
     if extra is not None:
         method = plan.ssl or plan.adapt
         chosen = beyond.candidate(method, plan, tail, inputs.train_views[0], y_train, extra)
         beyond.train_candidate(tail, chosen, inputs.train_views, y_train, inputs.valid, y_valid, extra, task, logger, **run_options)
-    elif not in_finetune and plan.head in FITS:
+    elif not in_finetune and plan.head in FITS and main:  # the others get the head when fine-tuning syncs them
         fitted = fit_closed_form_head(tail, plan, inputs.train_views[0], y_train)
         head_fit = {"head": plan.head, **fitted.info}
         logger({"phase": f"{plan.head}:{plan.cut}", "epoch": 1, **task.validate(predict_cached(tail, inputs.valid), torch.from_numpy(y_valid))})
         console.print(f"{plan.head} head fitted on the pooled features of {len(y_train)} images "
                       f"(C {fitted.info['C']:.3g} by {fitted.info['folds']}-fold cross-validation on them)")
-    elif not in_finetune:
+    elif not in_finetune and plan.head not in FITS:
         train_cached(tail, inputs.train_views, y_train, inputs.valid, y_valid, plan, logger, task=task,
-                     select=select.rows_and_targets() if select else None, **run_options)
+                     select=select.rows_and_targets() if select else None, shared=shared, **run_options)
     classifier = Classifier(model.eval(), backbone.arch, classes, backbone.preprocessing, run_dir=run.path,
                             extra={"task": task.name})
     if plan.finetune_epochs > 0:
         finetune(
-            model, fit_catalog, prep.valid, backbone.preprocessing, plan, logger, run.checkpoints, skipped,
+            model, fit_catalog, prep.valid, backbone.preprocessing, plan, logger, run.checkpoints_to_write, skipped,
             config.workers, resume=checkpoint if in_finetune else None, metrics_lines=run.metrics_lines, task=task,
-            select=select.catalog if select else None,
+            select=select.catalog if select else None, shared=shared,
         )
+        if shared:  # files that failed while another rank loaded them
+            skipped = list({s.path: s for part in distributed.gather(skipped) for s in part}.values())
+        if not main:  # rank 0 evaluates and saves what every rank trained
+            return classifier
         run.write_skipped(skipped)
         apply_balance(model, plan, y_train, len(classes))
         kept, probs = classifier.probabilities(prep.valid.paths, plan.batch_size)
@@ -460,6 +477,8 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
         if select is not None:
             seen, select_probs = classifier.probabilities(select.catalog.paths, plan.batch_size)
             tuning = (select.y[seen], select_probs)
+    elif not main:
+        return classifier
     else:
         apply_balance(model, plan, y_train, len(classes))
         kept = np.arange(len(y_valid))

@@ -19,6 +19,7 @@ from visiontune.backbones.registry import Backbone
 from visiontune.cache.store import CachedRows, FeatureStore
 from visiontune.data.images import content_hash
 from visiontune.data.transforms import augmentation
+from visiontune import distributed
 from visiontune.files import fault_point
 from visiontune.inference.engines import compile_forward
 from visiontune.data.catalog import Skipped
@@ -75,12 +76,15 @@ def cached_activations(
     engine: str = "torch",
     load: bool = True,
     aug: str = "light",
+    shared: bool = False,
 ) -> tuple[np.ndarray, CachedRows | None, list[Skipped]]:
     """(kept positions into `paths`, activations [n_kept, ...] read lazily from the store, skipped files).
 
     Computes only the images no finished shard holds, one shard at a time, so an interrupted run
     resumes where it stopped; memory stays flat in the number of images while caching. With
-    `load=False` (warming the cache) the activations are not read back and None is returned.
+    `load=False` (warming the cache) the activations are not read back and None is returned. With
+    `shared` in a distributed run (every rank calls this together), each rank computes every W-th shard of
+    the missing images and all read the union after a barrier (visiontune/distributed.py).
     """
     store = FeatureStore(cache_root, feature_key(backbone, cut, view, seed, engine, aug))
     trunk = Trunk(backbone.model, cut).eval()
@@ -100,6 +104,10 @@ def cached_activations(
         if hashes[i] not in store.index():
             todo_hashes.setdefault(hashes[i], i)
     todo = list(todo_hashes.values())
+    shared = shared and distributed.active()
+    if shared:  # this rank's blocks of SHARD_SIZE: every shard is written by exactly one rank
+        todo = [todo[i] for i in distributed.my_blocks(len(todo), SHARD_SIZE)]
+    own_skipped: list[Skipped] = []
     for start in range(0, len(todo), SHARD_SIZE):
         chunk = todo[start : start + SHARD_SIZE]
         chunk_skipped: list[Skipped] = []
@@ -116,10 +124,15 @@ def cached_activations(
             skipped=chunk_skipped,
             seeds=None if view is None else [_view_seed(hashes[i], view, seed) for i in chunk],
         )
-        skipped.extend(chunk_skipped)
+        own_skipped.extend(chunk_skipped)
         if len(done):
             store.add_shard([hashes[chunk[j]] for j in done], rows)
             fault_point("caching")
+    if shared:  # the other ranks' shards and unreadable files
+        distributed.barrier()
+        own_skipped = [s for part in distributed.gather(own_skipped) for s in part]
+        store.forget_index()
+    skipped.extend(own_skipped)
     index = store.index()
     kept = np.array([i for i in readable if hashes[i] in index], dtype=np.int64)
     return kept, store.rows([hashes[i] for i in kept]) if load else None, skipped

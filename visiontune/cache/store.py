@@ -67,6 +67,10 @@ class FeatureStore:
             self._index = index
         return self._index
 
+    def forget_index(self) -> None:
+        """Read the shards again at the next lookup (other processes have added some)."""
+        self._index = None
+
     def _verified_hashes(self, shard: int) -> list[str]:
         """The image hashes of a shard, or [] (and the shard deleted) when its data is damaged."""
         meta_path, npy = self.dir / f"shard-{shard}.json", self.dir / f"shard-{shard}.npy"

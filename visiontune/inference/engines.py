@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune.distributed import world
 from visiontune.errors import UsageError
 from visiontune.files import written_whole
 from visiontune.names import ENGINES, default_engine, onnxruntime_available  # noqa: F401  (re-exported)
@@ -95,4 +96,6 @@ def onnxruntime_options():
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if world().shared:  # several processes on one machine: each keeps to its share of the cores
+        options.intra_op_num_threads = torch.get_num_threads()
     return options

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune import distributed
+from visiontune.errors import UsageError
 from visiontune.progress import progress_bar
 from visiontune.task.kinds import Task
 from visiontune.train.callbacks import Callback, ObjectiveState, default_callbacks
@@ -52,6 +54,11 @@ class Phase:
     pct_start: float = 0.3  # one-cycle warm-up fraction
     steps: int | None = None  # optimizer steps per epoch when not one pass over `labels` (unlabelled data)
     input_shape: tuple[int, ...] | None = None  # one input's shape, for methods that size a module from it
+    shared: bool = False  # split over the ranks of a distributed run: `batches` yields this rank's block
+
+    def global_batch(self, step: int) -> int:
+        """Items in step `step`'s batch over all ranks (the last batch of an epoch may be short)."""
+        return min(self.batch_size, len(self.labels) - step * self.batch_size)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -71,6 +78,29 @@ def epoch_order(n: int, seed: int, epoch: int, sample_weights: torch.Tensor | No
     if sample_weights is None:
         return torch.randperm(n, generator=generator), generator
     return torch.multinomial(sample_weights, n, replacement=True, generator=generator), generator
+
+
+def step_module(module: nn.Module, plan: Plan, shared: bool, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
+    """What a training step calls: the module, wrapped by DistributedDataParallel when the phase is shared
+    (gradients averaged over ranks), compiled with `plan.compile`; either way it shares the parameters.
+
+    DDP reduces every parameter that requires a gradient, so the ones `optimizer` does not train (the
+    cached trunk inside a Tail) stop requiring one; :func:`require_grads` gives it back after the phase."""
+    if shared:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = {id(p) for group in optimizer.param_groups for p in group["params"]} if optimizer else None
+        for p in module.parameters():
+            if trained is not None and id(p) not in trained:
+                p.requires_grad_(False)
+        module = DistributedDataParallel(module)
+    return torch.compile(module) if plan.compile else module
+
+
+def require_grads(module: nn.Module, required: dict[int, bool]) -> None:
+    """Restore each parameter's requires_grad as `required` (id -> flag) recorded it."""
+    for p in module.parameters():
+        p.requires_grad_(required.get(id(p), p.requires_grad))
 
 
 def balanced_sample_weights(labels: np.ndarray) -> torch.Tensor:
@@ -135,8 +165,14 @@ def run_phase(
     if callbacks is None:
         callbacks = default_callbacks(plan, checkpoints, [ObjectiveState(objective), *objective.callbacks()])
     module, steps = phase.module, phase.steps_per_epoch
-    forward = torch.compile(module) if plan.compile else module  # shares the parameters; state stays uncompiled
+    shared = phase.shared and distributed.active()
+    if shared and (phase.steps is not None or objective.modules()):
+        raise UsageError("a distributed run trains labelled images with the supervised objective; run the "
+                         "unlabelled/target-domain methods in one process")
+    ranks = distributed.world().size if shared else 1
+    forward = None if shared else step_module(module, plan, shared=False)  # a shared one is wrapped each epoch
     loop = Loop(phase, plan, log, metrics_lines, callbacks, objective)
+    required = {id(p): p.requires_grad for p in module.parameters()}
     loop.emit("phase_start")
     if resume is not None:
         loop.restore(resume)
@@ -147,17 +183,24 @@ def run_phase(
         started = time.perf_counter()
         module.train()
         phase.prepare_epoch(epoch)
-        loop.loss_sum = loop.extra.get("loss_sum", 0.0) if position.step else 0.0
-        loop.loss_count = loop.extra.get("loss_count", 0) if position.step else 0
+        if shared:  # after prepare_epoch: which parameters train may change from epoch to epoch
+            forward = step_module(module, plan, shared=True, optimizer=loop.optimizer)
+        resumed_here = position.step and (not shared or distributed.world().main)  # the sums are rank 0's
+        loop.loss_sum = loop.extra.get("loss_sum", 0.0) if resumed_here else 0.0
+        loop.loss_count = loop.extra.get("loss_count", 0) if resumed_here else 0
         logged: dict[str, float] = {}
         with progress_bar() as bar:
             task = bar.add_task(f"{phase.name} epoch {epoch + 1}/{phase.epochs}", total=steps, completed=position.step)
             for batch in phase.batches(epoch, position.step):
                 n = batch_size_of(batch)
-                if n == 0:
+                whole = phase.global_batch(position.step) if shared else n
+                if whole < ranks:  # an empty batch, or a shared one too small to split: every rank skips it
+                    if shared:
+                        position.step += 1
+                        position.global_step += 1
                     continue
                 objective.step = position.global_step
-                loss, logs = train_step(forward, objective, batch, loop.optimizer, plan.amp)
+                loss, logs = train_step(forward, objective, batch, loop.optimizer, plan.amp, scale=ranks * n / whole)
                 loop.schedule.step()
                 loop.loss_sum += loss * n
                 loop.loss_count += n
@@ -169,6 +212,8 @@ def run_phase(
                 loop.emit("step_end")
         loop.emit("epoch_end")
         record = loop.validation_record({"epoch": epoch + 1})
+        if shared:  # the epoch's loss over every rank's items
+            loop.loss_sum, loop.loss_count = distributed.total(loop.loss_sum, loop.loss_count)
         record["train_loss"] = loop.loss_sum / max(loop.loss_count, 1)
         record.update({f"train_{key}": value / max(1, position.step) for key, value in logged.items()})
         record["seconds"] = round(time.perf_counter() - started, 3)
@@ -178,4 +223,6 @@ def run_phase(
         position.epoch, position.step = epoch + 1, 0
         loop.emit("epoch_done")
     loop.emit("phase_end")
+    if shared:
+        require_grads(module, required)
     return position.history

@@ -129,12 +129,16 @@ def batch_size_of(batch: Batch) -> int:
 
 
 def train_step(
-    module: nn.Module, objective: Objective, batch: Batch, optimizer: torch.optim.Optimizer, amp: bool = False
+    module: nn.Module, objective: Objective, batch: Batch, optimizer: torch.optim.Optimizer, amp: bool = False,
+    scale: float = 1.0,
 ) -> tuple[float, dict[str, float]]:
-    """One optimizer step of `objective` on `batch` (bf16 autocast with `amp`); returns (loss, logs)."""
+    """One optimizer step of `objective` on `batch` (bf16 autocast with `amp`); returns (loss, logs).
+
+    `scale` weights the gradient: a rank of a distributed run holds part of the global batch, and
+    DistributedDataParallel averages over ranks, so each rank's loss counts by its share of the batch."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
         loss, logs = objective.loss(module, batch)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * scale if scale != 1.0 else loss).backward()
     optimizer.step()
     return float(loss.detach()), logs

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune import distributed
 from visiontune.backbones.cuts import Tail
 from visiontune.backbones.heads import output_layer
 from visiontune.backbones.groups import group_index, layer_groups, param_groups
@@ -145,6 +146,12 @@ def _extra_batches(extra: Unlabelled, seed: int, epoch: int, steps: int, per_ste
     return out
 
 
+def _my_blocks(order: list[int], batch_size: int) -> list[int]:
+    """This rank's block of each global batch of `order`, concatenated (what it loads, in step order)."""
+    batches = (order[start : start + batch_size] for start in range(0, len(order), batch_size))
+    return [i for batch in batches for i in batch[distributed.block(len(batch))]]
+
+
 def init_output_layer(layer: nn.Linear, how: str, seed: int) -> None:
     """`--head-init`: zero (the default: every class equally likely at step 0), or xavier/kaiming uniform
     weights drawn from the run's seed (bias zero); bench/results/playbook.md has what each did."""
@@ -162,7 +169,7 @@ def init_output_layer(layer: nn.Linear, how: str, seed: int) -> None:
 def cached_phase(
     tail: Tail, train_views: list[Rows], train_y: np.ndarray, valid_x: Rows, valid_y: np.ndarray, plan: Plan,
     name: str = "head", train_paths=None, task: Task | None = None, extras: list[Unlabelled] | None = None,
-    fresh_classifier: bool = True, select: tuple[Rows, np.ndarray] | None = None,
+    fresh_classifier: bool = True, select: tuple[Rows, np.ndarray] | None = None, shared: bool = False,
 ) -> Phase:
     """The tail on cached activations; `*_y` are the task's targets (class indices, or multi-hot rows).
 
@@ -195,6 +202,8 @@ def cached_phase(
             choice = torch.randint(len(train_views), (len(y),), generator=generator)
             for start in range(first_step * plan.batch_size, len(y), plan.batch_size):
                 batch = order[start : start + plan.batch_size]
+                if shared:  # this rank's block of the global batch
+                    batch = batch[distributed.block(len(batch))]
                 yield {"x": _gather_views(train_views, batch.numpy(), choice[batch].numpy()), "y": y[batch]}
             return
         cycles = [epoch_order(len(y), plan.seed, epoch * 1000 + c, weights) for c in range(-(-steps // labelled_steps))]
@@ -230,7 +239,7 @@ def cached_phase(
         validate=validate,
         prepare_epoch=prepare_epoch, batchnorms=lambda m: m.batchnorms() if not plan.bn_freeze else [],
         bn_batches=bn_batches, batch_size=plan.batch_size, steps=steps if extras else None,
-        input_shape=tuple(train_views[0].shape[1:]),
+        input_shape=tuple(train_views[0].shape[1:]), shared=shared,
     )
 
 
@@ -238,11 +247,11 @@ def train_cached(
     tail: Tail, train_views: list[Rows], train_y: np.ndarray, valid_x: Rows, valid_y: np.ndarray, plan: Plan,
     log: Log, phase: str = "head", checkpoints: Path | None = None, resume: Checkpoint | None = None,
     metrics_lines=lambda: 0, train_paths=None, task: Task | None = None, extras: list[Unlabelled] | None = None,
-    fresh_classifier: bool = True, select: tuple[Rows, np.ndarray] | None = None,
+    fresh_classifier: bool = True, select: tuple[Rows, np.ndarray] | None = None, shared: bool = False,
 ) -> list[dict]:
     """Train a tail in place on cached activations (see :func:`cached_phase`)."""
     setup = cached_phase(tail, train_views, train_y, valid_x, valid_y, plan, phase, train_paths, task, extras,
-                         fresh_classifier, select)
+                         fresh_classifier, select, shared)
     return run_phase(setup, plan, log, checkpoints, resume, metrics_lines)
 
 
@@ -257,6 +266,7 @@ def first_trained_group(model: nn.Module, plan: Plan) -> int:
 def finetune_phase(
     model: nn.Module, train: Catalog, valid: Catalog, preprocessing: Preprocessing, plan: Plan,
     skipped: list[Skipped], workers: int = 1, task: Task | None = None, select: Catalog | None = None,
+    shared: bool = False,
 ) -> Phase:
     """Fine-tune the layer groups from :func:`first_trained_group` up, on augmented images.
 
@@ -296,8 +306,11 @@ def finetune_phase(
             train.paths, list(range(len(labels))), transform, preprocessing.input_size,
             seeds=[(base + i) % 2**62 for i in range(len(labels))],
         )  # items carry their row; the batch's targets are looked up below (class index or multi-hot row)
-        rest = order[first_step * plan.batch_size :].tolist()
-        for batch in iterate_batches(dataset, plan.batch_size, workers=workers, order=rest):
+        rest, size = order[first_step * plan.batch_size :].tolist(), plan.batch_size
+        if shared:  # this rank's block of every global batch: only its own images are decoded
+            mine = distributed.block(plan.batch_size)
+            rest, size = _my_blocks(rest, plan.batch_size), mine.stop - mine.start
+        for batch in iterate_batches(dataset, size, workers=workers, order=rest):
             for _, path, reason in batch.failed:
                 if path not in seen_failures:
                     seen_failures.add(path)
@@ -310,7 +323,11 @@ def finetune_phase(
             yield batch.images.contiguous(memory_format=torch.channels_last)
 
     def validate_on(m: nn.Module, catalog: Catalog) -> dict:
-        kept, logits = collect_outputs(m, catalog.paths, preprocessing, plan.batch_size, workers, "validating")
+        part = distributed.block(len(catalog.paths)) if shared else slice(None)
+        kept, logits = collect_outputs(m, catalog.paths[part], preprocessing, plan.batch_size, workers, "validating")
+        if shared:  # every rank predicted its block; all compute the same metrics from the whole
+            blocks = distributed.gather((kept + part.start, logits))
+            kept, logits = np.concatenate([k for k, _ in blocks]), np.concatenate([v for _, v in blocks])
         return task.validate(torch.from_numpy(logits), torch.from_numpy(task.targets(catalog)[kept]))
 
     def validate(m: nn.Module) -> dict:
@@ -327,17 +344,17 @@ def finetune_phase(
         batchnorms=lambda m: [] if plan.bn_freeze else [
             b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)
         ],
-        bn_batches=bn_batches, batch_size=plan.batch_size, pct_start=0.2,
+        bn_batches=bn_batches, batch_size=plan.batch_size, pct_start=0.2, shared=shared,
     )
 
 
 def finetune(
     model: nn.Module, train: Catalog, valid: Catalog, preprocessing: Preprocessing, plan: Plan, log: Log,
     checkpoints: Path | None, skipped: list[Skipped], workers: int = 1, resume: Checkpoint | None = None,
-    metrics_lines=lambda: 0, task: Task | None = None, select: Catalog | None = None,
+    metrics_lines=lambda: 0, task: Task | None = None, select: Catalog | None = None, shared: bool = False,
 ) -> list[dict]:
     """Fine-tune in place (see :func:`finetune_phase`); every parameter trainable again afterwards."""
-    setup = finetune_phase(model, train, valid, preprocessing, plan, skipped, workers, task, select)
+    setup = finetune_phase(model, train, valid, preprocessing, plan, skipped, workers, task, select, shared)
     try:
         return run_phase(setup, plan, log, checkpoints, resume, metrics_lines)
     finally:

@@ -42,6 +42,8 @@ def make_schedule(
     warmup = min(total - 1, int(round(warmup_epochs * steps_per_epoch)))
     if name == "onecycle":
         peaks = [g["lr"] for g in optimizer.param_groups]
+        if abs(pct_start * total - 1) < 1e-9:  # torch divides by (pct_start * total - 1): 5 steps at 0.2 crashed
+            pct_start += 0.5 / total
         return L.OneCycleLR(optimizer, max_lr=peaks, total_steps=total, pct_start=pct_start)
     if name == "cosine":
         main = L.CosineAnnealingLR(optimizer, T_max=total - warmup)
