@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo shell test browser test-slow fashion-mnist bench-speed bench-memory bench-playbook bench-beyond bench-serve bench-large clean
+.PHONY: install demo shell test browser test-slow fashion-mnist bench-speed bench-memory bench-playbook bench-beyond bench-serve bench-large bench-distributed clean
 
 # pip's wheel cache is off: torch alone is 5.5 GB in the venv, and a second copy in ~/.cache can fill a small disk.
 export PIP_NO_CACHE_DIR := 1
@@ -62,6 +62,9 @@ bench-large: $(STAMP)
 
 bench-serve: $(STAMP) fashion-mnist
 	$(BIN)/python bench/serve_load.py
+
+bench-distributed: $(STAMP) fashion-mnist
+	$(BIN)/python bench/distributed.py --repeats 2
 
 bench-memory: $(VENV)/.bench
 	$(BIN)/python bench/cache_memory.py
