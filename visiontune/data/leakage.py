@@ -110,7 +110,7 @@ def _hash_or_blank(path: Path, position: int) -> bytes:
 
 
 def near_leakage(found: Leakage, train_thumbs, train: list[Path], valid_thumbs, valid: list[Path], seed: int = 0,
-                 chunk: int = 4096) -> Leakage:
+                 chunk: int = 1024) -> Leakage:
     """Add validation images whose thumbnail correlates at >= `NEAR_CORRELATION` with a training image's
     (the most correlated one is named); pairs the exact check found are left out. The thumbnails may be
     arrays or lazily read store rows: both sides are read `chunk` rows at a time, so memory stays flat."""
