@@ -53,6 +53,29 @@ def run_cli(*args: str, timeout: int = 600):
                           env={**os.environ, "COLUMNS": "200"})
 
 
+def cli_with_fault(*args: str, cache: Path, fault: str | None = None):
+    """`visiontune ARGS` in a fresh process with a private cache of small shards (several per run), and with
+    `VISIONTUNE_FAULT=fault` when given: the process SIGKILLs itself at that point (visiontune/files.py)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VISIONTUNE_CACHE": str(cache), "VISIONTUNE_SHARD_SIZE": "8"}
+    env.pop("VISIONTUNE_FAULT", None)
+    if fault:
+        env["VISIONTUNE_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "visiontune.cli", *args], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def metrics_records(run: Path, leave_out: tuple[str, ...] = ()) -> list[dict]:
+    """The run's metrics.jsonl records without the keys in `leave_out` (timings differ between runs)."""
+    import json
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    return [{k: v for k, v in r.items() if k not in leave_out} for r in records]
+
+
 def trained_data(root: Path, per_class: int = 14) -> Path:
     """Class folders under `root/data` and a private feature cache for a module-scoped fixture."""
     import os

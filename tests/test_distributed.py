@@ -9,9 +9,7 @@ uninterrupted job's metrics."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_class_folders
+from conftest import cli_with_fault, metrics_records, write_class_folders
 from visiontune import distributed
 from visiontune.cli import without_option
 
@@ -30,17 +28,11 @@ STRIP = ("seconds", "wall_seconds", "predicted_seconds", "train_loss")
 
 
 def cli(*args: str, cache: Path, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "VISIONTUNE_CACHE": str(cache), "VISIONTUNE_SHARD_SIZE": "8"}
-    env.pop("VISIONTUNE_FAULT", None)
-    if fault:
-        env["VISIONTUNE_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "visiontune.cli", *args], capture_output=True, text=True,
-                          timeout=600, env=env)
+    return cli_with_fault(*args, cache=cache, fault=fault)
 
 
 def metrics(run: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-    return [{k: v for k, v in r.items() if k not in STRIP} for r in records]
+    return metrics_records(run, STRIP)
 
 
 @pytest.fixture(scope="module")

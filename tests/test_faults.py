@@ -17,24 +17,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_class_folders
+from conftest import cli_with_fault, metrics_records, write_class_folders
 
 ARGS = ["--img-size", "64", "--epochs", "3", "--head", "linear", "--batch-size", "8"]
 STRIP = ("seconds", "wall_seconds", "predicted_seconds")
 
 
 def cli(*args: str, fault: str | None = None, cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "VISIONTUNE_CACHE": str(cache), "VISIONTUNE_SHARD_SIZE": "8"}
-    env.pop("VISIONTUNE_FAULT", None)
-    if fault:
-        env["VISIONTUNE_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "visiontune.cli", *args], capture_output=True, text=True,
-                          timeout=600, env=env)
+    return cli_with_fault(*args, cache=cache, fault=fault)
 
 
 def final_metrics(run: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-    return [{k: v for k, v in r.items() if k not in STRIP} for r in records]
+    return metrics_records(run, STRIP)
 
 
 def assert_nothing_partial_or_damaged(*folders: Path) -> None:
