@@ -129,7 +129,7 @@ def test_ctrl_c_prints_the_command_that_continues_the_run(class_folders, tmp_pat
     out = tmp_path / "run"
     process = subprocess.Popen(
         [sys.executable, "-m", "visiontune", "train", str(class_folders), "--out", str(out), "--img-size", "64",
-         "--epochs", "100", "--no-report"],
+         "--epochs", "20", "--no-report"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"},
         # a test runner started in the background (`make test &`) ignores SIGINT, and children inherit that
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -137,7 +137,7 @@ def test_ctrl_c_prints_the_command_that_continues_the_run(class_folders, tmp_pat
     seen = []
     for line in process.stderr:  # wait for training to be under way, then press Ctrl-C
         seen.append(line)
-        if re.search(r"epoch +3/100", line):
+        if re.search(r"epoch +3/20", line):
             process.send_signal(signal.SIGINT)
             break
     rest = process.stderr.read()
