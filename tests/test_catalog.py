@@ -153,3 +153,18 @@ def test_a_second_check_of_a_folder_reads_only_new_or_changed_files(class_folder
     monkeypatch.setenv("VISIONTUNE_CHECK_RECORD", "0")
     fresh = discover(class_folders)
     assert fresh.train.paths == third.train.paths and fresh.train.skipped == third.train.skipped
+
+
+def test_the_check_record_lives_in_the_cache_folder_the_command_was_given(class_folders, tmp_path):
+    """`--cache-dir DIR` keeps everything the run caches in DIR, the header-check record too."""
+    import os
+
+    from visiontune.data.checked import recorded_in
+
+    given = tmp_path / "given-cache"
+    with recorded_in(given):
+        discover(class_folders)
+    assert (given / "checked.sqlite").exists()
+    assert not (Path(os.environ["VISIONTUNE_CACHE"]) / "checked.sqlite").exists()
+    discover(class_folders)
+    assert (Path(os.environ["VISIONTUNE_CACHE"]) / "checked.sqlite").exists()

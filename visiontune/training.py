@@ -25,6 +25,7 @@ from visiontune.cache.features import cached_activations, cached_thumbnails, tru
 from visiontune.cache.store import CachedRows
 from visiontune.classifier import Classifier
 from visiontune.clock import expect_after_phase, seconds_since_process_start
+from visiontune.data.checked import recorded_in
 from visiontune.data.catalog import Catalog, DataError, Skipped, Source, discover, labelled_like
 from visiontune.data.leakage import Leakage, exact_leakage, near_leakage
 from visiontune.data.split import kfold_indices, split_catalog
@@ -91,7 +92,8 @@ def prepare(config: RunConfig, fold: tuple[int, int] | None = None, reserve_s: f
     arch = resolve_arch(config.arch)  # typos in the name or the budget fail before any folder is scanned
     budget_s = parse_duration(config.budget)
     overrides = {**config.overrides, **{k: None for k in config.auto}}
-    source = discover(config.data, labels=config.labels)
+    with recorded_in(cache_folder(config.cache_dir)):  # the header-check record lives with --cache-dir's features
+        source = discover(config.data, labels=config.labels)
     if fold is not None:
         everything = source.train if source.valid is None else concat(source.train, source.valid)
         train_idx, valid_idx = kfold_indices(everything.labels, fold[1], fold[0], config.seed)

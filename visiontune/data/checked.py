@@ -17,7 +17,10 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from visiontune.data.archives import split_member
@@ -69,13 +72,27 @@ class CheckRecord:
         self._db.close()
 
 
+#: The cache folder of the command being run (`--cache-dir`), when it is not the default one.
+RECORD_FOLDER: ContextVar[Path | None] = ContextVar("RECORD_FOLDER", default=None)
+
+
+@contextmanager
+def recorded_in(folder: Path | None) -> Iterator[None]:
+    """Keep the check record in `folder` (a command's --cache-dir) while the block lists files."""
+    token = RECORD_FOLDER.set(folder)
+    try:
+        yield
+    finally:
+        RECORD_FOLDER.reset(token)
+
+
 def open_record() -> CheckRecord | None:
     """The record in the cache folder, or None when disabled or the folder cannot hold it (then every
     file is simply checked: the record only saves time, it never decides anything)."""
     if os.environ.get("VISIONTUNE_CHECK_RECORD", "1") == "0":
         return None
     try:
-        return CheckRecord(default_cache_root() / "checked.sqlite")
+        return CheckRecord((RECORD_FOLDER.get() or default_cache_root()) / "checked.sqlite")
     except (OSError, sqlite3.Error):
         return None
 
