@@ -91,6 +91,9 @@ def test_blocks_cover_every_item_once():
             assert taken == list(range(n))
             shards = sorted(i for w in worlds for i in distributed.my_blocks(n, 4, w))
             assert shards == list(range(n))
+            order = list(range(n))[::-1]
+            loaded = sorted(i for w in worlds for i in distributed.blocks_of_batches(order, 7, w))
+            assert loaded == list(range(n))
 
 
 def test_threads_are_split_between_the_processes_of_a_machine():

@@ -87,14 +87,6 @@ def start() -> World:
     return here
 
 
-def stop() -> None:
-    """Leave the process group (at the end of a distributed command)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def active() -> bool:
     """True inside a job of several processes whose group is joined."""
     import torch.distributed as dist
@@ -147,6 +139,13 @@ def block(n: int, here: World | None = None) -> slice:
     """This rank's contiguous block of `n` items (sizes differ by at most one; ranks beyond `n` get none)."""
     here = here or world()
     return slice(here.rank * n // here.size, (here.rank + 1) * n // here.size)
+
+
+def blocks_of_batches(order: list[int], batch_size: int, here: World | None = None) -> list[int]:
+    """This rank's :func:`block` of each global batch of `order`, concatenated in step order: the items it
+    loads itself, so no rank decodes another's images."""
+    batches = (order[start : start + batch_size] for start in range(0, len(order), batch_size))
+    return [i for batch in batches for i in batch[block(len(batch), here)]]
 
 
 def my_blocks(n: int, block_size: int, here: World | None = None) -> list[int]:

@@ -11,6 +11,7 @@ distributed run rank 0 owns the folder; the other ranks hold a :meth:`RunDir.fol
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import time
@@ -98,10 +99,10 @@ class Split:
 
 def owner_only(method):
     """A RunDir write that a follower (another rank of a distributed run) skips: the folder has one owner."""
+    @functools.wraps(method)
     def write(self, *args, **kwargs):
         return method(self, *args, **kwargs) if self.writes else None
 
-    write.__name__, write.__doc__ = method.__name__, method.__doc__
     return write
 
 

@@ -146,12 +146,6 @@ def _extra_batches(extra: Unlabelled, seed: int, epoch: int, steps: int, per_ste
     return out
 
 
-def _my_blocks(order: list[int], batch_size: int) -> list[int]:
-    """This rank's block of each global batch of `order`, concatenated (what it loads, in step order)."""
-    batches = (order[start : start + batch_size] for start in range(0, len(order), batch_size))
-    return [i for batch in batches for i in batch[distributed.block(len(batch))]]
-
-
 def init_output_layer(layer: nn.Linear, how: str, seed: int) -> None:
     """`--head-init`: zero (the default: every class equally likely at step 0), or xavier/kaiming uniform
     weights drawn from the run's seed (bias zero); bench/results/playbook.md has what each did."""
@@ -309,7 +303,7 @@ def finetune_phase(
         rest, size = order[first_step * plan.batch_size :].tolist(), plan.batch_size
         if shared:  # this rank's block of every global batch: only its own images are decoded
             mine = distributed.block(plan.batch_size)
-            rest, size = _my_blocks(rest, plan.batch_size), mine.stop - mine.start
+            rest, size = distributed.blocks_of_batches(rest, plan.batch_size), mine.stop - mine.start
         for batch in iterate_batches(dataset, size, workers=workers, order=rest):
             for _, path, reason in batch.failed:
                 if path not in seen_failures:
