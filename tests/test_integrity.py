@@ -172,3 +172,13 @@ def test_a_pickle_in_place_of_a_cache_shard_is_refused_unread(tmp_path):
     with pytest.raises(ArtifactError, match="never unpickles"):
         FeatureStore(tmp_path, {"k": 1}).get(["a", "b"])
     assert not (tmp_path / "owned").exists()
+
+
+def test_a_truncated_shard_without_a_checksum_is_refused_with_what_to_do(tmp_path):
+    """Shards from before checksums are read unverified; one cut short is refused, not a traceback."""
+    from visiontune.cache.store import CachedRows
+
+    np.save(tmp_path / "shard-0.npy", np.ones((100, 8), np.float16))
+    (tmp_path / "shard-0.npy").write_bytes((tmp_path / "shard-0.npy").read_bytes()[:300])
+    with pytest.raises(ArtifactError, match="not a feature shard.*cache clear"):
+        CachedRows(tmp_path, np.array([[0, 1]])).take([0])

@@ -160,7 +160,7 @@ class CachedRows:
             path = self.directory / f"shard-{shard}.npy"
             try:
                 rows, self._maps[shard] = _map_npy(path)
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, TypeError) as exc:  # TypeError: a header promising more rows than the file holds
                 raise ArtifactError(f"{path}: not a feature shard ({exc}). visiontune never unpickles cache files; "
                                     "delete the folder (visiontune cache clear) and rerun.") from None
             if rows.dtype.kind != "f":
