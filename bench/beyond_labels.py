@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent
 DATA = ROOT / ".data"
 RESULTS = ROOT / "results"
 SSL_METHODS = ["pseudo", "pi", "mean-teacher", "fixmatch", "cotrain", "self-train"]
-ADAPT_METHODS = ["coral", "mmd", "tca", "jda", "dann", "self-train"]
+ADAPT_METHODS = ["coral", "coral-cut", "coral-cut+self-train", "mmd", "tca", "jda", "dann", "self-train"]
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -67,7 +67,7 @@ def test_each_ssl_method_learns_from_the_unlabelled_images(folders, tmp_path, me
     assert ("pseudo-labels" if method == "self-train" else "train_unlabelled_loss") in records
 
 
-@pytest.mark.parametrize("method", ["coral", "mmd", "dann", "self-train", "tca", "jda"])
+@pytest.mark.parametrize("method", ["coral", "coral-cut", "coral-cut+self-train", "mmd", "dann", "self-train", "tca", "jda"])
 def test_each_adaptation_method_uses_the_target_images(folders, tmp_path, method):
     kw = {"adapt": method, "target_labels": folders["target_eval"], "threshold": 0.5, **FAST}
     clf = vt.fit(folders["labelled"], out=tmp_path / "a", target=folders["target"], **kw)
@@ -154,3 +154,24 @@ def test_subspace_projections_fold_into_a_linear_classifier():
         raw_gap = np.linalg.norm(xs.mean(0) - xt.mean(0)) / xs.std()
         projected_gap = np.linalg.norm(projection(xs).mean(0) - projection(xt).mean(0)) / projection(xs).std()
         assert projected_gap < raw_gap
+
+
+@pytest.mark.parametrize("shape", [(6,), (5, 2, 3)])
+def test_recolouring_gives_source_rows_the_target_statistics(shape):
+    """coral-cut: re-coloured source rows have the target's mean and covariance at every position (no
+    shrinkage), and shrinkage only pulls the covariance towards the diagonal."""
+    from visiontune.adapt.coral_cut import _positions, fit_recolouring
+
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(shape[0], shape[0]))
+    source = rng.normal(size=(400, *shape)).astype(np.float32)
+    target = (np.einsum("nc...,cd->nd...", rng.normal(size=(300, *shape)), mixing) * 3 + 2).astype(np.float32)
+    moved = _positions(fit_recolouring(source, target, shrink=0.0)(source))
+    wanted = _positions(target)
+    for p in range(len(moved)):
+        assert np.allclose(moved[p].mean(0), wanted[p].mean(0), atol=1e-3)
+        assert np.allclose(np.cov(moved[p], rowvar=False), np.cov(wanted[p], rowvar=False), atol=1e-2 * np.abs(np.cov(wanted[p], rowvar=False)).max())
+    shrunk = _positions(fit_recolouring(source, target, shrink=1.0)(source))
+    assert np.allclose(shrunk[0].mean(0), wanted[0].mean(0), atol=1e-3)
+    off_diagonal = lambda c: np.abs(c - np.diag(np.diag(c))).sum() / np.abs(np.diag(c)).sum()
+    assert off_diagonal(np.cov(shrunk[0], rowvar=False)) < off_diagonal(np.cov(wanted[0], rowvar=False))

@@ -25,6 +25,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from visiontune import adapt, semi
+from visiontune.adapt.coral_cut import Recolouring, fit_recolouring
 from visiontune.adapt.subspace import fit_jda, fit_tca
 from visiontune.backbones.cuts import POOLED, Tail
 from visiontune.cache.features import cached_activations
@@ -101,11 +102,21 @@ def cache_extra(key: str, folder: str, backbone, plan: Plan, cache_dir: str | No
 
 @dataclass
 class Candidate:
-    """What training one method needs beyond the plan: its objective and, for TCA/JDA, a projection."""
+    """What training one method needs beyond the plan: its objective and, for TCA/JDA, a projection of
+    pooled features, for coral-cut a re-colouring of the source activations."""
 
     method: str
     plan: Plan
     projection: object | None = None
+    recolour: Recolouring | None = None
+
+    def source_rows(self, rows):
+        """Source activations as this method trains on them (re-coloured for coral-cut, else as cached)."""
+        return self.recolour(rows) if self.recolour is not None else rows
+
+
+#: Methods that are not a training objective of their own (they train with the supervised loss).
+NOT_OBJECTIVES = ("none", "self-train", *adapt.SUBSPACE_METHODS, *adapt.RECOLOUR_METHODS)
 
 
 def candidate(method: str, plan: Plan, tail: Tail, train_rows, y_train: np.ndarray, extra: Extra | None) -> Candidate:
@@ -118,6 +129,9 @@ def candidate(method: str, plan: Plan, tail: Tail, train_rows, y_train: np.ndarr
         fit = fit_tca(source, target, plan.tca_dim, seed=plan.seed) if method == "tca" else \
             fit_jda(source, y_train, target, plan.tca_dim, seed=plan.seed)
         return Candidate(method, replace(plan, objective="supervised"), fit)
+    if method in adapt.RECOLOUR_METHODS:
+        fit = fit_recolouring(train_rows, extra.views[0], plan.coral_shrink, seed=plan.seed)
+        return Candidate(method, replace(plan, objective="supervised"), recolour=fit)
     if method == "self-train":
         return Candidate(method, replace(plan, objective="supervised"))
     return Candidate(method, replace(plan, objective=method))
@@ -128,7 +142,14 @@ def train_candidate(
     extra: Extra | None, task, log, **run,
 ) -> list[dict]:
     """Train the tail in place with one method (the phase's loop, callbacks and checkpoints as usual); TCA
-    and JDA train the classifier on projected pooled features and fold the projection into it."""
+    and JDA train the classifier on projected pooled features and fold the projection into it; coral-cut
+    trains on re-coloured source activations (validated on the re-coloured validation images), and
+    coral-cut+self-train then self-trains on the target from there."""
+    if cand.recolour is not None:
+        train_views, valid_x = [cand.recolour(v) for v in train_views], cand.recolour(valid_x)
+        if cand.method.endswith("+self-train"):
+            return self_train(tail, cand.plan, train_views, y_train, valid_x, y_valid, extra, task, log, **run)
+        return train_cached(tail, train_views, y_train, valid_x, y_valid, cand.plan, log, task=task, **run)
     if cand.projection is not None:
         width = tail.model.num_features
         train_views = [cand.projection.padded(pooled_features(tail, v), width) for v in train_views]
@@ -250,14 +271,15 @@ def choose_method(
                          y_train[inner_train], extra)
         train_candidate(tail, cand, views_tr, y_train[inner_train], x_iv, y_iv, extra, task, lambda r: None,
                         phase=f"auto:{method}")
-        probs = task.activation(predict_cached(tail, x_iv)).numpy()
+        held_out = cand.source_rows(x_iv)  # the inner images as this method's model saw source images
+        probs = task.activation(predict_cached(tail, held_out)).numpy()
         if kind == "ssl":
             scores[method] = float((probs.argmax(1) == y_iv).mean())
         else:
             losses = -np.log(np.clip(probs[np.arange(len(y_iv)), y_iv], 1e-12, 1.0))
             target_rows = take_rows(extra.views[0], np.arange(min(len(extra.views[0]), 2000)))
-            scores[method] = deep_embedded_validation(pooled_features(tail, views_tr[0]), pooled_features(tail, target_rows),
-                                                      pooled_features(tail, x_iv), losses)
+            scores[method] = deep_embedded_validation(pooled_features(tail, cand.source_rows(views_tr[0])),
+                                                      pooled_features(tail, target_rows), pooled_features(tail, held_out), losses)
         tail.model.load_state_dict(saved)
         console.print(f"auto {kind}: {method} -> {scores[method]:.4f}")
     best = max(scores, key=scores.get) if kind == "ssl" else min(scores, key=scores.get)

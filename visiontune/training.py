@@ -545,7 +545,7 @@ def choose_beyond(prep: Prepared, run: RunDir, tail: Tail, inputs: CachedInputs,
         plan.why[kind] = f"auto: {chosen}, by {info['criterion']} (scores in auto.json)"
         run.write_json("auto.json", info)
     method = getattr(plan, kind)
-    plan.objective = method if method not in ("none", "tca", "jda", "self-train") else "supervised"
+    plan.objective = method if method not in beyond.NOT_OBJECTIVES else "supervised"
 
 
 def finish_beyond(prep: Prepared, config: RunConfig, run: RunDir, tail: Tail, inputs: CachedInputs, extra, before) -> dict:

@@ -120,7 +120,7 @@ class Plan:
     task: str = setting("single-label | multi-label: chosen from the data (tags in the labels CSV)", default="single-label")
     ssl: str = setting("semi-supervised method on --unlabeled images: pseudo | pi | mean-teacher | fixmatch | "
                        "cotrain | auto (chosen on an inner split of the labelled training images)", BEYOND, "")
-    adapt: str = setting("domain adaptation to --target images: coral | mmd | tca | jda | dann | self-train | none | "
+    adapt: str = setting("domain adaptation to --target images: coral | coral-cut | coral-cut+self-train | mmd | tca | jda | dann | self-train | none | "
                          "auto (chosen without target labels: deep embedded validation)", BEYOND, "")
     extra_epochs: int = setting("passes over the unlabelled/target images, after a labelled-only warm start", BEYOND, 3)
     unlabeled_ratio: int = setting("unlabelled (or target) images per labelled image in a batch", BEYOND, 3)
@@ -130,6 +130,8 @@ class Plan:
     rampup: float = setting("fraction of the steps over which that weight ramps up (sigmoid)", BEYOND, 0.3)
     teacher_ema: float = setting("EMA decay of the mean teacher's weights", BEYOND, 0.99)
     tca_dim: int = setting("TCA/JDA: dimension of the subspace shared by source and target", BEYOND, 64)
+    coral_shrink: float = setting("coral-cut: covariances shrunk by this x their mean variance on the diagonal "
+                                  "(1 = the paper's +I on standardised features)", BEYOND, 1.0)
     fbeta: float = setting("multi-label: the decision thresholds maximise this F-beta", LOSS, 2.0)
     why: dict[str, str] = field(default_factory=dict)
 
