@@ -192,15 +192,24 @@ def bench_ssl(oracle: str | None = None) -> dict:
     return {"rows": rows, "summary": summary}
 
 
-def bench_adapt() -> dict:
+def bench_adapt(only: list[str] | None = None) -> dict:
+    """`only`: rerun just these rows and keep the others from bench/results/adapt.json (each row says when
+    it was measured)."""
     root = adapt_data()
     common = ["--target", str(root / "target"), "--target-labels", str(root / "target_eval")]
-    rows = {"source-only": run_train("source-only", root / "source", *common, "--adapt", "none")}
-    for method in ADAPT_METHODS:
-        rows[method] = run_train(method, root / "source", *common, "--adapt", method)
-    rows["auto"] = run_train("auto", root / "source", *common, "--adapt", "auto")
-    oracle = run_train("target oracle", root / "oracle")
-    oracle["target_accuracy"] = oracle["accuracy"]
+    kept = json.loads((RESULTS / "adapt.json").read_text())["rows"] if only else {}
+    wanted = lambda name: not only or name in only
+    today = time.strftime("%Y-%m-%d")
+    rows = {}
+    for name, method in [("source-only", "none"), *[(m, m) for m in ADAPT_METHODS], ("auto", "auto")]:
+        rows[name] = run_train(name, root / "source", *common, "--adapt", method) if wanted(name) else kept[name]
+        rows[name].setdefault("measured", today)
+    if wanted("target-oracle"):
+        oracle = run_train("target oracle", root / "oracle")
+        oracle["target_accuracy"] = oracle["accuracy"]
+        oracle["measured"] = today
+    else:
+        oracle = kept["target-oracle"]
     rows["target-oracle"] = oracle
     low, high = rows["source-only"]["target_accuracy"], oracle["target_accuracy"]
     for row in rows.values():
@@ -231,12 +240,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=["ssl", "adapt", "data"])
     parser.add_argument("--oracle", metavar="ACC,SECONDS", help="ssl: reuse an oracle row measured earlier")
+    parser.add_argument("--only", nargs="+", metavar="ROW", help="adapt: rerun only these rows, keep the others")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     if args.which == "data":
         print(ssl_data(), adapt_data())
         return
-    results = bench_ssl(args.oracle) if args.which == "ssl" else bench_adapt()
+    results = bench_ssl(args.oracle) if args.which == "ssl" else bench_adapt(args.only)
     results["date"] = time.strftime("%Y-%m-%d")
     (RESULTS / f"{args.which}.json").write_text(json.dumps(results, indent=2))
     (RESULTS / f"{args.which}.md").write_text(table(results, "accuracy" if args.which == "ssl" else "target_accuracy"))
