@@ -118,7 +118,7 @@ def doctor(
 #: domain classifier on ImageNet features separates almost any two photo collections a little, so only
 #: clear separations are read as shift.
 PAD_BANDS = ((0.5, "close: a model trained on the source should transfer; adaptation has little to fix"),
-             (1.5, "moderately apart: expect some drop on the target; --adapt (coral, mmd, self-train) is worth trying"),
+             (1.5, "moderately apart: expect some drop on the target; --adapt (coral-cut+self-train, self-train, mmd) is worth trying"),
              (2.01, "far apart: expect a large drop on the target; adapt (--adapt auto) or label some target images"))
 
 
