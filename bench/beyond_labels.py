@@ -168,15 +168,23 @@ def gap_closed(value: float, low: float, high: float) -> float:
     return (value - low) / (high - low) if high != low else 0.0
 
 
-def bench_ssl(oracle: str | None = None) -> dict:
+def bench_ssl(oracle: str | None = None, only: list[str] | None = None) -> dict:
     """`oracle` = "ACCURACY,SECONDS" reuses an oracle row measured by an earlier run of this script (its
-    10,400-image default train takes ~15 min here); the results say so."""
+    10,400-image default train takes ~15 min here); the results say so. `only`: rerun just these rows and
+    keep the others from bench/results/ssl.json (each row says when it was measured)."""
     root = ssl_data()
-    rows = {"labelled-only": run_train("labelled-only", root / "labelled")}
-    for method in SSL_METHODS:
-        rows[method] = run_train(method, root / "labelled", "--unlabeled", str(root / "unlabelled"), "--ssl", method)
-    rows["auto"] = run_train("auto", root / "labelled", "--unlabeled", str(root / "unlabelled"), "--ssl", "auto")
-    if oracle:
+    kept = json.loads((RESULTS / "ssl.json").read_text())["rows"] if only else {}
+    today = time.strftime("%Y-%m-%d")
+    rows = {}
+    for name, extra in [("labelled-only", []), *[(m, ["--ssl", m]) for m in SSL_METHODS], ("auto", ["--ssl", "auto"])]:
+        if only and name not in only:
+            rows[name] = kept.get(name, {"accuracy": float("nan"), "wall_seconds": float("nan"), "note": "not measured"})
+            continue
+        rows[name] = run_train(name, root / "labelled", *(["--unlabeled", str(root / "unlabelled")] if extra else []), *extra)
+        rows[name]["measured"] = today
+    if only and "oracle" not in only:
+        rows["oracle"] = kept["oracle"]
+    elif oracle:
         accuracy, seconds = map(float, oracle.split(","))
         rows["oracle"] = {"accuracy": accuracy, "wall_seconds": seconds, "args": "",
                           "note": "not rerun: measured earlier the same day with `run_train('oracle', oracle/)`"}
@@ -240,13 +248,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=["ssl", "adapt", "data"])
     parser.add_argument("--oracle", metavar="ACC,SECONDS", help="ssl: reuse an oracle row measured earlier")
-    parser.add_argument("--only", nargs="+", metavar="ROW", help="adapt: rerun only these rows, keep the others")
+    parser.add_argument("--only", nargs="+", metavar="ROW", help="rerun only these rows, keep the others")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     if args.which == "data":
         print(ssl_data(), adapt_data())
         return
-    results = bench_ssl(args.oracle) if args.which == "ssl" else bench_adapt(args.only)
+    results = bench_ssl(args.oracle, args.only) if args.which == "ssl" else bench_adapt(args.only)
     results["date"] = time.strftime("%Y-%m-%d")
     (RESULTS / f"{args.which}.json").write_text(json.dumps(results, indent=2))
     (RESULTS / f"{args.which}.md").write_text(table(results, "accuracy" if args.which == "ssl" else "target_accuracy"))
