@@ -115,6 +115,12 @@ class Candidate:
         """Source activations as this method trains on them (re-coloured for coral-cut, else as cached)."""
         return self.recolour(rows) if self.recolour is not None else rows
 
+    def features_seen(self, tail: Tail, source_rows, target_rows) -> tuple[np.ndarray, np.ndarray]:
+        """Source and target as the trained classifier's linear layer reads them: the tail's pooled features
+        of the source as trained on (re-coloured for coral-cut), projected for TCA/JDA."""
+        source, target = pooled_features(tail, self.source_rows(source_rows)), pooled_features(tail, target_rows)
+        return (self.projection(source), self.projection(target)) if self.projection is not None else (source, target)
+
 
 #: Methods that are not a training objective of their own (they train with the supervised loss).
 NOT_OBJECTIVES = ("none", "self-train", *adapt.SUBSPACE_METHODS, *adapt.RECOLOUR_METHODS)

@@ -501,7 +501,7 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
     if task.name == "single-label":  # what --prior re-weights from: the training prior, after any logit adjustment
         classifier.extra["train_prior"] = effective_prior(plan, y_train, len(classes)).round(6).tolist()
     if extra is not None:
-        classifier.metrics.update(finish_beyond(prep, config, run, tail, chosen.source_rows(inputs.train_views[0]), extra, before))
+        classifier.metrics.update(finish_beyond(prep, config, run, tail, chosen, inputs.train_views[0], extra, before))
     run.save_predictions(kept, probs, targets)
     classifier.save(run.classifier_dir)  # last: a complete classifier/ marks the run finished (api.resume)
     if config.report:
@@ -548,12 +548,13 @@ def choose_beyond(prep: Prepared, run: RunDir, tail: Tail, inputs: CachedInputs,
     plan.objective = method if method not in beyond.NOT_OBJECTIVES else "supervised"
 
 
-def finish_beyond(prep: Prepared, config: RunConfig, run: RunDir, tail: Tail, source_rows, extra, before) -> dict:
-    """After training: the target evaluation (the only read of target labels) and the domain picture, the
-    source as the method trained on it (`source_rows`: re-coloured for coral-cut) beside the target."""
+def finish_beyond(prep: Prepared, config: RunConfig, run: RunDir, tail: Tail, chosen: beyond.Candidate, source_rows,
+                  extra, before) -> dict:
+    """After training: the target evaluation (the only read of target labels) and the domain picture in the
+    features the classifier reads, the source as the method trained on it (:meth:`beyond.Candidate.features_seen`)."""
     plan, summary = prep.plan, {"method": plan_method(prep.plan), "extra_images": len(extra.catalog)}
     if extra.key == "xt":
-        after = beyond.domain_picture(pooled_features(tail, source_rows), pooled_features(tail, extra.views[0]), plan.seed)
+        after = beyond.domain_picture(*chosen.features_seen(tail, source_rows, extra.views[0]), plan.seed)
         report = {"before": before, "after": after}
         if config.target_labels:
             catalog = labelled_like(config.target_labels, list(prep.source.classes))
