@@ -151,12 +151,12 @@ def train_candidate(
     """Train the tail in place with one method (the phase's loop, callbacks and checkpoints as usual); TCA
     and JDA train the classifier on projected pooled features and fold the projection into it; coral-cut
     trains on re-coloured source activations (validated on the re-coloured validation images), and
-    coral-cut+self-train then self-trains on the target from there."""
+    coral-cut+self-train then self-trains on the target from there. Extra images enter the batches only
+    for methods with an objective of their own."""
     if cand.recolour is not None:
-        train_views, valid_x = [cand.recolour(v) for v in train_views], cand.recolour(valid_x)
-        if cand.method.endswith("+self-train"):
-            return self_train(tail, cand.plan, train_views, y_train, valid_x, y_valid, extra, task, log, **run)
-        return train_cached(tail, train_views, y_train, valid_x, y_valid, cand.plan, log, task=task, **run)
+        train_views, valid_x = [cand.source_rows(v) for v in train_views], cand.source_rows(valid_x)
+    if cand.method.endswith("self-train"):  # self-train, coral-cut+self-train
+        return self_train(tail, cand.plan, train_views, y_train, valid_x, y_valid, extra, task, log, **run)
     if cand.projection is not None:
         width = tail.model.num_features
         train_views = [cand.projection.padded(pooled_features(tail, v), width) for v in train_views]
@@ -164,9 +164,7 @@ def train_candidate(
         trained, extras = Tail(tail.model, POOLED, dropout=tail.dropout), None
     else:
         trained = tail
-        extras = [extra.unlabelled(cand.plan)] if extra is not None and cand.method != "none" else None
-    if cand.method == "self-train":
-        return self_train(tail, cand.plan, train_views, y_train, valid_x, y_valid, extra, task, log, **run)
+        extras = [extra.unlabelled(cand.plan)] if extra is not None and cand.plan.objective != "supervised" else None
     if extras:
         return warm_then_extra(tail, cand.plan, train_views, y_train, valid_x, y_valid, extras, task, log, **run)
     history = train_cached(trained, train_views, y_train, valid_x, y_valid, cand.plan, log, task=task, **run)

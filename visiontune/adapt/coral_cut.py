@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from visiontune.train.phases import take_rows
+
 MAX_PER_DOMAIN = 4000  # rows per domain the covariances are estimated on (a seeded sample beyond that)
 CHUNK = 512  # rows mapped at a time
 
@@ -42,15 +44,10 @@ def _positions(rows: np.ndarray) -> np.ndarray:
     return rows.reshape(n, c, -1).transpose(2, 0, 1)
 
 
-def _take(rows, picked: np.ndarray) -> np.ndarray:
-    """Rows `picked` of an array or of lazily read cached rows (which have .take)."""
-    return np.asarray(rows[picked] if isinstance(rows, np.ndarray) else rows.take(picked), dtype=np.float32)
-
-
 def _sample(rows, seed: int) -> np.ndarray:
     n = len(rows)
     picked = np.arange(n) if n <= MAX_PER_DOMAIN else np.sort(np.random.default_rng(seed).choice(n, MAX_PER_DOMAIN, replace=False))
-    return _take(rows, picked)
+    return take_rows(rows, picked)
 
 
 @dataclass
@@ -68,7 +65,7 @@ class Recolouring:
         out = np.empty((len(rows), *self.shape), dtype=np.float32)
         for start in range(0, len(rows), CHUNK):
             picked = np.arange(start, min(start + CHUNK, len(rows)))
-            x = _positions(_take(rows, picked))
+            x = _positions(take_rows(rows, picked))
             y = np.einsum("pnc,pcd->pnd", x - self.source_mean[:, None], self.maps) + self.target_mean[:, None]
             out[picked] = (y[0] if len(self.shape) == 1 else y.transpose(1, 2, 0).reshape(len(picked), *self.shape))
         return out
