@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -168,28 +169,38 @@ def gap_closed(value: float, low: float, high: float) -> float:
     return (value - low) / (high - low) if high != low else 0.0
 
 
-def bench_ssl(oracle: str | None = None, only: list[str] | None = None) -> dict:
-    """`oracle` = "ACCURACY,SECONDS" reuses an oracle row measured by an earlier run of this script (its
-    10,400-image default train takes ~15 min here); the results say so. `only`: rerun just these rows and
-    keep the others from bench/results/ssl.json (each row says when it was measured)."""
-    root = ssl_data()
-    kept = json.loads((RESULTS / "ssl.json").read_text())["rows"] if only else {}
+def measured_rows(planned: list[tuple[str, Callable[[], dict]]], only: list[str] | None, results: str) -> dict:
+    """Each planned row measured now and dated; with `only`, just those rows, the others kept as they are in
+    bench/results/<results>.json (with the date they were measured)."""
+    kept = json.loads((RESULTS / f"{results}.json").read_text())["rows"] if only else {}
     today = time.strftime("%Y-%m-%d")
     rows = {}
-    for name, extra in [("labelled-only", []), *[(m, ["--ssl", m]) for m in SSL_METHODS], ("auto", ["--ssl", "auto"])]:
+    for name, measure in planned:
         if only and name not in only:
             rows[name] = kept.get(name, {"accuracy": float("nan"), "wall_seconds": float("nan"), "note": "not measured"})
-            continue
-        rows[name] = run_train(name, root / "labelled", *(["--unlabeled", str(root / "unlabelled")] if extra else []), *extra)
-        rows[name]["measured"] = today
-    if only and "oracle" not in only:
-        rows["oracle"] = kept["oracle"]
-    elif oracle:
+        else:
+            rows[name] = {**measure(), "measured": today}
+    return rows
+
+
+def bench_ssl(oracle: str | None = None, only: list[str] | None = None) -> dict:
+    """`oracle` = "ACCURACY,SECONDS" reuses an oracle row measured by an earlier run of this script (its
+    10,400-image default train takes ~15 min here); the results say so. `only`: rerun just these rows
+    (:func:`measured_rows`)."""
+    root = ssl_data()
+    unlabelled = ["--unlabeled", str(root / "unlabelled")]
+
+    def oracle_row() -> dict:
+        if not oracle:
+            return run_train("oracle", root / "oracle")
         accuracy, seconds = map(float, oracle.split(","))
-        rows["oracle"] = {"accuracy": accuracy, "wall_seconds": seconds, "args": "",
-                          "note": "not rerun: measured earlier the same day with `run_train('oracle', oracle/)`"}
-    else:
-        rows["oracle"] = run_train("oracle", root / "oracle")
+        return {"accuracy": accuracy, "wall_seconds": seconds, "args": "",
+                "note": "not rerun: measured earlier the same day with `run_train('oracle', oracle/)`"}
+
+    planned = [("labelled-only", lambda: run_train("labelled-only", root / "labelled")),
+               *[(m, lambda m=m: run_train(m, root / "labelled", *unlabelled, "--ssl", m)) for m in [*SSL_METHODS, "auto"]],
+               ("oracle", oracle_row)]
+    rows = measured_rows(planned, only, "ssl")
     low, high, base_time = rows["labelled-only"]["accuracy"], rows["oracle"]["accuracy"], rows["labelled-only"]["wall_seconds"]
     for row in rows.values():
         row["gap_closed"] = round(gap_closed(row["accuracy"], low, high), 3)
@@ -202,25 +213,19 @@ def bench_ssl(oracle: str | None = None, only: list[str] | None = None) -> dict:
 
 
 def bench_adapt(only: list[str] | None = None) -> dict:
-    """`only`: rerun just these rows and keep the others from bench/results/adapt.json (each row says when
-    it was measured)."""
+    """`only`: rerun just these rows (:func:`measured_rows`)."""
     root = adapt_data()
     common = ["--target", str(root / "target"), "--target-labels", str(root / "target_eval")]
-    kept = json.loads((RESULTS / "adapt.json").read_text())["rows"] if only else {}
-    wanted = lambda name: not only or name in only
-    today = time.strftime("%Y-%m-%d")
-    rows = {}
-    for name, method in [("source-only", "none"), *[(m, m) for m in ADAPT_METHODS], ("auto", "auto")]:
-        rows[name] = run_train(name, root / "source", *common, "--adapt", method) if wanted(name) else kept[name]
-        rows[name].setdefault("measured", today)
-    if wanted("target-oracle"):
-        oracle = run_train("target oracle", root / "oracle")
-        oracle["target_accuracy"] = oracle["accuracy"]
-        oracle["measured"] = today
-    else:
-        oracle = kept["target-oracle"]
-    rows["target-oracle"] = oracle
-    low, high = rows["source-only"]["target_accuracy"], oracle["target_accuracy"]
+
+    def oracle_row() -> dict:
+        row = run_train("target oracle", root / "oracle")
+        return {**row, "target_accuracy": row["accuracy"]}
+
+    planned = [*[(name, lambda name=name, method=method: run_train(name, root / "source", *common, "--adapt", method))
+                 for name, method in [("source-only", "none"), *[(m, m) for m in ADAPT_METHODS], ("auto", "auto")]],
+               ("target-oracle", oracle_row)]
+    rows = measured_rows(planned, only, "adapt")
+    low, high = rows["source-only"]["target_accuracy"], rows["target-oracle"]["target_accuracy"]
     for row in rows.values():
         row["gap_closed"] = round(gap_closed(row["target_accuracy"], low, high), 3)
         row["vs_source_only"] = round(row["target_accuracy"] - low, 4)
@@ -232,14 +237,15 @@ def bench_adapt(only: list[str] | None = None) -> dict:
 
 
 def table(results: dict, key: str) -> str:
-    lines = [f"| row | {key.replace('_', ' ')} | gap closed | wall s | notes |", "|---|---|---|---|---|"]
+    lines = [f"| row | {key.replace('_', ' ')} | gap closed | wall s | measured | notes |", "|---|---|---|---|---|---|"]
     for name, row in results["rows"].items():
-        notes = row.get("note", "")
+        notes = [row["note"]] if row.get("note") else []
         if row.get("time_vs_labelled_only"):
-            notes = f"{row['time_vs_labelled_only']}x labelled-only time"
+            notes = [f"{row['time_vs_labelled_only']}x labelled-only time"]
         if name == "auto" and "auto" in row:
-            notes = f"picked {row['plan'].get('ssl') or row['plan'].get('adapt')}"
-        lines.append(f"| {name} | {row[key]:.4f} | {row['gap_closed']:+.2f} | {row['wall_seconds']} | {notes} |")
+            notes.append(f"picked {row['plan'].get('ssl') or row['plan'].get('adapt')}")
+        lines.append(f"| {name} | {row[key]:.4f} | {row['gap_closed']:+.2f} | {row['wall_seconds']} | "
+                     f"{row.get('measured', '')} | {'; '.join(notes)} |")
     lines.append("")
     lines.append("summary: " + json.dumps(results["summary"]))
     return "\n".join(lines) + "\n"
