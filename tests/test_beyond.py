@@ -104,6 +104,17 @@ def test_target_evaluation_labels_are_never_read_in_training(folders, tmp_path):
     assert (tmp_path / "run-clean" / "auto.json").read_text() == (tmp_path / "run-poisoned" / "auto.json").read_text()
 
 
+def test_adapt_auto_skips_a_method_the_target_cannot_support(folders, tmp_path):
+    """One target image: coral-cut (a covariance) cannot run; auto says so and chooses among the rest."""
+    one = tmp_path / "one_target"
+    one.mkdir()
+    shutil.copy(sorted(folders["target"].iterdir())[0], one)
+    vt.fit(folders["labelled"], out=tmp_path / "run", target=one, adapt="auto", **FAST)
+    auto = json.loads((tmp_path / "run" / "auto.json").read_text())
+    assert set(auto["skipped"]) == {"coral-cut", "coral-cut+self-train"} and "2 target images" in auto["skipped"]["coral-cut"]
+    assert auto["chosen"] in auto["scores"] and "coral-cut" not in auto["scores"]
+
+
 def test_ssl_auto_chooses_without_validation_labels(folders, tmp_path):
     """A train/valid layout whose valid labels are poisoned gives the same choice and the same weights."""
     for poison in (False, True):
@@ -174,6 +185,8 @@ def test_recolouring_gives_source_rows_the_target_statistics(shape):
     for p in range(len(moved)):
         assert np.allclose(moved[p].mean(0), wanted[p].mean(0), atol=1e-3)
         assert np.allclose(np.cov(moved[p], rowvar=False), np.cov(wanted[p], rowvar=False), atol=1e-2 * np.abs(np.cov(wanted[p], rowvar=False)).max())
+    with pytest.raises(UsageError, match="at least 2 target images"):  # one image has no covariance (NaN weights)
+        fit_recolouring(source, target[:1])
     shrunk = _positions(fit_recolouring(source, target, shrink=1.0)(source))
     assert np.allclose(shrunk[0].mean(0), wanted[0].mean(0), atol=1e-3)
     off_diagonal = lambda c: np.abs(c - np.diag(np.diag(c))).sum() / np.abs(np.diag(c)).sum()

@@ -294,10 +294,16 @@ def choose_method(
     saved = copy.deepcopy(tail.model.state_dict())
     scores: dict[str, float] = {}
     im: dict[str, float] = {}
+    skipped: dict[str, str] = {}
     with torch.random.fork_rng():
         for method in methods:
-            cand = candidate(method, replace(plan, checkpoint_every=0, eval_every=0, early_stop=0), tail, views_tr[0],
-                             y_train[inner_train], extra)
+            try:
+                cand = candidate(method, replace(plan, checkpoint_every=0, eval_every=0, early_stop=0), tail, views_tr[0],
+                                 y_train[inner_train], extra)
+            except UsageError as exc:  # a method these images cannot support (coral-cut on one target image)
+                skipped[method] = str(exc)
+                console.print(f"auto {kind}: {method} skipped: {exc}")
+                continue
             train_candidate(tail, cand, views_tr, y_train[inner_train], x_iv, y_iv, extra, task, lambda r: None,
                             phase=f"auto:{method}")
             held_out = cand.source_rows(x_iv)  # the inner images as this method's model saw source images
@@ -316,7 +322,7 @@ def choose_method(
                  else "deep embedded validation (truncated, self-normalised weights) on an inner 20 % of the "
                       "source training images (lower is better)")
     return best, {"criterion": criterion, "scores": scores, "chosen": best,
-                  **({"information_maximisation": im} if im else {})}
+                  **({"information_maximisation": im} if im else {}), **({"skipped": skipped} if skipped else {})}
 
 
 def evaluate_target(tail: Tail, catalog: Catalog, backbone, plan: Plan, classes: list[str], cache_dir, workers) -> dict:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from visiontune.errors import UsageError
 from visiontune.train.phases import take_rows
 
 MAX_PER_DOMAIN = 4000  # rows per domain the covariances are estimated on (a seeded sample beyond that)
@@ -73,6 +74,10 @@ class Recolouring:
 
 def fit_recolouring(source, target, shrink: float = 1.0, seed: int = 0) -> Recolouring:
     """The map that gives source activations the target's per-position mean and (shrunk) covariance."""
+    for name, rows in (("source", source), ("target", target)):
+        if len(rows) < 2:  # a covariance needs two images; one would make every weight NaN
+            raise UsageError(f"--adapt coral-cut estimates each domain's covariance and needs at least 2 {name} "
+                             f"images (got {len(rows)}): add images or choose another --adapt method")
     s, t = _positions(_sample(source, seed)), _positions(_sample(target, seed + 1))
     source_mean, target_mean = s.mean(1), t.mean(1)
     maps = np.empty((s.shape[0], s.shape[2], s.shape[2]))
