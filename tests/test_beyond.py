@@ -206,3 +206,24 @@ def test_deep_embedded_validation_stays_within_the_losses_on_separable_domains()
     assert losses.min() <= score <= losses.max()
     # the images nearest the target weigh most: raising their losses raises the score
     assert deep_embedded_validation(source, target, valid, np.r_[losses[:-2], 10.0, 10.0]) > score
+
+
+def test_mixval_prefers_a_boundary_between_the_target_clusters():
+    """Two target clusters: a model whose boundary lies between them keeps the dominant image's label on
+    0.55 : 0.45 mixes; one whose boundary cuts a cluster in half flips about half of them; one that gives
+    every image one class has no pair to probe and scores 0."""
+    from visiontune.beyond import mixval_inter
+
+    rng = np.random.default_rng(0)
+    target = np.vstack([rng.normal(size=(200, 2)) * 0.1 + [-3, 0], rng.normal(size=(200, 2)) * 0.1 + [3, 0]])
+
+    def boundary_at(x0: float):
+        def probabilities(rows: np.ndarray) -> np.ndarray:
+            right = 1 / (1 + np.exp(-10 * (rows[:, 0] - x0)))
+            return np.stack([1 - right, right], 1)
+        return probabilities
+
+    between, through = mixval_inter(boundary_at(0.0), target, seed=0), mixval_inter(boundary_at(3.0), target, seed=0)
+    assert between > 0.95 and through < 0.75
+    assert mixval_inter(boundary_at(100.0), target, seed=0) == 0.0
+    assert mixval_inter(boundary_at(3.0), target, seed=0) == through  # seeded: the same pairs every time

@@ -121,7 +121,7 @@ class Plan:
     ssl: str = setting("semi-supervised method on --unlabeled images: pseudo | pi | mean-teacher | fixmatch | "
                        "cotrain | auto (chosen on an inner split of the labelled training images)", BEYOND, "")
     adapt: str = setting("domain adaptation to --target images: coral | coral-cut | coral-cut+self-train | mmd | tca | jda | dann | self-train | none | "
-                         "auto (chosen without target labels: deep embedded validation)", BEYOND, "")
+                         "auto (chosen without target labels: MixVal on the target images)", BEYOND, "")
     extra_epochs: int = setting("passes over the unlabelled/target images, after a labelled-only warm start", BEYOND, 3)
     unlabeled_ratio: int = setting("unlabelled (or target) images per labelled image in a batch", BEYOND, 3)
     unlabeled_views: int = setting("augmented cached views per unlabelled/target image (a trunk pass each)", BEYOND, 1)
