@@ -14,9 +14,14 @@ blended, unlabelled. Evaluation: 2,000 blended test items (200 per class), read 
 `--target-labels`. Rows: source-only (`--adapt none`), each `--adapt` method, `--adapt auto`, and the
 target oracle (trained on the 2,000 target images with their labels, validated on the evaluation set).
 
-    .venv/bin/python bench/beyond_labels.py ssl      # ~25 min on 2 cores
-    .venv/bin/python bench/beyond_labels.py adapt    # ~15 min
-Writes bench/results/ssl.json|md and bench/results/adapt.json|md.
+DA on digits (`adapt-digits`): the same shift and rows on a second, smaller dataset nobody tuned for —
+scikit-learn's 1,797 8x8 digits upscaled to 28 px; 900 plain labelled source images, 450 blended unlabelled
+target images, 447 blended evaluation images. A check that `--adapt auto`'s choice holds off the main bench.
+
+    .venv/bin/python bench/beyond_labels.py ssl            # ~25 min on 2 cores
+    .venv/bin/python bench/beyond_labels.py adapt          # ~15 min
+    .venv/bin/python bench/beyond_labels.py adapt-digits   # ~8 min
+Writes bench/results/ssl|adapt|adapt-digits.json|md.
 """
 
 from __future__ import annotations
@@ -134,6 +139,34 @@ def adapt_data() -> Path:
     return root
 
 
+def adapt_digits_data() -> Path:
+    """adapt_data's layout from scikit-learn's digits (8x8, upscaled to 28 px): a random 900 / 450 / 447 split
+    into source, target and evaluation images."""
+    from sklearn.datasets import load_digits
+
+    root = DATA / "digits-da"
+    if (root / "oracle" / "valid").is_dir():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    digits = load_digits()
+    x = np.stack([np.asarray(Image.fromarray((image / 16 * 255).astype(np.uint8)).resize((28, 28), Image.BILINEAR))
+                  for image in digits.images])
+    y = digits.target
+    rng = np.random.default_rng(1)
+    order = rng.permutation(len(y))
+    source, target, evaluation = order[:900], order[900:1350], order[1350:]
+    photos = _photos()
+    for i in source:
+        _write(root / "source" / str(y[i]), x[i : i + 1], [f"{i:04d}.png"])
+    for k, image in zip(target, blend(x[target], rng, photos)):
+        _write(root / "target", image[None], [f"{k:04d}.png"])
+        _write(root / "oracle" / "train" / str(y[k]), image[None], [f"{k:04d}.png"])
+    for k, image in zip(evaluation, blend(x[evaluation], rng, photos)):
+        for part in ("target_eval", "oracle/valid"):
+            _write(root / part / str(y[k]), image[None], [f"{k:04d}.png"])
+    return root
+
+
 # ------------------------------------------------------------------------------------------------ rows
 def run_train(label: str, data: Path, *extra: str) -> dict:
     """`visiontune train` in a fresh process with an empty feature cache; accuracy, wall time, plan."""
@@ -212,9 +245,9 @@ def bench_ssl(oracle: str | None = None, only: list[str] | None = None) -> dict:
     return {"rows": rows, "summary": summary}
 
 
-def bench_adapt(only: list[str] | None = None) -> dict:
-    """`only`: rerun just these rows (:func:`measured_rows`)."""
-    root = adapt_data()
+def bench_adapt(only: list[str] | None = None, data: Callable[[], Path] = adapt_data, results: str = "adapt") -> dict:
+    """`only`: rerun just these rows (:func:`measured_rows`); `data`/`results`: the dataset and its results file."""
+    root = data()
     common = ["--target", str(root / "target"), "--target-labels", str(root / "target_eval")]
 
     def oracle_row() -> dict:
@@ -224,7 +257,7 @@ def bench_adapt(only: list[str] | None = None) -> dict:
     planned = [*[(name, lambda name=name, method=method: run_train(name, root / "source", *common, "--adapt", method))
                  for name, method in [("source-only", "none"), *[(m, m) for m in ADAPT_METHODS], ("auto", "auto")]],
                ("target-oracle", oracle_row)]
-    rows = measured_rows(planned, only, "adapt")
+    rows = measured_rows(planned, only, results)
     low, high = rows["source-only"]["target_accuracy"], rows["target-oracle"]["target_accuracy"]
     for row in rows.values():
         row["gap_closed"] = round(gap_closed(row["target_accuracy"], low, high), 3)
@@ -253,15 +286,18 @@ def table(results: dict, key: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["ssl", "adapt", "data"])
+    parser.add_argument("which", choices=["ssl", "adapt", "adapt-digits", "data"])
     parser.add_argument("--oracle", metavar="ACC,SECONDS", help="ssl: reuse an oracle row measured earlier")
     parser.add_argument("--only", nargs="+", metavar="ROW", help="rerun only these rows, keep the others")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     if args.which == "data":
-        print(ssl_data(), adapt_data())
+        print(ssl_data(), adapt_data(), adapt_digits_data())
         return
-    results = bench_ssl(args.oracle, args.only) if args.which == "ssl" else bench_adapt(args.only)
+    if args.which == "ssl":
+        results = bench_ssl(args.oracle, args.only)
+    else:
+        results = bench_adapt(args.only, *((adapt_digits_data, "adapt-digits") if args.which == "adapt-digits" else ()))
     results["date"] = time.strftime("%Y-%m-%d")
     (RESULTS / f"{args.which}.json").write_text(json.dumps(results, indent=2))
     (RESULTS / f"{args.which}.md").write_text(table(results, "accuracy" if args.which == "ssl" else "target_accuracy"))

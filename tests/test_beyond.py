@@ -115,6 +115,32 @@ def test_adapt_auto_skips_a_method_the_target_cannot_support(folders, tmp_path):
     assert auto["chosen"] in auto["scores"] and "coral-cut" not in auto["scores"]
 
 
+def test_adapt_auto_scores_target_images_no_trial_trained_on(folders, tmp_path, monkeypatch):
+    """The criterion reads 20 % of the target images that every trial's training left out (self-training
+    scored on the images it pseudo-labelled looks as consistent as its labelling is confident)."""
+    from visiontune import beyond
+
+    trained_on, scored = [], []
+    train, score = beyond.train_candidate, beyond.mixval_inter
+
+    def spy_train(tail, cand, views, y, vx, vy, extra, *args, **kwargs):
+        trained_on.append({row.tobytes() for row in np.asarray(extra.views[0])})
+        return train(tail, cand, views, y, vx, vy, extra, *args, **kwargs)
+
+    def spy_score(probabilities, rows, seed, **kwargs):
+        scored.append({row.tobytes() for row in np.asarray(rows)})
+        return score(probabilities, rows, seed, **kwargs)
+
+    monkeypatch.setattr(beyond, "train_candidate", spy_train)
+    monkeypatch.setattr(beyond, "mixval_inter", spy_score)
+    vt.fit(folders["labelled"], out=tmp_path / "run", target=folders["target"], adapt="auto", **FAST)
+    n = len(list(folders["target"].iterdir()))
+    trials = trained_on[:len(scored)]  # the last call trains the chosen method on every target image
+    assert len(scored) >= 8 and all(len(s) == n // 5 for s in scored) and all(len(t) == n - n // 5 for t in trials)
+    assert all(not (s & t) for s, t in zip(scored, trials))
+    assert len(trained_on[-1]) == n
+
+
 def test_ssl_auto_chooses_without_validation_labels(folders, tmp_path):
     """A train/valid layout whose valid labels are poisoned gives the same choice and the same weights."""
     for poison in (False, True):
