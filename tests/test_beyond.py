@@ -141,6 +141,23 @@ def test_adapt_auto_scores_target_images_no_trial_trained_on(folders, tmp_path, 
     assert len(trained_on[-1]) == n
 
 
+def test_adapt_run_scores_the_source_only_yardstick_without_touching_its_model(folders, tmp_path):
+    """With labelled target images an adaptation run also scores what the same data and plan give without
+    adapting: exactly an `--adapt none` run's target accuracy, while the adapted weights stay those of the
+    run without target labels (the yardstick trains in a forked random state and is then undone)."""
+    runs = {name: tmp_path / name for name in ("tca", "tca-no-labels", "none")}
+    vt.fit(folders["labelled"], out=runs["tca"], target=folders["target"], target_labels=folders["target_eval"],
+           adapt="tca", **{**FAST, "report": True})
+    vt.fit(folders["labelled"], out=runs["tca-no-labels"], target=folders["target"], adapt="tca", **FAST)
+    vt.fit(folders["labelled"], out=runs["none"], target=folders["target"], target_labels=folders["target_eval"],
+           adapt="none", **FAST)
+    assert _same(_weights(runs["tca"]), _weights(runs["tca-no-labels"]))
+    adapted, none = (json.loads((runs[n] / "adaptation.json").read_text()) for n in ("tca", "none"))
+    assert adapted["source_only"]["accuracy"] == none["target"]["accuracy"] and "source_only" not in none
+    assert adapted["source_only"]["method_minus_source_only"] == adapted["target"]["accuracy"] - none["target"]["accuracy"]
+    assert "source-only (the same data and plan without adaptation)" in (runs["tca"] / "report.html").read_text()
+
+
 def test_ssl_auto_chooses_without_validation_labels(folders, tmp_path):
     """A train/valid layout whose valid labels are poisoned gives the same choice and the same weights."""
     for poison in (False, True):

@@ -374,6 +374,26 @@ def choose_method(
                   **({"skipped": skipped} if skipped else {})}
 
 
+def source_only_reference(tail: Tail, initial: dict, rng_state: torch.Tensor, plan: Plan, train_views: list,
+                          y_train: np.ndarray, valid_x, y_valid: np.ndarray, task, evaluate: Callable[[], dict]) -> dict:
+    """The labelled-target metrics the same run would have had without adapting: the tail reset to its weights
+    before training, trained on the source alone from the random state the method's training started from
+    (so exactly as `--adapt none` would train it; in a forked random state, no checkpoints), evaluated, and the
+    adapted weights put back. A method that loses to doing
+    nothing then says so in the run's own output and report, not only in a benchmark table."""
+    adapted = copy.deepcopy(tail.model.state_dict())
+    tail.model.load_state_dict(initial)
+    try:
+        with torch.random.fork_rng():
+            torch.set_rng_state(rng_state)
+            none = candidate("none", plan, tail, train_views[0], y_train, None)
+            train_candidate(tail, none, train_views, y_train, valid_x, y_valid, None, task, lambda record: None,
+                            phase="reference:source-only")
+            return evaluate()
+    finally:
+        tail.model.load_state_dict(adapted)
+
+
 def evaluate_target(tail: Tail, catalog: Catalog, backbone, plan: Plan, classes: list[str], cache_dir, workers) -> dict:
     """Metrics of the trained tail on labelled target images (read only now, after training)."""
     root = cache_folder(cache_dir)

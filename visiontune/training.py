@@ -8,6 +8,7 @@ lives in its own module; this one wires them for :func:`visiontune.api.fit` and
 
 from __future__ import annotations
 
+import copy
 import functools
 import random
 import time
@@ -447,8 +448,13 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
     logger = run.logger()
     run_options = {"phase": f"cached:{plan.cut}", "checkpoints": run.checkpoints_to_write, "resume": checkpoint,
                    "metrics_lines": run.metrics_lines, "train_paths": fit_catalog.paths}
+    reference = None
     if extra is not None:
         method = plan.ssl or plan.adapt
+        # the source-only yardstick (one process: under torchrun rank 0 alone would wait on the others' gradients)
+        if extra.key == "xt" and config.target_labels and method != "none" and not distributed.active():
+            reference = functools.partial(beyond.source_only_reference, tail, copy.deepcopy(tail.model.state_dict()),
+                                          torch.get_rng_state(), plan, inputs.train_views, y_train, inputs.valid, y_valid, task)
         chosen = beyond.candidate(method, plan, tail, inputs.train_views[0], y_train, extra)
         beyond.train_candidate(tail, chosen, inputs.train_views, y_train, inputs.valid, y_valid, extra, task, logger, **run_options)
     elif not in_finetune and plan.head in FITS and main:  # the others get the head when fine-tuning syncs them
@@ -501,7 +507,8 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
     if task.name == "single-label":  # what --prior re-weights from: the training prior, after any logit adjustment
         classifier.extra["train_prior"] = effective_prior(plan, y_train, len(classes)).round(6).tolist()
     if extra is not None:
-        classifier.metrics.update(finish_beyond(prep, config, run, tail, chosen, inputs.train_views[0], extra, before))
+        classifier.metrics.update(finish_beyond(prep, config, run, tail, chosen, inputs.train_views[0], extra, before,
+                                                   reference))
     run.save_predictions(kept, probs, targets)
     classifier.save(run.classifier_dir)  # last: a complete classifier/ marks the run finished (api.resume)
     if config.report:
@@ -549,20 +556,31 @@ def choose_beyond(prep: Prepared, run: RunDir, tail: Tail, inputs: CachedInputs,
 
 
 def finish_beyond(prep: Prepared, config: RunConfig, run: RunDir, tail: Tail, chosen: beyond.Candidate, source_rows,
-                  extra, before) -> dict:
+                  extra, before, reference=None) -> dict:
     """After training: the target evaluation (the only read of target labels) and the domain picture in the
-    features the classifier reads, the source as the method trained on it (:meth:`beyond.Candidate.features_seen`)."""
+    features the classifier reads, the source as the method trained on it (:meth:`beyond.Candidate.features_seen`).
+    `reference` (:func:`beyond.source_only_reference`, bound to the weights before training) scores the same run
+    without adaptation on the labelled target images, with a warning when the method is more than a point below."""
     plan, summary = prep.plan, {"method": plan_method(prep.plan), "extra_images": len(extra.catalog)}
     if extra.key == "xt":
         after = beyond.domain_picture(*chosen.features_seen(tail, source_rows, extra.views[0]), plan.seed)
         report = {"before": before, "after": after}
         if config.target_labels:
             catalog = labelled_like(config.target_labels, list(prep.source.classes))
-            metrics = beyond.evaluate_target(tail, catalog, prep.backbone, plan, list(prep.source.classes),
-                                                   config.cache_dir, config.workers)
+            evaluate = functools.partial(beyond.evaluate_target, tail, catalog, prep.backbone, plan, list(prep.source.classes),
+                                         config.cache_dir, config.workers)
+            metrics = evaluate()
             report["target"] = {k: v for k, v in metrics.items() if k != "confusion_matrix_normalized"}
             summary["target_accuracy"] = metrics["accuracy"]
             console.print(f"[bold]target accuracy {metrics['accuracy']:.4f}[/] on {metrics['n']} labelled target images")
+            if reference is not None:
+                base = reference(evaluate)["accuracy"]
+                report["source_only"] = {"accuracy": base, "method_minus_source_only": metrics["accuracy"] - base}
+                summary["source_only_target_accuracy"] = base
+                console.print(f"source-only (this run's data and plan, no adaptation): target accuracy {base:.4f}")
+                if metrics["accuracy"] < base - 0.01:
+                    console.print(f"[yellow]warning: --adapt {plan.adapt} is {100 * (base - metrics['accuracy']):.1f} points "
+                                  f"below source-only on the labelled target images: try --adapt none, coral-cut or auto[/]")
         run.write_json("adaptation.json", report)
         summary["proxy_a_distance_before"], summary["proxy_a_distance_after"] = before["proxy_a_distance"], after["proxy_a_distance"]
     return {"beyond": summary, **({"target_accuracy": summary["target_accuracy"]} if "target_accuracy" in summary else {})}

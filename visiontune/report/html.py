@@ -184,8 +184,14 @@ def _beyond_section(run: RunDir, records: list[dict]) -> str:
     if adaptation.get("target"):
         target = adaptation["target"]
         rows = [[c, f"{v['recall']:.3f}", f"{v['precision']:.3f}", v["support"]] for c, v in target["per_class"].items()]
-        parts.append(f"<h3>labelled target images: accuracy {target['accuracy']:.4f} on {target['n']}</h3>"
-                     + table_html(["class", "accuracy (recall)", "precision", "images"], rows))
+        parts.append(f"<h3>labelled target images: accuracy {target['accuracy']:.4f} on {target['n']}</h3>")
+        base = adaptation.get("source_only")
+        if base:
+            worse = base["method_minus_source_only"] < -0.01
+            line = (f"source-only (the same data and plan without adaptation): {base['accuracy']:.4f}, so the method is "
+                    f"{100 * base['method_minus_source_only']:+.1f} points")
+            parts.append(f"<p><strong>{line}: worse than not adapting</strong></p>" if worse else f"<p>{line}</p>")
+        parts.append(table_html(["class", "accuracy (recall)", "precision", "images"], rows))
     auto = run.read_json("auto.json", default={})
     if auto:
         parts.append(f"<h3>auto: {html.escape(str(auto['chosen']))}</h3><p>by {html.escape(auto['criterion'])}</p>"
