@@ -6,8 +6,8 @@ Rows, all on the same 2,000 Fashion-MNIST PNG files and the same weights (lite0 
 * visiontune's PyTorch path (engine torch);
 * plain onnxruntime on the file `visiontune export` writes (default session options): model only, and with
   in-process PIL decode; model only at its best batch size (1..32 tried in each round: this CPU runs small
-  batches faster); and model only with visiontune's session settings (batches split into chunks of 4, threads
-  that sleep when idle);
+  batches faster); and model only on visiontune's engine (one single-threaded session per core, sharing each
+  batch: inference/engines.py OnnxRuntimeForward);
 * fastai `get_preds` at its best `num_workers` (0, 1 and 2 tried in each round) and `learn.predict`, on a
   Learner holding the same model.
 Throughput rows: each in a fresh process, median of 5 interleaved rounds; a peer's "best" is the best of its
@@ -50,14 +50,6 @@ def make_classifier(tmp: Path):
     return Classifier.load(tmp / "classifier")
 
 
-def own_session(path: Path, options, chunk: int):
-    """onnxruntime as visiontune's engine runs it (its session options, batches split into chunks), model only."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda x: np.concatenate([session.run(None, {"images": x[i : i + chunk]})[0] for i in range(0, len(x), chunk)])
-
-
 def throughput(fn, items, batch) -> float:
     fn(items[:batch])  # warm
     started = time.perf_counter()
@@ -83,7 +75,7 @@ BATCH_ROWS = (
     "plain onnxruntime (model only)",
     "plain onnxruntime (PIL decode in process)",
     "plain onnxruntime (model only, best batch)",
-    "onnxruntime model only, visiontune's session settings",
+    "onnxruntime model only, visiontune's engine",
     "fastai get_preds (best num_workers)",
 )
 ORT_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -103,7 +95,7 @@ def measure_row(name: str, classifier_dir: Path, onnx_path: Path) -> float | dic
     from visiontune.classifier import Classifier
     from visiontune.data.images import load_rgb
     from visiontune.data.transforms import eval_transform
-    from visiontune.inference.engines import onnxruntime_chunk, onnxruntime_options
+    from visiontune.inference.engines import OnnxRuntimeForward
     from visiontune.export.formats import load_exported
 
     torch.set_num_threads(2)
@@ -127,7 +119,8 @@ def measure_row(name: str, classifier_dir: Path, onnx_path: Path) -> float | dic
     if name == "plain onnxruntime (model only, best batch)":
         by_batch = {str(b): throughput(run, tensors, b) for b in ORT_BATCHES}
         return {"best": max(by_batch.values()), "by_setting": by_batch}
-    return throughput(own_session(onnx_path, onnxruntime_options(), onnxruntime_chunk(SIZE)), tensors, 32)
+    forward = OnnxRuntimeForward(onnx_path, SIZE)
+    return throughput(lambda x: forward(torch.from_numpy(x)).numpy(), tensors, 32)
 
 
 def main() -> None:

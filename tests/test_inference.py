@@ -83,3 +83,28 @@ def test_stream_gives_inline_numbers_in_order_and_skips_a_bad_file(tmp_path, wor
     assert kept.tolist() == [i for i in range(23) if i != 7]
     assert np.array_equal(outputs, expected.flatten(1).numpy())
     assert [s.path for s in skipped] == [str(paths[7])]
+
+
+def test_onnxruntime_parallel_sessions_give_one_sessions_numbers_in_order(tmp_path, monkeypatch):
+    """A batch shared by single-threaded sessions (chunks taken as threads come free) gives bitwise what one
+    session gives, in the batch's order; one image goes to the session on every core; with one session
+    allowed (several processes on the machine) the batch stays in that session."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    from visiontune.inference import engines
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3),
+                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    forward = engines.compile_forward(module, "onnxruntime", 32, tmp_path / "m.onnx")
+    images = torch.randn(7, 3, 32, 32)  # 7 images: chunks of 4 at this size, the last one short
+    one = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    expected = one.run(None, {"images": images.numpy()})[0]
+    shared = forward(images).numpy()
+    assert forward.pool is not None and np.array_equal(shared, expected)
+    assert np.array_equal(forward(images[3:4]).numpy(), expected[3:4])
+    monkeypatch.setattr(engines, "parallel_sessions", lambda: 1)
+    single = engines.compile_forward(module, "onnxruntime", 32, tmp_path / "m.onnx")
+    assert np.array_equal(single(images).numpy(), expected) and single.pool is None

@@ -8,6 +8,7 @@ features keep accuracy; bf16 is faster still but cost 0.2-0.5 accuracy points, s
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,10 +23,12 @@ from visiontune.names import ENGINES, default_engine, onnxruntime_available  # n
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
-#: Trunk time relative to torch fp32 channels-last, from the floors of an earlier bench-speed run (2026-11-23:
-#: 268 / 451 / 473 img/s; the 2026-11-24 run's --budget rows finished within -13..+5 % with them): lets `--budget` time the trunk once in torch and predict the other engines
-#: without exporting every cut first.
-RELATIVE_TRUNK_TIME = {"torch": 1.0, "onnxruntime": 268 / 451, "torch-bf16": 268 / 473}
+#: Trunk time relative to torch fp32 channels-last: lets `--budget` time the trunk once in torch and predict the
+#: other engines without exporting every cut first. torch-bf16 from the floors of a bench-speed run (2026-11-23:
+#: 268 / 473 img/s); onnxruntime remeasured with its parallel sessions (2026-11-26, caching 2,000 Fashion-MNIST
+#: files at 112 px to blocks.5, decode included, two rounds: torch 259 / 307, onnxruntime 709 / 745 img/s; one
+#: 2-thread session 630 / 642 in the same sitting).
+RELATIVE_TRUNK_TIME = {"torch": 1.0, "onnxruntime": 283 / 727, "torch-bf16": 268 / 473}
 
 
 def export_onnx(module: nn.Module, input_size: int, path: Path) -> Path:
@@ -61,30 +64,74 @@ def compile_forward(module: nn.Module, engine: str, input_size: int, onnx_path: 
         return bf16
     if not onnxruntime_available():
         raise UsageError("engine onnxruntime needs `pip install onnx onnxruntime`; or use --engine torch")
-    import onnxruntime as ort
-
     if onnx_path is None:
         import tempfile
 
         onnx_path = Path(tempfile.mkdtemp()) / "module.onnx"
-    session = ort.InferenceSession(
-        str(export_onnx(module, input_size, onnx_path)), onnxruntime_options(), providers=["CPUExecutionProvider"]
-    )
+    return OnnxRuntimeForward(export_onnx(module, input_size, onnx_path), input_size)
 
-    chunk = onnxruntime_chunk(input_size)
 
-    def run(images: torch.Tensor) -> torch.Tensor:
+class OnnxRuntimeForward:
+    """onnxruntime over a batch: one single-threaded session per core, in a pool of as many threads that take
+    the batch's chunks as they come free (a session releases the GIL while it runs, and no thread waits for
+    another that lost time to the decoding thread); a single image goes to one session that uses every core,
+    for latency.
+
+    Why: onnxruntime's intra-op threads synchronise after every operator, and lite0's many small depthwise
+    operators leave them waiting. Measured on 2 cores, lite0, model only, threads sleeping when idle (img/s,
+    2026-11-26): 112 px one 2-thread session 560-590 at its best chunk vs two 1-thread sessions 786-802
+    (chunks 2-8); 224 px 175 vs 228 (chunk 1). Outputs are bitwise the same as one session's (the thread
+    count does not change any operator's arithmetic; checked, max difference 0.0)."""
+
+    def __init__(self, path: Path, input_size: int):
+        import onnxruntime as ort
+
+        self._ort, self.path, self.input_size = ort, str(path), input_size
+        self.whole = ort.InferenceSession(self.path, onnxruntime_options(), providers=["CPUExecutionProvider"])
+        self._local = threading.local()  # each pool thread's own single-threaded session, made on first use
+        self.pool = None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(images.contiguous().numpy(), dtype=np.float32)
-        parts = [session.run(None, {"images": array[i : i + chunk]})[0] for i in range(0, len(array), chunk)]
-        return torch.from_numpy(np.concatenate(parts))
+        workers = parallel_sessions()
+        if len(array) == 1 or workers < 2:
+            return torch.from_numpy(_run_chunked(self.whole, array, onnxruntime_chunk(self.input_size)))
+        if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
 
-    return run
+            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="onnxruntime")
+        chunk = onnxruntime_chunk(self.input_size, threads=1)
+        pieces = self.pool.map(self._run_piece, [array[i : i + chunk] for i in range(0, len(array), chunk)])
+        return torch.from_numpy(np.concatenate(list(pieces)))
+
+    def _run_piece(self, piece: np.ndarray) -> np.ndarray:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            options = onnxruntime_options()
+            options.intra_op_num_threads = 1
+            session = self._local.session = self._ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+        return session.run(None, {"images": piece})[0]
 
 
-def onnxruntime_chunk(input_size: int) -> int:
-    """How many images onnxruntime runs at once: its per-image cost is lowest for small batches, whose
+def _run_chunked(session, array: np.ndarray, chunk: int) -> np.ndarray:
+    return np.concatenate([session.run(None, {"images": array[i : i + chunk]})[0] for i in range(0, len(array), chunk)])
+
+
+def parallel_sessions() -> int:
+    """How many single-threaded sessions share a batch: one per thread torch may use (its default is the
+    number of physical cores), at most 8; one when several processes share the machine (each keeps to its
+    share of the cores with one session)."""
+    return 1 if world().shared else max(1, min(torch.get_num_threads(), 8))
+
+
+def onnxruntime_chunk(input_size: int, threads: int = 0) -> int:
+    """How many images a session runs at once: its per-image cost is lowest for small batches, whose
     activations stay in the CPU's caches. Measured on 2 cores, lite0, model only, threads sleeping when
-    idle (img/s at batch 1/4/8/16/32): 224 px 233/255/236/216/196; 112 px 462/740/822/778/705."""
+    idle (img/s at batch 1/4/8/16/32): one session on both cores, 224 px 233/255/236/216/196; 112 px
+    462/740/822/778/705. Single-threaded sessions, two in parallel (2026-11-26, batch 1/2/4/8/16): 224 px
+    228/215/202/200/180; 112 px 730/795/802/786/728."""
+    if threads == 1:
+        return 1 if input_size > 160 else 4
     return 4 if input_size > 160 else 8
 
 
