@@ -105,6 +105,8 @@ def test_onnxruntime_parallel_sessions_give_one_sessions_numbers_in_order(tmp_pa
     shared = forward(images).numpy()
     assert forward.pool is not None and np.array_equal(shared, expected)
     assert np.array_equal(forward(images[3:4]).numpy(), expected[3:4])
-    monkeypatch.setattr(engines, "parallel_sessions", lambda: 1)
+    assert engines.parallel_sessions(engines.SESSION_WEIGHTS_BUDGET // 2) == 2  # 2 threads here
+    assert engines.parallel_sessions(engines.SESSION_WEIGHTS_BUDGET) == 1  # one copy of a huge model only
+    monkeypatch.setattr(engines, "parallel_sessions", lambda model_bytes: 1)
     single = engines.compile_forward(module, "onnxruntime", 32, tmp_path / "m.onnx")
     assert np.array_equal(single(images).numpy(), expected) and single.pool is None

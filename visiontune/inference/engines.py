@@ -93,7 +93,7 @@ class OnnxRuntimeForward:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(images.contiguous().numpy(), dtype=np.float32)
-        workers = parallel_sessions()
+        workers = parallel_sessions(Path(self.path).stat().st_size)
         if len(array) == 1 or workers < 2:
             return torch.from_numpy(_run_chunked(self.whole, array, onnxruntime_chunk(self.input_size)))
         if self.pool is None:
@@ -117,11 +117,18 @@ def _run_chunked(session, array: np.ndarray, chunk: int) -> np.ndarray:
     return np.concatenate([session.run(None, {"images": array[i : i + chunk]})[0] for i in range(0, len(array), chunk)])
 
 
-def parallel_sessions() -> int:
+#: What the single-threaded sessions' copies of the weights may take together (each session holds its own).
+SESSION_WEIGHTS_BUDGET = 1 << 30
+
+
+def parallel_sessions(model_bytes: int = 0) -> int:
     """How many single-threaded sessions share a batch: one per thread torch may use (its default is the
-    number of physical cores), at most 8; one when several processes share the machine (each keeps to its
-    share of the cores with one session)."""
-    return 1 if world().shared else max(1, min(torch.get_num_threads(), 8))
+    number of physical cores), at most 8, and no more copies of the weights than fit in
+    SESSION_WEIGHTS_BUDGET (lite0's 17 MB allows all 8; a 350 MB ViT-B gets 3); one when several processes
+    share the machine (each keeps to its share of the cores with one session)."""
+    if world().shared:
+        return 1
+    return max(1, min(torch.get_num_threads(), 8, SESSION_WEIGHTS_BUDGET // max(model_bytes, 1)))
 
 
 def onnxruntime_chunk(input_size: int, threads: int = 0) -> int:
