@@ -113,6 +113,7 @@ def test_adapt_auto_skips_a_method_the_target_cannot_support(folders, tmp_path):
     auto = json.loads((tmp_path / "run" / "auto.json").read_text())
     assert set(auto["skipped"]) == {"coral-cut", "coral-cut+self-train"} and "2 target images" in auto["skipped"]["coral-cut"]
     assert auto["chosen"] in auto["scores"] and "coral-cut" not in auto["scores"]
+    assert auto["held_out_target_images"] == 1  # one image: scored on itself, and the run warns
 
 
 def test_adapt_auto_scores_target_images_no_trial_trained_on(folders, tmp_path, monkeypatch):

@@ -247,6 +247,10 @@ def _inner_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(inner_train), np.asarray(inner_valid)
 
 
+#: Below this many held-out target images `--adapt auto` warns that its choice is close to arbitrary.
+FEW_HELD_OUT = 20
+
+
 def _target_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """80 % of the target images for the trials to train on, 20 % (at least one) held out for the criterion.
     A single image is both (nothing can be held out)."""
@@ -336,6 +340,9 @@ def choose_method(
         target_in, target_out = _target_split(len(extra.views[0]), plan.seed)
         trial_extra = replace(extra, views=[take_rows(v, target_in) for v in extra.views])
         target_rows = take_rows(extra.views[0], target_out[:2000])
+        if len(target_out) < FEW_HELD_OUT:
+            console.print(f"[yellow]auto adapt: only {len(target_out)} target images to score the methods on (20 % of "
+                          f"{len(extra.views[0])}): the choice is close to arbitrary; add target images or name a method[/]")
     saved = copy.deepcopy(tail.model.state_dict())
     scores: dict[str, float] = {}
     im: dict[str, float] = {}
@@ -369,7 +376,8 @@ def choose_method(
                  else "MixVal inter-cluster score on the unlabelled target images (mixes 0.55 : 0.45 of two images "
                       "labelled differently that keep the dominant one's label, 10 pairings; higher is better), "
                       "each method trained on an inner 80 % of the source training images")
-    logged = {"information_maximisation": im, "deep_embedded_validation (lower is better)": dev} if kind != "ssl" else {}
+    logged = {"information_maximisation": im, "deep_embedded_validation (lower is better)": dev,
+              "held_out_target_images": len(target_out)} if kind != "ssl" else {}
     return best, {"criterion": criterion, "scores": scores, "chosen": best, **logged,
                   **({"skipped": skipped} if skipped else {})}
 
