@@ -156,6 +156,8 @@ def test_adapt_run_scores_the_source_only_yardstick_without_touching_its_model(f
     adapted, none = (json.loads((runs[n] / "adaptation.json").read_text()) for n in ("tca", "none"))
     assert adapted["source_only"]["accuracy"] == none["target"]["accuracy"] and "source_only" not in none
     assert adapted["source_only"]["method_minus_source_only"] == adapted["target"]["accuracy"] - none["target"]["accuracy"]
+    assert adapted["source_only"]["worse_than_not_adapting"] == (
+        adapted["target"]["accuracy"] < none["target"]["accuracy"] - 0.01)
     assert "source-only (the same data and plan without adaptation)" in (runs["tca"] / "report.html").read_text()
 
 

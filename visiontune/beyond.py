@@ -84,7 +84,8 @@ def settle_plan(plan: Plan, unlabeled: str | None, target: str | None) -> None:
         plan.why["ssl"] = "unlabelled images given: FixMatch (confident weak-view pseudo-labels on strong views)"
     if target and not plan.adapt:
         plan.adapt = "auto"
-        plan.why["adapt"] = "target images given: every method tried, the best kept by deep embedded validation"
+        plan.why["adapt"] = ("target images given: every method tried, the best kept by MixVal on target images "
+                             "held out of the trials")
 
 
 def cache_extra(key: str, folder: str, backbone, plan: Plan, cache_dir: str | None, workers: int) -> Extra:
@@ -288,7 +289,7 @@ def information_maximisation(probs: np.ndarray) -> float:
 
 
 def mixval_inter(probabilities: Callable[[np.ndarray], np.ndarray], target_rows: np.ndarray, seed: int,
-                 pairings: int = 10, mix: float = 0.55) -> float:
+                 pairings: int = 10, mix: float = 0.55, own: np.ndarray | None = None) -> float:
     """MixVal's inter-cluster score (Hu et al., NeurIPS 2023; higher is better), on the cached activations the
     candidate's model reads: each unlabelled target image is mixed 0.55 : 0.45 with a partner its model labels
     differently, and the score is how often the model still names the dominant image's own pseudo-label.
@@ -300,9 +301,9 @@ def mixval_inter(probabilities: Callable[[np.ndarray], np.ndarray], target_rows:
     reversal once; one pairing of 2,000 images left two methods 2.5 points apart on the bench swapping places
     with the pairing (score sd ~0.009 between pairings), so the score is averaged over `pairings` random
     pairings (standard error ~0.003). A model that gives every target image one class has no inter-cluster
-    pair and scores 0."""
+    pair and scores 0. `own`: the model's labels of `target_rows`, when the caller has them already."""
     rows = np.asarray(target_rows, dtype=np.float32)
-    own = probabilities(rows).argmax(1)
+    own = probabilities(rows).argmax(1) if own is None else own
     rng = np.random.default_rng(seed)
     kept: list[np.ndarray] = []
     for _ in range(pairings):
@@ -364,8 +365,10 @@ def choose_method(
             if kind == "ssl":
                 scores[method] = float((probs.argmax(1) == y_iv).mean())
             else:
-                scores[method] = mixval_inter(lambda rows: tail_probs(tail, rows), target_rows, plan.seed)
-                im[method] = information_maximisation(tail_probs(tail, target_rows))
+                target_probs = tail_probs(tail, target_rows)
+                scores[method] = mixval_inter(lambda rows: tail_probs(tail, rows), target_rows, plan.seed,
+                                              own=target_probs.argmax(1))
+                im[method] = information_maximisation(target_probs)
                 losses = -np.log(np.clip(probs[np.arange(len(y_iv)), y_iv], 1e-12, 1.0))
                 dev[method] = deep_embedded_validation(pooled_features(tail, cand.source_rows(views_tr[0])),
                                                        pooled_features(tail, target_rows), pooled_features(tail, held_out), losses)
@@ -373,7 +376,8 @@ def choose_method(
             console.print(f"auto {kind}: {method} -> {scores[method]:.4f}")
     best = max(scores, key=scores.get)
     criterion = ("accuracy on an inner 20 % of the labelled training images" if kind == "ssl"
-                 else "MixVal inter-cluster score on the unlabelled target images (mixes 0.55 : 0.45 of two images "
+                 else "MixVal inter-cluster score on 20 % of the unlabelled target images, held out of every trial "
+                      "(mixes 0.55 : 0.45 of two images "
                       "labelled differently that keep the dominant one's label, 10 pairings; higher is better), "
                       "each method trained on an inner 80 % of the source training images")
     logged = {"information_maximisation": im, "deep_embedded_validation (lower is better)": dev,
@@ -382,13 +386,17 @@ def choose_method(
                   **({"skipped": skipped} if skipped else {})}
 
 
+#: A method this far below the source-only yardstick (accuracy, as a fraction) is flagged in console and report.
+WORSE_THAN_SOURCE_ONLY = 0.01
+
+
 def source_only_reference(tail: Tail, initial: dict, rng_state: torch.Tensor, plan: Plan, train_views: list,
                           y_train: np.ndarray, valid_x, y_valid: np.ndarray, task, evaluate: Callable[[], dict]) -> dict:
     """The labelled-target metrics the same run would have had without adapting: the tail reset to its weights
     before training, trained on the source alone from the random state the method's training started from
     (so exactly as `--adapt none` would train it; in a forked random state, no checkpoints), evaluated, and the
-    adapted weights put back. A method that loses to doing
-    nothing then says so in the run's own output and report, not only in a benchmark table."""
+    adapted weights put back. A method that loses to doing nothing then says so (:data:`WORSE_THAN_SOURCE_ONLY`)
+    in the run's own output and report, not only in a benchmark table."""
     adapted = copy.deepcopy(tail.model.state_dict())
     tail.model.load_state_dict(initial)
     try:

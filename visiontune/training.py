@@ -575,10 +575,12 @@ def finish_beyond(prep: Prepared, config: RunConfig, run: RunDir, tail: Tail, ch
             console.print(f"[bold]target accuracy {metrics['accuracy']:.4f}[/] on {metrics['n']} labelled target images")
             if reference is not None:
                 base = reference(evaluate)["accuracy"]
-                report["source_only"] = {"accuracy": base, "method_minus_source_only": metrics["accuracy"] - base}
+                worse = metrics["accuracy"] < base - beyond.WORSE_THAN_SOURCE_ONLY
+                report["source_only"] = {"accuracy": base, "method_minus_source_only": metrics["accuracy"] - base,
+                                         "worse_than_not_adapting": worse}
                 summary["source_only_target_accuracy"] = base
                 console.print(f"source-only (this run's data and plan, no adaptation): target accuracy {base:.4f}")
-                if metrics["accuracy"] < base - 0.01:
+                if worse:
                     console.print(f"[yellow]warning: --adapt {plan.adapt} is {100 * (base - metrics['accuracy']):.1f} points "
                                   f"below source-only on the labelled target images: try --adapt none, coral-cut or auto[/]")
         run.write_json("adaptation.json", report)

@@ -87,19 +87,19 @@ class OnnxRuntimeForward:
         import onnxruntime as ort
 
         self._ort, self.path, self.input_size = ort, str(path), input_size
+        self.workers = parallel_sessions(Path(path).stat().st_size)  # single-threaded sessions a batch may use
         self.whole = ort.InferenceSession(self.path, onnxruntime_options(), providers=["CPUExecutionProvider"])
         self._local = threading.local()  # each pool thread's own single-threaded session, made on first use
         self.pool = None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(images.contiguous().numpy(), dtype=np.float32)
-        workers = parallel_sessions(Path(self.path).stat().st_size)
-        if len(array) == 1 or workers < 2:
+        if len(array) == 1 or self.workers < 2:
             return torch.from_numpy(_run_chunked(self.whole, array, onnxruntime_chunk(self.input_size)))
         if self.pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="onnxruntime")
+            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="onnxruntime")
         chunk = onnxruntime_chunk(self.input_size, threads=1)
         pieces = self.pool.map(self._run_piece, [array[i : i + chunk] for i in range(0, len(array), chunk)])
         return torch.from_numpy(np.concatenate(list(pieces)))

@@ -187,10 +187,10 @@ def _beyond_section(run: RunDir, records: list[dict]) -> str:
         parts.append(f"<h3>labelled target images: accuracy {target['accuracy']:.4f} on {target['n']}</h3>")
         base = adaptation.get("source_only")
         if base:
-            worse = base["method_minus_source_only"] < -0.01
             line = (f"source-only (the same data and plan without adaptation): {base['accuracy']:.4f}, so the method is "
                     f"{100 * base['method_minus_source_only']:+.1f} points")
-            parts.append(f"<p><strong>{line}: worse than not adapting</strong></p>" if worse else f"<p>{line}</p>")
+            parts.append(f"<p><strong>{line}: worse than not adapting</strong></p>" if base["worse_than_not_adapting"]
+                         else f"<p>{line}</p>")
         parts.append(table_html(["class", "accuracy (recall)", "precision", "images"], rows))
     auto = run.read_json("auto.json", default={})
     if auto:
