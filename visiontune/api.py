@@ -386,6 +386,7 @@ class ExportResult:
     path: Path
     parity: dict | None = None  # max |Δprob| on real images vs PyTorch, and whether it is within tolerance
     quantized: Path | None = None
+    quantization: dict | None = None  # int8 scheme kept, and each tried scheme's top-1 agreement with fp32
     accuracy: dict | None = None  # validation accuracy of fp32 and int8 files (with --quantize int8)
 
 
@@ -413,7 +414,10 @@ def export(
     if images:
         result.parity = parity(clf, target, images)
     if quantize == "int8":
-        result.quantized = quantize_int8(clf, target, free_name(target.with_name(target.stem + "-int8.onnx")), images[:64])
+        # calibrated (and its scheme chosen) on training images, never on the validation images reported below
+        calibration = ((split.train or split.valid) if split else [])[:256]
+        result.quantized, result.quantization = quantize_int8(
+            clf, target, free_name(target.with_name(target.stem + "-int8.onnx")), calibration)
         if split and split.valid_labels:
             result.accuracy = {"fp32": exported_accuracy(target, split.valid, split.valid_labels),
                                "int8": exported_accuracy(result.quantized, split.valid, split.valid_labels)}

@@ -152,6 +152,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             return 1
     if result.quantized:
         console.print(f"wrote {result.quantized} ({result.quantized.stat().st_size / 1e6:.1f} MB)")
+        q = result.quantization
+        shifts = ", ".join(f"{k} {v:.4f}" for k, v in q["shift"].items())
+        console.print(f"int8 scheme {q['scheme']} (probabilities moved from fp32's, mean L1 on {q['calibration_images']} "
+                      f"training images: {shifts}; kept at <= {q['limit']} or the least)")
     if result.accuracy:
         fp32, int8 = result.accuracy["fp32"], result.accuracy["int8"]
         console.print(f"validation accuracy: fp32 {fp32:.4f} -> int8 {int8:.4f} ({int8 - fp32:+.4f})")

@@ -157,16 +157,64 @@ def parity(classifier: Classifier, path: Path, images: Sequence[str | Path], bat
     return {"images": count, "max_abs_prob_diff": worst, "tolerance": PARITY_TOLERANCE, "ok": worst <= PARITY_TOLERANCE}
 
 
-def quantize_int8(classifier: Classifier, onnx_path: Path, out: Path, calibration: Sequence[str | Path]) -> Path:
-    """Static int8 quantization (QDQ, per-channel weights) calibrated on real images — what helps a CNN
-    on a CPU; dynamic quantization only touches MatMul/Gemm and leaves the convolutions in fp32."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+#: Static int8 schemes, tried in this order: activations uint8 with a zero point (onnxruntime's fast path on
+#: x86), then int8 symmetric. Measured on the digits demo run (112 px, 359 validation images, 2026-11-26):
+#: fp32 0.9582 at 606 img/s (model only, batch 32); u8s8 0.8914 at 762; s8s8 0.9666 at 340 — u8s8 loses
+#: points on some models (on a 3-colour toy set it fell to chance in 3 of 4 seeds, s8s8 kept 1.0 in all 4).
+INT8_SCHEMES = ("u8s8", "s8s8")
+#: A scheme is kept when its probabilities move from fp32's by at most this much (mean L1 distance) on the
+#: calibration images. Top-1 agreement cannot tell: training images have wide margins (digits run, 256
+#: training images: u8s8 agrees on 98.8 % but moves 0.030, s8s8 0.0001; on validation images u8s8 agrees on
+#: only 88.6 % and moves 0.24, s8s8 97.8 % and 0.037).
+MAX_INT8_SHIFT = 0.01
 
+
+def quantize_int8(
+    classifier: Classifier, onnx_path: Path, out: Path, calibration: Sequence[str | Path]
+) -> tuple[Path, dict]:
+    """Static int8 quantization (QDQ, per-channel weights) calibrated on real images — what helps a CNN on a
+    CPU; dynamic quantization only touches MatMul/Gemm and leaves the convolutions in fp32.
+
+    The faster scheme first; if its probabilities move from fp32's by more than MAX_INT8_SHIFT on the
+    calibration images (no labels needed: pass training images, never the ones accuracy is reported on),
+    the next scheme is tried and the one moving least is kept. Returns (path, {"scheme", "shift" per scheme
+    tried, "calibration_images"})."""
     from visiontune.inference.stream import stream_outputs
 
     batches = [x for _, x in stream_outputs(lambda x: x, [Path(p) for p in calibration], classifier.preprocessing, 16,
                                             description="calibrating")]
+    reference = _probabilities(onnx_path, batches)
+    tried: dict[str, float] = {}
+    with written_whole(out) as tmp:
+        candidates = {scheme: partial_path(out.with_name(f"{out.stem}-{scheme}{out.suffix}")) for scheme in INT8_SCHEMES}
+        try:
+            for scheme, path in candidates.items():
+                _quantize(onnx_path, path, batches, scheme)
+                moved = np.abs(_probabilities(path, batches) - reference).sum(1)
+                tried[scheme] = float(moved.mean()) if len(moved) else 0.0
+                if tried[scheme] <= MAX_INT8_SHIFT:
+                    break
+            chosen = min(tried, key=lambda k: (tried[k], INT8_SCHEMES.index(k)))
+            os.replace(candidates[chosen], tmp)
+        finally:
+            for path in candidates.values():
+                if path.exists():
+                    os.remove(path)
+    return out, {"scheme": chosen, "shift": tried, "limit": MAX_INT8_SHIFT, "calibration_images": sum(len(b) for b in batches)}
+
+
+def _probabilities(path: Path, batches: list[np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {"images": b})[0] for b in batches]) if batches else np.empty((0, 0))
+
+
+def _quantize(onnx_path: Path, out: Path, batches: list[np.ndarray], scheme: str) -> None:
+    """One static quantization of `onnx_path` into `out`, keeping the source's metadata."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -175,23 +223,20 @@ def quantize_int8(classifier: Classifier, onnx_path: Path, out: Path, calibratio
         def get_next(self):
             return next(self.items, None)
 
-    import onnx
-
-    with written_whole(out) as tmp:
-        prepared = partial_path(out.with_name(out.name + ".pre.onnx"))
-        try:
-            quant_pre_process(str(onnx_path), str(prepared))
-            quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        finally:
-            if prepared.exists():
-                os.remove(prepared)
-        graph = onnx.load(str(tmp))
-        source = onnx.load(str(onnx_path))
-        del graph.metadata_props[:]
-        graph.metadata_props.extend(source.metadata_props)
-        onnx.save(graph, str(tmp))
-    return out
+    activations = {"u8s8": {"activation_type": QuantType.QUInt8},
+                   "s8s8": {"activation_type": QuantType.QInt8, "extra_options": {"ActivationSymmetric": True}}}[scheme]
+    prepared = partial_path(out.with_name(out.name + ".pre.onnx"))
+    try:
+        quant_pre_process(str(onnx_path), str(prepared))
+        quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, **activations)
+    finally:
+        if prepared.exists():
+            os.remove(prepared)
+    graph, source = onnx.load(str(out)), onnx.load(str(onnx_path))
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(source.metadata_props)
+    onnx.save(graph, str(out))
 
 
 def exported_accuracy(path: Path, images: Sequence[str | Path], labels: Sequence[int], batch_size: int = 32) -> float:
