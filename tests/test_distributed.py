@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import visiontune as vt
 from conftest import cli_with_fault, metrics_records, write_class_folders
 from visiontune import distributed
 from visiontune.cli import without_option
@@ -52,7 +53,13 @@ def test_two_processes_train_the_single_process_model(runs):
     b = load_file(str(root / "two" / "classifier" / "model.safetensors"))
     assert a.keys() == b.keys()
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-    assert worst < 1e-4, f"weights differ by up to {worst}"  # measured 8e-6: float rounding
+    # float rounding, amplified where Adam divides a gradient that is nothing but rounding noise by its own
+    # size: such a weight moves by up to the learning rate (here 1.9e-4 in fine-tuning) per step. Measured
+    # over seeds 1-3: 8e-6 to 1.3e-4. What the weights compute is held tighter, below.
+    assert worst < 1e-3, f"weights differ by up to {worst}"
+    paths = sorted((root / "data").rglob("*.png"))
+    (_, p1), (_, p2) = vt.load(root / "one").probabilities(paths), vt.load(root / "two").probabilities(paths)
+    assert float(np.abs(p1 - p2).max()) < 1e-4  # measured 1e-6 to 5e-6
     one, two = metrics(root / "one"), metrics(root / "two")
     assert [r["phase"] for r in one] == [r["phase"] for r in two]
     assert one[-1]["accuracy"] == pytest.approx(two[-1]["accuracy"], abs=0.005)

@@ -110,3 +110,61 @@ def test_onnxruntime_parallel_sessions_give_one_sessions_numbers_in_order(tmp_pa
     monkeypatch.setattr(engines, "parallel_sessions", lambda model_bytes: 1)
     single = engines.compile_forward(module, "onnxruntime", 32, tmp_path / "m.onnx")
     assert np.array_equal(single(images).numpy(), expected) and single.pool is None
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
+def test_resizing_only_the_crop_box_equals_resize_then_centre_crop(interpolation):
+    """ResizeCentreCrop on odd sizes, gray and colour, against (1) the full resize done as Pillow's two passes,
+    horizontal then vertical, then cropped: at most 2 of 255 (the box's ends are rounded to float32, and
+    the first pass's rounding to 8 bits can carry that into the second);
+    (2) torchvision's Resize + CenterCrop, whose Pillow sometimes runs the vertical pass first: exact on a
+    28 px square at 224 (the Fashion-MNIST case), within 2 of 255 on smooth images; nearest-neighbour is
+    torchvision's exactly. A gray image resized before its RGB conversion gives what the RGB image gives."""
+    from torchvision.transforms import v2 as T
+
+    from visiontune.data.transforms import INTERPOLATION, ResizeCentreCrop
+
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[interpolation]
+    rng = np.random.default_rng(1)
+    for size in (224, 64, 33):
+        pre = Preprocessing(size, PRE.mean, PRE.std, interpolation=interpolation)
+        resize = T.Resize(pre.resize_size, interpolation=INTERPOLATION[interpolation], antialias=True)
+        ours = ResizeCentreCrop(pre)
+        for width, height in [(28, 28), (300, 41), (17, 500), (640, 480), (size, size)]:
+            noise = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            smooth = Image.fromarray(noise).resize((max(2, width // 8), max(2, height // 8)), Image.BOX)
+            smooth = smooth.resize((width, height), Image.BILINEAR)
+            for image in (Image.fromarray(noise), Image.fromarray(noise[..., 0], "L"), smooth):
+                new_w, new_h = resize(image).size
+                top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
+                two_passes = image.resize((new_w, image.height), resample).resize((new_w, new_h), resample)
+                two_passes = np.asarray(two_passes)[top : top + size, left : left + size].astype(int)
+                torchvision = np.asarray(T.CenterCrop(size)(resize(image))).astype(int)
+                got = np.asarray(ours(image)).astype(int)
+                assert got.shape == torchvision.shape and got.shape[:2] == (size, size)
+                if interpolation == "nearest" or (width, height, size) == (28, 28, 224):
+                    assert np.array_equal(got, torchvision), (width, height, image.mode)
+                else:
+                    assert np.abs(got - two_passes).max() <= 2, (width, height, image.mode)
+                    assert (got != two_passes).mean() < 0.4
+                    if image is smooth:
+                        assert np.abs(got - torchvision).max() <= 2, (width, height)
+            gray = Image.fromarray(noise[..., 0], "L")
+            assert np.array_equal(np.asarray(ours(gray).convert("RGB")), np.asarray(ours(gray.convert("RGB"))))
+
+
+def test_gray_files_stay_one_channel_until_resized_and_give_the_rgb_numbers(tmp_path):
+    """load_rgb_or_gray keeps 8-bit gray as "L" (a third of the resizing); every other mode is load_rgb's RGB;
+    through the evaluation transform both give the same tensor as the RGB image."""
+    from visiontune.data.images import load_rgb, load_rgb_or_gray
+
+    rng = np.random.default_rng(2)
+    gray, palette = tmp_path / "gray.png", tmp_path / "palette.png"
+    Image.fromarray(rng.integers(0, 256, (50, 70), dtype=np.uint8), "L").save(gray)
+    Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).convert("P").save(palette)
+    assert load_rgb_or_gray(gray).mode == "L" and load_rgb_or_gray(palette).mode == "RGB"
+    assert np.array_equal(np.asarray(load_rgb_or_gray(palette)), np.asarray(load_rgb(palette)))
+    for path in (gray, palette):
+        assert torch.equal(eval_transform(PRE)(load_rgb_or_gray(path)), eval_transform(PRE)(load_rgb(path)))
+    kept, outputs = collect_outputs(lambda x: x.flatten(1), [gray], PRE, batch_size=4)
+    assert np.array_equal(outputs[0], eval_transform(PRE)(load_rgb(gray)).flatten().numpy())

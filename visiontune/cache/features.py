@@ -55,6 +55,8 @@ def feature_key(
     }
     if view is not None:
         key["augmentation"] = {"preset": aug, "min_scale": VIEW_MIN_SCALE, "seed": seed}
+    else:  # the evaluation transform's resize: 2 = ResizeCentreCrop (rows differ from 1's by rounding)
+        key["eval_resize"] = 2
     return key
 
 

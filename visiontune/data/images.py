@@ -138,6 +138,15 @@ def load_rgb(path: str | Path) -> Image.Image:
         return _to_rgb(upright).copy()
 
 
+def load_rgb_or_gray(path: str | Path) -> Image.Image:
+    """:func:`load_rgb`, except that an 8-bit grayscale image stays one channel ("L"): for the evaluation
+    transform, which resizes first and converts after (ResizeCentreCrop), a third of the resizing work."""
+    with _opened(Path(path)) as img:
+        img.load()
+        upright = ImageOps.exif_transpose(img)
+        return (upright if upright.mode == "L" else _to_rgb(upright)).copy()
+
+
 _HASH_MEMO: dict[tuple[str, int, int], str] = {}
 
 

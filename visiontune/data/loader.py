@@ -47,7 +47,9 @@ class ImageFiles(Dataset):
         size: int,
         seeds: Sequence[int] | None = None,
         views: int = 1,
+        load: Callable = load_rgb,
     ):
+        self.load = load  # path -> PIL image; load_rgb_or_gray for the evaluation transform
         self.views = views  # > 1: the transform returns [views, 3, H, W] (test-time augmentation)
         self.paths = list(paths)
         self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
@@ -62,7 +64,7 @@ class ImageFiles(Dataset):
         try:
             if self.seeds is not None:
                 torch.manual_seed(self.seeds[index])
-            image = self.transform(load_rgb(self.paths[index]))
+            image = self.transform(self.load(self.paths[index]))
             return image, self.labels[index], index, None
         except ImageError as err:
             shape = (3, self.size, self.size) if self.views == 1 else (self.views, 3, self.size, self.size)
@@ -73,7 +75,16 @@ def _collate(items: list) -> tuple:
     images, labels, indices, errors = zip(*items)
     # a failed file's placeholder is float zeros; it takes the dtype of the decoded images (uint8 or float)
     dtype = next((image.dtype for image, error in zip(images, errors) if error is None), images[0].dtype)
-    return torch.stack([image.to(dtype) for image in images]), torch.tensor(labels), torch.tensor(indices), list(errors)
+    return stack([image.to(dtype) for image in images]), torch.tensor(labels), torch.tensor(indices), list(errors)
+
+
+def stack(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch.stack done by numpy: batches are collated in a decoding thread, where torch's OpenMP-parallel
+    copies run ~6x slower than in the main thread (0.085 vs 0.013 ms per 224 px uint8 image)."""
+    arrays = [image.as_subclass(torch.Tensor).numpy() for image in images]
+    out = torch.empty((len(arrays), *arrays[0].shape), dtype=images[0].dtype)  # torch's allocator and alignment
+    np.stack(arrays, out=out.numpy())
+    return out
 
 
 def _seed_worker(worker_id: int) -> None:

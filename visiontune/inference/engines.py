@@ -88,12 +88,15 @@ class OnnxRuntimeForward:
 
         self._ort, self.path, self.input_size = ort, str(path), input_size
         self.workers = parallel_sessions(Path(path).stat().st_size)  # single-threaded sessions a batch may use
+        # single-threaded sessions on every core leave no idle gaps between operators for a low-priority
+        # decoding thread to fill: it would starve until each batch ends (see stream_outputs)
+        self.keeps_cores_busy = self.workers >= 2
         self.whole = ort.InferenceSession(self.path, onnxruntime_options(), providers=["CPUExecutionProvider"])
         self._local = threading.local()  # each pool thread's own single-threaded session, made on first use
         self.pool = None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(images.contiguous().numpy(), dtype=np.float32)
+        array = images.numpy()  # any layout: each piece is made contiguous NCHW float32 in its own pool thread
         if len(array) == 1 or self.workers < 2:
             return torch.from_numpy(_run_chunked(self.whole, array, onnxruntime_chunk(self.input_size)))
         if self.pool is None:
@@ -110,11 +113,15 @@ class OnnxRuntimeForward:
             options = onnxruntime_options()
             options.intra_op_num_threads = 1
             session = self._local.session = self._ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
-        return session.run(None, {"images": piece})[0]
+        return _run(session, piece)
+
+
+def _run(session, piece: np.ndarray) -> np.ndarray:
+    return session.run(None, {"images": np.ascontiguousarray(piece, dtype=np.float32)})[0]
 
 
 def _run_chunked(session, array: np.ndarray, chunk: int) -> np.ndarray:
-    return np.concatenate([session.run(None, {"images": array[i : i + chunk]})[0] for i in range(0, len(array), chunk)])
+    return np.concatenate([_run(session, array[i : i + chunk]) for i in range(0, len(array), chunk)])
 
 
 #: What the single-threaded sessions' copies of the weights may take together (each session holds its own).
