@@ -386,7 +386,7 @@ class ExportResult:
     path: Path
     parity: dict | None = None  # max |Δprob| on real images vs PyTorch, and whether it is within tolerance
     quantized: Path | None = None
-    quantization: dict | None = None  # int8 scheme kept, and each tried scheme's top-1 agreement with fp32
+    quantization: dict | None = None  # int8 scheme kept, each tried scheme's probability shift from fp32
     accuracy: dict | None = None  # validation accuracy of fp32 and int8 files (with --quantize int8)
 
 

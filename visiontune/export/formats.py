@@ -158,9 +158,10 @@ def parity(classifier: Classifier, path: Path, images: Sequence[str | Path], bat
 
 
 #: Static int8 schemes, tried in this order: activations uint8 with a zero point (onnxruntime's fast path on
-#: x86), then int8 symmetric. Measured on the digits demo run (112 px, 359 validation images, 2026-11-26):
-#: fp32 0.9582 at 606 img/s (model only, batch 32); u8s8 0.8914 at 762; s8s8 0.9666 at 340 — u8s8 loses
-#: points on some models (on a 3-colour toy set it fell to chance in 3 of 4 seeds, s8s8 kept 1.0 in all 4).
+#: x86), then int8 symmetric. Measured on the digits demo run (112 px, 359 validation images, 2026-11-26,
+#: `export --quantize int8`): fp32 0.9582, u8s8 0.8914, s8s8 0.9582; model only, batch 32 (scratch timing):
+#: fp32 606 img/s, u8s8 762, s8s8 340. u8s8 loses points on some models (on a 3-colour toy set it fell to
+#: chance in 3 of 4 seeds, s8s8 kept 1.0 in all 4).
 INT8_SCHEMES = ("u8s8", "s8s8")
 #: A scheme is kept when its probabilities move from fp32's by at most this much (mean L1 distance) on the
 #: calibration images. Top-1 agreement cannot tell: training images have wide margins (digits run, 256
