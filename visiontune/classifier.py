@@ -120,18 +120,19 @@ class Classifier:
 
         self.model.eval()
         forward = self.engine_forward(engine)
+        busy = getattr(forward, "keeps_cores_busy", False)  # wrapped below: stream_outputs cannot read it there
         paths = [Path(p) for p in paths]
         if tta == "none":
             batches = stream_outputs(
                 lambda x: self.task.activation(forward(x)), paths, self.preprocessing, batch_size, description="predicting",
-                skipped=skipped, busy_cores=getattr(forward, "keeps_cores_busy", False),
+                skipped=skipped, busy_cores=busy,
             )
         else:
             views = tta_views(tta)
             batches = stream_outputs(
                 tta_forward(forward, combine, self.task.activation), paths, self.preprocessing, max(1, batch_size // views),
                 description=f"predicting (TTA {tta})", transform=tta_transform(self.preprocessing, tta), skipped=skipped,
-                views=views, busy_cores=getattr(forward, "keeps_cores_busy", False),
+                views=views, busy_cores=busy,
             )
         for indices, probs in batches:
             yield indices, probs if self.shifted_prior is None else reweight(probs, *self.shifted_prior)

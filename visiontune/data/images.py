@@ -122,8 +122,7 @@ def decode_rgb(data: bytes, name: str = "upload", max_pixels: int | None = None)
     if not data:
         raise ImageError(name, "empty file (0 bytes)")
     with _opened(Path(name), io.BytesIO(data), max_pixels) as img:
-        img.load()
-        return _to_rgb(ImageOps.exif_transpose(img)).copy()
+        return _upright(img)
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -133,18 +132,21 @@ def load_rgb(path: str | Path) -> Image.Image:
     failure into :class:`ImageError` so callers can count and skip it instead of dying mid-run.
     """
     with _opened(Path(path)) as img:
-        img.load()
-        upright = ImageOps.exif_transpose(img)
-        return _to_rgb(upright).copy()
+        return _upright(img)
 
 
 def load_rgb_or_gray(path: str | Path) -> Image.Image:
     """:func:`load_rgb`, except that an 8-bit grayscale image stays one channel ("L"): for the evaluation
     transform, which resizes first and converts after (ResizeCentreCrop), a third of the resizing work."""
     with _opened(Path(path)) as img:
-        img.load()
-        upright = ImageOps.exif_transpose(img)
-        return (upright if upright.mode == "L" else _to_rgb(upright)).copy()
+        return _upright(img, keep_gray=True)
+
+
+def _upright(img: Image.Image, keep_gray: bool = False) -> Image.Image:
+    """An opened image fully decoded, EXIF-rotated and in RGB (or "L" with `keep_gray`), detached from its file."""
+    img.load()
+    upright = ImageOps.exif_transpose(img)
+    return (upright if keep_gray and upright.mode == "L" else _to_rgb(upright)).copy()
 
 
 _HASH_MEMO: dict[tuple[str, int, int], str] = {}
