@@ -137,3 +137,28 @@ def test_importing_a_module_loads_nothing_above_its_layer(module):
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     above = [m for m in loaded if m != "visiontune" and layer_of(m) > layer_of(module)]
     assert not above, f"importing {module} loaded {above}"
+
+
+def _names_the_task(node: ast.AST, task_names: set[str]) -> bool:
+    """A task's name as a literal ("multi-label"), or read from a task (`task.name`, `plan.task`)."""
+    if isinstance(node, ast.Constant) and node.value in task_names:
+        return True
+    text = ast.unparse(node)
+    return text.endswith("task.name") or text.endswith("task_name") or text.endswith(".task")
+
+
+def test_no_module_outside_task_compares_the_task_by_name():
+    """The Task routes every output (activation, decisions, export, serve, plan defaults): code outside
+    visiontune/task/ asks it (`task.exclusive`, `task.tags`, `task.tunes_decisions`, ...) instead of comparing
+    its name. Report registries keyed by `Task.report` are lookups, not comparisons, and stay allowed."""
+    from visiontune.task.kinds import TASKS
+
+    names = set(TASKS)
+    found = []
+    for module, path in all_modules().items():
+        if module.startswith("visiontune.task"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(_names_the_task(side, names) for side in [node.left, *node.comparators]):
+                found.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "compare through the Task instead:\n" + "\n".join(found)

@@ -79,6 +79,75 @@ def test_multi_label_fit_predict_and_cli(tmp_path):
                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert shown.returncode == 0, shown.stderr
     assert "every tag right on" in shown.stdout and "most confident wrong tags" in shown.stdout
+    check_multilabel_outputs(tmp_path / "run", sorted((root / "images").glob("*.png"))[:8])
+
+
+def check_multilabel_outputs(run, images):
+    """Every output of a multi-label classifier speaks its task: exported graphs compute one sigmoid per class
+    (not a softmax) and carry the thresholds; the server answers the same tags as predict; a folds-style
+    ensemble of it gives back its own probabilities and thresholds."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from visiontune.data.images import load_rgb
+    from visiontune.data.transforms import eval_transform
+    from visiontune.ensemble import Ensemble
+    from visiontune.export.formats import load_exported
+    from visiontune.serve.app import create_app
+
+    clf = vt.load(run)
+    kept, probs = clf.probabilities(images, engine="torch")
+    assert len(kept) == len(images) and not np.allclose(probs.sum(1), 1.0, atol=1e-3)  # independent sigmoids
+    expected = clf.predictions_of([p.name for p in images], probs)
+    thresholds = clf.extra["thresholds"]
+    transform = eval_transform(clf.preprocessing)
+    batch = torch.stack([transform(load_rgb(p)) for p in images]).numpy()
+    for fmt in ("onnx", "torchscript"):
+        result = vt.api.export(run, fmt=fmt)
+        assert result.parity["ok"], result.parity
+        exported, meta = load_exported(result.path)
+        assert meta["task"] == "multi-label" and json.loads(meta["thresholds"]) == thresholds and "sigmoid" in meta["output"]
+        assert np.abs(exported(batch) - probs).max() < 1e-4
+    client = TestClient(create_app(clf))
+    files = [("file", (p.name, p.read_bytes(), "image/png")) for p in images]
+    answer = client.post("/predict", files=files)
+    assert answer.status_code == 200, answer.text
+    served = answer.json()["predictions"]
+    assert [p["tags"] for p in served] == [p.tags for p in expected]
+    assert [p["label"] for p in served] == [p.label for p in expected]
+    model = client.get("/model").json()
+    assert model["task"] == "multi-label" and model["thresholds"] == thresholds
+    twice = Ensemble.from_members([clf, vt.load(run)])
+    _, together = twice.probabilities(images, engine="torch")
+    assert np.abs(together - probs).max() < 1e-5 and twice.extra["thresholds"] == thresholds
+    assert [p.tags for p in twice.predictions_of([p.name for p in images], together)] == [p.tags for p in expected]
+
+
+def test_a_tag_that_never_comes_first_is_a_class(tmp_path):
+    """Tags are sorted within a row, so 'carry' in 'bag carry' and 'shoe' in 'boot shoe' never come first;
+    they are classes with images all the same (the emptiness check once counted first tags only)."""
+    from visiontune.data.catalog import DataError, discover
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    rows = [("bag carry", 4), ("boot shoe", 4), ("sandal shoe", 4)]
+    lines = ["image,tags"]
+    for k, (tags, n) in enumerate(rows):
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{k}-{i}.png")
+            lines.append(f"images/{k}-{i}.png,{tags}")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    source = discover(tmp_path, labels=tmp_path / "labels.csv")
+    assert source.train.class_counts() == {"bag": 4, "boot": 4, "carry": 4, "sandal": 4, "shoe": 8}
+    (tmp_path / "images" / "0-0.png").write_bytes(b"not a png")  # a tag whose every image is unreadable
+    for i in range(1, 4):
+        (tmp_path / "images" / f"0-{i}.png").write_bytes(b"not a png")
+    try:
+        discover(tmp_path, labels=tmp_path / "labels.csv")
+        raise AssertionError("a tag with no usable image trained")
+    except DataError as err:
+        message = str(err)
+    assert "tag(s) of labels.csv with no usable image: bag, carry" in message and "folder" not in message.split("Refused")[0]
 
 
 def check_multilabel_report(run):

@@ -269,11 +269,14 @@ def ensemble_runs(
     `weighted` sets each member's weight proportional to 1 / its log loss on `data` — fitted on the
     data it is evaluated on, so judge it on held-out data.
     """
-    from visiontune.ensemble import METHODS, Ensemble
+    from visiontune.ensemble import METHODS, Ensemble, combine
 
     if method not in METHODS:
         raise UsageError(f"unknown ensemble method {method!r}; choose from {', '.join(METHODS)}")
     members = [load(r) for r in runs]
+    if not members[0].task.exclusive:
+        raise UsageError("visiontune ensemble scores one-class-per-image runs (accuracy, error correlation); for "
+                         "multi-label runs, train with --folds K (their ensemble decides by mean thresholds)")
     catalog = evaluation_catalog(data, members[0].classes, labels)
     y = np.array(catalog.labels)
     member_probs, kept_sets = [], []
@@ -290,12 +293,7 @@ def ensemble_runs(
         correlation = np.corrcoef(errors) if len(members) > 1 else np.ones((1, 1))
     weights = [1.0 / max(m["log_loss"], 1e-6) for m in per_member] if method == "weighted" else None
     combined = Ensemble.from_members(members, method=method, weights=weights)
-    stacked = torch.from_numpy(np.stack(aligned)).float()
-    w = combined.model.weights.view(-1, 1, 1)
-    probs = (stacked * w).sum(0)
-    if method == "vote":
-        votes = torch.nn.functional.one_hot(stacked.argmax(-1), stacked.shape[-1]).float().mean(0)
-        probs = (votes + 1e-3 * probs) / (1 + 1e-3)
+    probs = combine(torch.from_numpy(np.stack(aligned)).float(), combined.model.weights, method)
     metrics = classification_metrics(yc, probs.numpy(), members[0].classes)
     result = {
         "members": [{"run": str(r), "accuracy": m["accuracy"], "log_loss": m["log_loss"]} for r, m in zip(runs, per_member)],

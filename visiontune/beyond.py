@@ -38,6 +38,7 @@ from visiontune.data.split import stratified_split
 from visiontune.errors import UsageError
 from visiontune.evaluation.metrics import classification_metrics
 from visiontune.progress import console
+from visiontune.task.kinds import Task
 from visiontune.train.phases import Unlabelled, pooled_features, predict_cached, take_rows, train_cached
 from visiontune.train.plan import Plan
 
@@ -57,7 +58,7 @@ class Extra:
         return Unlabelled(self.key, self.views, plan.unlabeled_ratio)
 
 
-def check_request(plan: Plan, unlabeled: str | None, target: str | None, task_name: str) -> None:
+def check_request(plan: Plan, unlabeled: str | None, target: str | None, task: Task) -> None:
     """Refuse combinations that cannot run, before anything is cached."""
     if plan.ssl and not unlabeled:
         raise UsageError(f"--ssl {plan.ssl} needs --unlabeled DIR (a folder of images without labels)")
@@ -65,7 +66,7 @@ def check_request(plan: Plan, unlabeled: str | None, target: str | None, task_na
         raise UsageError(f"--adapt {plan.adapt} needs --target DIR (images of the domain to adapt to)")
     if unlabeled and target:
         raise UsageError("--unlabeled and --target together are not supported yet: run one of them")
-    if (unlabeled or target) and task_name != "single-label":
+    if (unlabeled or target) and not task.exclusive:
         raise UsageError("semi-supervised learning and domain adaptation are for single-label data")
     if (unlabeled or target) and plan.finetune_epochs > 0:
         raise UsageError("--unlabeled/--target train on cached activations: drop --unfreeze (fine-tuning on images)")

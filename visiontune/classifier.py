@@ -65,7 +65,7 @@ class Classifier:
     def train_prior(self) -> np.ndarray:
         """The class proportions the model's probabilities assume (its training images', after any logit
         adjustment); older classifiers: from their run's split.json."""
-        if self.task.name != "single-label":
+        if not self.task.exclusive:
             raise ArtifactError("--prior re-weights one softmax; a multi-label classifier decides each tag by its own threshold")
         if "train_prior" in self.extra:
             return np.asarray(self.extra["train_prior"], dtype=np.float64)
@@ -87,7 +87,7 @@ class Classifier:
 
     @property
     def multi_label(self) -> bool:
-        return self.task.name == "multi-label"
+        return self.task.tags
 
     def engine_forward(self, engine: str = "torch"):
         """images -> logits on `engine`: torch, or onnxruntime ("onnx"; "auto" = onnxruntime when installed).
@@ -150,18 +150,24 @@ class Classifier:
     ):
         """Stream :class:`Prediction` objects batch by batch: memory stays flat for any folder size."""
         paths = [Path(p) for p in paths]
-        k = min(topk, len(self.classes))
-        task = self.task
         for indices, probs in self.stream_probabilities(paths, batch_size, skipped, tta, combine, engine):
-            top = np.argsort(-probs, axis=1)[:, :k]
-            tags = task.decide(probs, self.classes, self.extra)
-            for row, index in enumerate(indices):
-                yield Prediction(
-                    str(paths[index]),
-                    [self.classes[j] for j in top[row]],
-                    [float(probs[row, j]) for j in top[row]],
-                    tags[row] if tags is not None else None,
-                )
+            yield from self.predictions_of([str(paths[i]) for i in indices], probs, topk)
+
+    def tensor_probabilities(self, images: torch.Tensor, engine: str = "auto") -> np.ndarray:
+        """Probabilities of a batch of preprocessed images (what a server decoded from uploads): the same
+        engine, task activation and prior as :meth:`stream_probabilities` gives files."""
+        with torch.inference_mode():
+            probs = self.task.activation(self.engine_forward(engine)(images)).numpy()
+        return probs if self.shifted_prior is None else reweight(probs, *self.shifted_prior)
+
+    def predictions_of(self, names: Sequence[str], probs: np.ndarray, topk: int = 5) -> list[Prediction]:
+        """Rows of probabilities -> :class:`Prediction` (top-k classes, and the task's tags where it decides
+        them, e.g. every class over its tuned threshold for a multi-label classifier)."""
+        k = min(topk, len(self.classes))
+        top = np.argsort(-probs, axis=1)[:, :k]
+        tags = self.task.decide(probs, self.classes, self.extra)
+        return [Prediction(str(name), [self.classes[j] for j in top[row]], [float(probs[row, j]) for j in top[row]],
+                           tags[row] if tags is not None else None) for row, name in enumerate(names)]
 
     def predict(
         self, images: str | Path | Sequence[str | Path], topk: int = 5, tta: str = "none"

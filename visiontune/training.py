@@ -129,7 +129,7 @@ def prepare(config: RunConfig, fold: tuple[int, int] | None = None, reserve_s: f
             missing(candidate.cut, view, "train") for view in [None, *range(candidate.views)])
 
     plan = make_plan(data_profile, native, cuts, overrides, budget_s, speed, seconds_since_process_start() + reserve_s,
-                     uncached)
+                     uncached, exclusive=task.exclusive)
     if speed is None:  # time this plan's parts once, so the run can say how long it will take
         timed_cuts = sorted({plan.cut, cuts[0]} if plan.finetune_epochs else {plan.cut})
         to_cache = uncached(Candidate(plan.cut, plan.views, plan.epochs))
@@ -140,10 +140,9 @@ def prepare(config: RunConfig, fold: tuple[int, int] | None = None, reserve_s: f
     if plan.budget_s is None:
         plan.predicted_s = round(sum(predicted.values()), 1)
         plan.why["predicted_s"] = "timed batches of this data on this machine (caching, epochs, fine-tuning, report)"
-    beyond.check_request(plan, config.unlabeled, config.target, task.name)
+    beyond.check_request(plan, config.unlabeled, config.target, task)
     beyond.settle_plan(plan, config.unlabeled, config.target)
-    plan.why["task"] = {"multi-label": "labels CSV has several space-separated tags per image: sigmoid + BCE, thresholds for F-beta"}.get(
-        task.name, "one class per image")
+    plan.why["task"] = task.why
     return Prepared(source, train_cat, valid_cat, task, backbone, data_profile, speed, plan, predicted)
 
 
@@ -241,7 +240,7 @@ def carve_selection(prep: Prepared, config: RunConfig, inputs: CachedInputs, y_t
     """A stratified SELECTION_FRACTION of the training images when the plan makes a choice on data, else None."""
     plan = prep.plan
     during = [name for name, needed in (
-        ("the early-stopping epoch", plan.early_stop > 0), ("the decision thresholds", prep.task.name == "multi-label"),
+        ("the early-stopping epoch", plan.early_stop > 0), ("the decision thresholds", prep.task.tunes_decisions),
     ) if needed]
     before = [name for name, needed in (
         ("the batch size", "batch_size" in config.auto), ("the classifier head", plan.head == "auto"),
@@ -503,8 +502,8 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
     logger.close()
     classifier.metrics = {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "confusion_matrix_normalized")}
     classifier.extra = {"weights": backbone.weights, "trained_on": str(Path(config.data).resolve()), "task": task.name,
-                        "multi_label": task.name == "multi-label", **decisions, **({"head_fit": head_fit} if head_fit else {})}
-    if task.name == "single-label":  # what --prior re-weights from: the training prior, after any logit adjustment
+                        "multi_label": task.tags, **decisions, **({"head_fit": head_fit} if head_fit else {})}
+    if task.exclusive:  # what --prior re-weights from: the training prior, after any logit adjustment
         classifier.extra["train_prior"] = effective_prior(plan, y_train, len(classes)).round(6).tolist()
     if extra is not None:
         classifier.metrics.update(finish_beyond(prep, config, run, tail, chosen, inputs.train_views[0], extra, before,

@@ -56,8 +56,9 @@ class Catalog:
         return matrix
 
     def class_counts(self) -> dict[str, int]:
-        """Images per class, in class order (zero for a class with none)."""
-        counts = Counter(self.labels)
+        """Images per class, in class order (zero for a class with none). A multi-label image counts for
+        every tag it carries, not only its first one."""
+        counts = Counter(tag for tags in self.tags for tag in tags) if self.tags is not None else Counter(self.labels)
         return {name: counts.get(i, 0) for i, name in enumerate(self.classes)}
 
     def subset(self, indices: list[int]) -> Catalog:
@@ -208,8 +209,9 @@ def no_images_message(where: Path, skipped: list[Skipped] | None = None, classes
             f"Put images in {layout}, e.g. DATA/cat/1.jpg, DATA/dog/2.jpg.")
 
 
-def _require_trainable(catalog: Catalog, where: Path) -> None:
-    """Stop with one actionable line when a catalog cannot train a classifier."""
+def _require_trainable(catalog: Catalog, where: Path, labels_csv: Path | None = None) -> None:
+    """Stop with one actionable line when a catalog cannot train a classifier (the classes of a labels CSV
+    are named as the CSV's, not as folders)."""
     if len(catalog) == 0:
         refused = f" Refused: {refused_summary(catalog.skipped)}." if catalog.skipped else ""
         raise DataError(no_images_message(where, catalog.skipped) + refused)
@@ -220,9 +222,13 @@ def _require_trainable(catalog: Catalog, where: Path) -> None:
         )
     empty = [name for name, n in catalog.class_counts().items() if n == 0]
     if empty:
+        if labels_csv is not None:
+            kind = "tag(s)" if catalog.multi_label else "class(es)"
+            what, fix = f"{kind} of {labels_csv.name}", "Add readable images of them to the CSV or remove their rows."
+        else:
+            what, fix = "class folder(s)", "Add images there or remove the folder(s)."
         raise DataError(
-            f"{where}: class folder(s) with no usable image: {', '.join(empty)}. "
-            "Add images there or remove the folder(s)."
+            f"{where}: {what} with no usable image: {', '.join(empty)}. {fix}"
             + (f" Refused files: {refused_summary(catalog.skipped)}." if catalog.skipped else "")
         )
 
@@ -371,7 +377,7 @@ def discover(root: str | Path, labels: str | Path | None = None, check: bool = T
     if labels is not None:
         train = catalog_from_csv(root, Path(labels).expanduser(), check)
         train.skipped[:0] = refused
-        _require_trainable(train, root)
+        _require_trainable(train, root, Path(labels))
         return Source(root, "csv", train, None)
     valid_dir = _find_valid_dir(root)
     if is_folder(root / "train") and valid_dir is not None:

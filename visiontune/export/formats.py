@@ -1,9 +1,10 @@
 """Export a trained classifier to ONNX or TorchScript, with a parity check on real images.
 
-The exported graph takes normalised NCHW float32 images and returns class *probabilities* (softmax
-inside), and carries its own metadata — class names, preprocessing (input size, resize, crop, mean,
-std), architecture, visiontune version — so it runs without visiontune (see the README's onnxruntime
-snippet). ONNX metadata lives in the model's ``metadata_props``; TorchScript's in the archive's
+The exported graph takes normalised NCHW float32 images and returns class *probabilities* — the
+classifier's task's activation inside (softmax for one class per image, one sigmoid per class for
+multi-label) — and carries its own metadata — task, class names, preprocessing (input size, resize,
+crop, mean, std), architecture, visiontune version, and a multi-label classifier's tuned thresholds — so
+it runs without visiontune (see the README's onnxruntime snippet). ONNX metadata lives in the model's ``metadata_props``; TorchScript's in the archive's
 ``visiontune.json`` extra file.
 """
 
@@ -29,28 +30,33 @@ PARITY_TOLERANCE = 1e-4
 
 
 class Probabilities(nn.Module):
-    """model + softmax: what an exported classifier computes."""
+    """model + the task's activation: what an exported classifier computes."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, classifier: Classifier):
         super().__init__()
-        self.model = model
+        self.model = classifier.model
+        self.activation = classifier.task.activation
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images).softmax(-1)
+        return self.activation(self.model(images))
 
 
 def metadata(classifier: Classifier) -> dict[str, str]:
     from visiontune.version import __version__
 
     pre = classifier.preprocessing
+    task = classifier.task
+    decisions = {key: json.dumps(value) for key, value in task.exported_decisions(classifier.extra, len(classifier.classes)).items()}
     return {
+        "task": task.name,
+        **decisions,
         "classes": json.dumps(classifier.classes),
         "preprocessing": json.dumps({**pre.to_dict(), "resize_size": pre.resize_size}),
         "arch": classifier.arch,
         "visiontune_version": __version__,
         "input": "float32 NCHW RGB, resized (shorter side = resize_size, bicubic), centre-cropped to input_size, "
                  "scaled to [0, 1], normalised with mean/std",
-        "output": "class probabilities (softmax)",
+        "output": task.output,
     }
 
 
@@ -91,7 +97,7 @@ def export(classifier: Classifier, fmt: str, out: Path) -> Path:
         raise UsageError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     if out.exists():
         raise UsageError(f"{out} exists; nothing was overwritten. Choose another --out or delete it yourself.")
-    module = Probabilities(classifier.model).eval().to(memory_format=torch.contiguous_format)
+    module = Probabilities(classifier).eval().to(memory_format=torch.contiguous_format)
     size = classifier.preprocessing.input_size
     remove_stale_partials(out.parent)  # what an export killed here before left
     with written_whole(out) as tmp:
@@ -146,7 +152,7 @@ def parity(classifier: Classifier, path: Path, images: Sequence[str | Path], bat
 
     run, _ = load_exported(path)
     worst, count = 0.0, 0
-    model = Probabilities(classifier.model).eval()
+    model = Probabilities(classifier).eval()
     for _, probs in stream_outputs(
         lambda x: torch.from_numpy(np.concatenate([model(x).numpy(), run(x.contiguous().numpy())], axis=1)),
         [Path(p) for p in images], classifier.preprocessing, batch_size, description="parity check",

@@ -1,8 +1,11 @@
 """`visiontune serve RUN`: the classifier behind a small HTTP API and one web page (FastAPI + uvicorn).
 
 * ``POST /predict`` — multipart upload (one or more ``file`` fields) or JSON ``{"images": [base64, ...]}``;
-  answers ``{"predictions": [{"name", "label", "top": [{"class", "prob"}, ...]}]}``.
-* ``GET /health``, ``GET /model`` (architecture, classes, metrics, preprocessing), ``GET /`` (the page).
+  answers ``{"predictions": [{"name", "label", "top": [{"class", "prob"}, ...]}]}``, plus ``"tags"`` (every
+  class over its tuned threshold) from a multi-label classifier. Probabilities come from the classifier's
+  own inference path (:meth:`Classifier.tensor_probabilities`: its engine, its task's activation).
+* ``GET /health``, ``GET /model`` (architecture, task, classes, metrics, preprocessing, a multi-label
+  classifier's thresholds), ``GET /`` (the page).
 
 Limits (`ServeLimits`), all answered with a JSON error: request size (413, from `Content-Length` before
 any byte is read, then counted while reading), a malformed `Content-Length` (400), a body that stalls
@@ -25,7 +28,6 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -75,9 +77,8 @@ def create_app(classifier: Classifier, limits: ServeLimits | None = None, topk: 
         limits.max_upload_bytes, limits.max_pixels, limits.max_images, limits.max_concurrent)
     app = FastAPI(title="visiontune", version=__version__)
     transform = eval_transform(classifier.preprocessing)
-    forward = classifier.engine_forward("auto")
+    classifier.engine_forward("auto")  # exported (onnxruntime) before the first request, not during it
     slots = asyncio.Semaphore(max_concurrent)
-    k = min(topk, len(classifier.classes))
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, exc: RequestError) -> JSONResponse:
@@ -91,13 +92,14 @@ def create_app(classifier: Classifier, limits: ServeLimits | None = None, topk: 
             except ImageError as err:
                 status = 413 if "pixels" in err.reason else 422
                 raise RequestError(status, f"{name}: {err.reason}") from None
-        with torch.inference_mode():
-            probs = forward(torch.stack(decoded)).float().softmax(-1).numpy()
+        probs = classifier.tensor_probabilities(torch.stack(decoded), engine="auto")
         results = []
-        for (name, _), row in zip(images, probs):
-            top = np.argsort(-row)[:k]
-            results.append({"name": name, "label": classifier.classes[top[0]],
-                            "top": [{"class": classifier.classes[j], "prob": float(row[j])} for j in top]})
+        for found in classifier.predictions_of([name for name, _ in images], probs, topk):
+            result = {"name": found.path, "label": found.label,
+                      "top": [{"class": c, "prob": p} for c, p in zip(found.classes, found.probs)]}
+            if found.tags is not None:
+                result["tags"] = found.tags
+            results.append(result)
         return results
 
     async def read_body(request: Request) -> bytes:
@@ -161,8 +163,11 @@ def create_app(classifier: Classifier, limits: ServeLimits | None = None, topk: 
 
     @app.get("/model")
     async def model() -> dict:
-        return {"arch": classifier.arch, "classes": classifier.classes, "preprocessing": classifier.preprocessing.to_dict(),
-                "metrics": {k: v for k, v in classifier.metrics.items() if not isinstance(v, (dict, list))}}
+        task = classifier.task
+        return {"arch": classifier.arch, "task": task.name, "classes": classifier.classes,
+                "preprocessing": classifier.preprocessing.to_dict(),
+                "metrics": {k: v for k, v in classifier.metrics.items() if not isinstance(v, (dict, list))},
+                **task.exported_decisions(classifier.extra, len(classifier.classes))}
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:

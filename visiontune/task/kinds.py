@@ -40,6 +40,13 @@ class Task:
     name: ClassVar[str]
     report: ClassVar[str]  # which report the run gets (report/html.py keys its section builders by this)
     tags: ClassVar[bool] = False  # predictions carry the list of classes decided for each image
+    #: One class per image: the classes exclude each other (one softmax), so a class prior exists and can be
+    #: shifted (logit adjustment, --prior), the probe head can compete, and unlabelled/target methods apply.
+    exclusive: ClassVar[bool] = True
+    #: Decisions (thresholds) are tuned after training, on images carved from the training data.
+    tunes_decisions: ClassVar[bool] = False
+    why: ClassVar[str]  # the plan's reason for this task
+    output: ClassVar[str]  # what an exported graph outputs, in words (its metadata)
 
     def targets(self, catalog: Catalog) -> np.ndarray:
         """Per-image training targets, in catalog order."""
@@ -48,6 +55,15 @@ class Task:
     def activation(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits -> probabilities."""
         raise NotImplementedError
+
+    def logits_of(self, probs: torch.Tensor) -> torch.Tensor:
+        """Probabilities -> logits that :meth:`activation` turns back into them (an ensemble's combined
+        probabilities travel through the classifier's one inference path as logits)."""
+        raise NotImplementedError
+
+    def exported_decisions(self, saved: dict, n_classes: int) -> dict:
+        """The decisions saved with a classifier that an exported file must carry beside its graph."""
+        return {}
 
     def criterion(self, settings: LossSettings, labels: np.ndarray, n_classes: int) -> Loss:
         """The training loss (targets may also be soft rows, from mixup/cutmix)."""
@@ -88,12 +104,17 @@ class SingleLabel(Task):
 
     name = "single-label"
     report = "single-label"
+    why = "one class per image"
+    output = "class probabilities (softmax): the top class is the answer"
 
     def targets(self, catalog: Catalog) -> np.ndarray:
         return np.asarray(catalog.labels, dtype=np.int64)
 
     def activation(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().softmax(-1)
+
+    def logits_of(self, probs: torch.Tensor) -> torch.Tensor:
+        return probs.clamp_min(1e-12).log()
 
     def criterion(self, settings: LossSettings, labels: np.ndarray, n_classes: int) -> Loss:
         weight = class_weights(np.asarray(labels), n_classes, settings.class_weights)
@@ -119,12 +140,24 @@ class MultiLabel(Task):
     name = "multi-label"
     report = "multi-label"
     tags = True
+    exclusive = False
+    tunes_decisions = True
+    why = "labels CSV has several space-separated tags per image: sigmoid + BCE, thresholds for F-beta"
+    output = ("per-class probabilities (sigmoid, independent): a class is a tag of the image when its probability "
+              "is at least its threshold (metadata 'thresholds')")
 
     def targets(self, catalog: Catalog) -> np.ndarray:
         return catalog.targets()
 
     def activation(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().sigmoid()
+
+    def logits_of(self, probs: torch.Tensor) -> torch.Tensor:
+        probs = probs.clamp(1e-7, 1 - 1e-7)
+        return (probs / (1 - probs)).log()
+
+    def exported_decisions(self, saved: dict, n_classes: int) -> dict:
+        return {"thresholds": thresholds(saved, n_classes).tolist(), "fbeta": saved.get("fbeta", 2.0)}
 
     def criterion(self, settings: LossSettings, labels: np.ndarray, n_classes: int) -> Loss:
         return make_loss("bce", settings.label_smoothing)

@@ -296,9 +296,10 @@ def _batch_size(n_train: int) -> int:
     return size
 
 
-def default_head(n_train: int, task: str) -> tuple[str, str]:
-    """`auto` on small single-label data (the probe is a real contender there), else the trained tail."""
-    if task != "single-label":
+def default_head(n_train: int, exclusive: bool = True) -> tuple[str, str]:
+    """`auto` on small data with one class per image (the probe is a real contender there), else the trained
+    tail; `exclusive` is the task's (:attr:`visiontune.task.kinds.Task.exclusive`)."""
+    if not exclusive:
         return "linear", "multi-label: the tail's own sigmoid layer, trained by the loop"
     if n_train <= HEAD_CHOICE_MAX:
         return "auto", (f"{n_train} training images <= {HEAD_CHOICE_MAX:,}: the trained tail, or a cross-validated "
@@ -307,12 +308,14 @@ def default_head(n_train: int, task: str) -> tuple[str, str]:
     return "linear", f"{n_train} training images > {HEAD_CHOICE_MAX:,}: the tail trained by the loop"
 
 
-def default_balance(data: DataProfile, task: str) -> tuple[str, str]:
-    """Act on imbalance (logit adjustment, train/balance.py) when the smallest class is under half the largest."""
+def default_balance(data: DataProfile, exclusive: bool = True) -> tuple[str, str]:
+    """Act on imbalance (logit adjustment, train/balance.py) when the smallest class is under half the largest;
+    only where the classes exclude each other (one softmax to shift)."""
     ratio = data.smallest_to_largest
-    if task != "single-label" or ratio >= IMBALANCED_BELOW:
-        return "none", f"classes balanced enough (smallest/largest {ratio:.2f} >= {IMBALANCED_BELOW})" if task == "single-label" \
-            else "multi-label: per-class thresholds decide each tag"
+    if not exclusive:
+        return "none", "multi-label: per-class thresholds decide each tag"
+    if ratio >= IMBALANCED_BELOW:
+        return "none", f"classes balanced enough (smallest/largest {ratio:.2f} >= {IMBALANCED_BELOW})"
     counts = data.class_counts or []
     return "logit-adjust", (f"imbalanced: smallest class {min(c for c in counts if c)} images, largest {max(counts)} "
                             f"({ratio:.2f} < {IMBALANCED_BELOW}): logits shifted towards balanced accuracy (each class's "
@@ -370,8 +373,10 @@ def make_plan(
     speed: SpeedProfile | None = None,
     spent_s: float = 0.0,
     uncached: Callable[[Candidate], int] | None = None,
+    exclusive: bool = True,
 ) -> Plan:
-    """Choose the recipe from the data (and the budget); `overrides` (non-None values) win.
+    """Choose the recipe from the data (and the budget); `overrides` (non-None values) win. `exclusive`: the
+    task's classes exclude each other (:attr:`visiontune.task.kinds.Task.exclusive`).
 
     `spent_s` is the wall time the command has used already (start-up, profiling); the budget's rest
     is what the recipe may take.
@@ -437,8 +442,8 @@ def make_plan(
         predicted_s=None if predicted is None else round(predicted, 1),
         why=why,
     )
-    plan.head, why["head"] = default_head(n, (overrides or {}).get("task", "single-label"))
-    plan.balance, why["balance"] = default_balance(data, (overrides or {}).get("task", "single-label"))
+    plan.head, why["head"] = default_head(n, exclusive)
+    plan.balance, why["balance"] = default_balance(data, exclusive)
     why.setdefault("epochs", "cheap on cached activations; one-cycle schedule")
     why.setdefault("batch_size", "64 fits CPU caches; smaller for tiny data to keep >= 8 steps per epoch")
     why.setdefault("lr", "AdamW one-cycle peak for the classifier")
