@@ -364,3 +364,34 @@ def test_onecycle_takes_any_number_of_steps():
         for _ in range(total):
             optimizer.step()
             schedule.step()
+
+
+def test_a_mid_epoch_resume_logs_the_objectives_means_over_the_whole_epoch(model, tmp_path):
+    """An objective's own logs (train_<name>) are summed per step; a resumed epoch carries the sums of the steps
+    before the checkpoint (it once restarted them at zero and still divided by the whole epoch's steps)."""
+    from visiontune.train.objectives import OBJECTIVES, Objective, register_objective
+
+    @register_objective("test-logs-one")
+    class LogsOne(Objective):
+        def loss(self, module, batch):
+            return torch.nn.functional.cross_entropy(module(batch["x"]), batch["y"]), {"one": 1.0}
+
+    try:
+        plan = make_plan(checkpoint_every=3, epochs=2, objective="test-logs-one")
+        _, _, full_records = pooled_run(model, plan)
+        assert [r["train_one"] for r in full_records] == [1.0, 1.0]
+
+        class Crash(Exception):
+            pass
+
+        def crashing_log(record):
+            raise Crash
+
+        with pytest.raises(Crash):
+            pooled_run(model, plan, log=crashing_log, checkpoints=tmp_path)
+        checkpoint = load_checkpoint(tmp_path)
+        assert checkpoint.position.epoch == 0 and checkpoint.position.step > 0  # mid-epoch 1
+        _, history, _ = pooled_run(model, plan, resume=checkpoint)
+        assert [r["train_one"] for r in history] == [1.0, 1.0]
+    finally:
+        OBJECTIVES.pop("test-logs-one", None)

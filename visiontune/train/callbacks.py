@@ -204,6 +204,7 @@ class Checkpointing(Callback):
     def step_end(self, loop: Loop) -> None:
         if self.every and loop.position.global_step % self.every == 0:
             loop.extra["loss_sum"], loop.extra["loss_count"] = loop.loss_sum, loop.loss_count
+            loop.extra["logged"] = dict(loop.logged)
             self.save(loop)
 
     def epoch_done(self, loop: Loop) -> None:

@@ -127,6 +127,7 @@ class Loop:
         self.position = Position(phase.name)
         self.extra: dict = {"stopped": False}  # counters saved with each checkpoint
         self.loss_sum, self.loss_count = 0.0, 0
+        self.logged: dict[str, float] = {}  # this epoch's sums of the objective's logs
         self.evaluated: Callable[[], nn.Module] = lambda: phase.module  # the weights validation sees
 
     def emit(self, event: str, *args) -> None:
@@ -188,7 +189,9 @@ def run_phase(
         resumed_here = position.step and (not shared or distributed.world().main)  # the sums are rank 0's
         loop.loss_sum = loop.extra.get("loss_sum", 0.0) if resumed_here else 0.0
         loop.loss_count = loop.extra.get("loss_count", 0) if resumed_here else 0
-        logged: dict[str, float] = {}
+        # the objective's own logs (train_<name>): summed per step, carried in a mid-epoch checkpoint like the loss
+        loop.logged = dict(loop.extra.get("logged", {})) if resumed_here else {}
+        logged = loop.logged
         with progress_bar() as bar:
             task = bar.add_task(f"{phase.name} epoch {epoch + 1}/{phase.epochs}", total=steps, completed=position.step)
             for batch in phase.batches(epoch, position.step):
