@@ -395,3 +395,18 @@ def test_a_mid_epoch_resume_logs_the_objectives_means_over_the_whole_epoch(model
         assert [r["train_one"] for r in history] == [1.0, 1.0]
     finally:
         OBJECTIVES.pop("test-logs-one", None)
+
+
+def test_callbacks_that_would_overwrite_each_others_weights_are_refused():
+    """--ema and --ssl mean-teacher each leave their own weights in the module's place at the end: together
+    the teacher silently overwrote the average. The loop's callback protocol refuses them with one line."""
+    from visiontune.errors import UsageError
+    from visiontune.semi.mean_teacher import TeacherUpdate
+    from visiontune.train.callbacks import default_callbacks
+
+    with pytest.raises(UsageError, match="--ema 0.99 and --ssl mean-teacher .* keep one of them"):
+        default_callbacks(make_plan(ema=0.99), None, [TeacherUpdate(None)])
+    with pytest.raises(UsageError, match="--swa and --ssl mean-teacher"):
+        default_callbacks(make_plan(swa=True), None, [TeacherUpdate(None)])
+    assert default_callbacks(make_plan(), None, [TeacherUpdate(None)])  # the teacher alone
+    assert default_callbacks(make_plan(ema=0.99), None, [])  # the average alone

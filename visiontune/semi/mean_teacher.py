@@ -39,6 +39,9 @@ class TeacherUpdate(Callback):
     def phase_end(self, loop) -> None:
         loop.phase.module.load_state_dict(self.objective.teacher.state_dict())
 
+    def replaces_weights(self, plan) -> str | None:
+        return "--ssl mean-teacher (its teacher, an average of the student)"
+
 
 @register_objective("mean-teacher")
 class MeanTeacher(SemiSupervised):

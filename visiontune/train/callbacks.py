@@ -30,6 +30,7 @@ from torch import nn
 from visiontune.train.averaging import Averager
 from visiontune.train.checkpoint import Checkpoint, save_checkpoint
 from visiontune.clock import expected_after_phase
+from visiontune.errors import UsageError
 from visiontune.progress import clock_text, console
 
 if TYPE_CHECKING:  # the loop imports this module; the type is only for hints
@@ -58,6 +59,20 @@ class Callback:
     def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """Named state dicts to save with a checkpoint (restored by :meth:`restore`)."""
         return {}
+
+    def replaces_weights(self, plan) -> str | None:
+        """What this callback validates and leaves in the trained module's place at the end (an average, a
+        teacher), named as the user asked for it; None if it leaves the trained weights. Two callbacks that
+        do would overwrite each other's work: :func:`refuse_weight_clashes` stops the phase before it trains."""
+        return None
+
+
+def refuse_weight_clashes(callbacks: list[Callback], plan) -> None:
+    """One line when two callbacks would each put their own weights in the module's place."""
+    owners = [owner for owner in (cb.replaces_weights(plan) for cb in callbacks) if owner]
+    if len(owners) > 1:
+        raise UsageError(f"{' and '.join(owners)} each replace the trained weights with their own at the end, so one "
+                         "would silently overwrite the other: keep one of them")
 
 
 class WeightAveraging(Callback):
@@ -101,6 +116,9 @@ class WeightAveraging(Callback):
 
     def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"averaged": self.averager.model.state_dict()} if self.averager.model is not None else {}
+
+    def replaces_weights(self, plan) -> str | None:
+        return f"--ema {plan.ema:g}" if plan.ema else "--swa" if plan.swa else None
 
 
 class ObjectiveState(Callback):
@@ -260,4 +278,5 @@ def default_callbacks(plan, checkpoints: Path | None, method: list[Callback] | N
     if checkpoints is not None:
         callbacks.append(Checkpointing(checkpoints, plan.checkpoint_every))
     callbacks.append(EpochLine())
+    refuse_weight_clashes(callbacks, plan)
     return callbacks
