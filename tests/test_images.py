@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visiontune.data.images import ImageError, load_rgb, probe
+from visiontune.data.images import ImageError, load_rgb, probe_and_hash
 
 
 def test_modes_become_rgb(tmp_path):
@@ -45,7 +45,7 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_bad_files_raise_with_reason(tmp_path, content, reason):
     path = tmp_path / "bad.jpg"
     path.write_bytes(content)
-    for reader in (probe, load_rgb):
+    for reader in (probe_and_hash, load_rgb):
         with pytest.raises(ImageError, match=reason) as info:
             reader(path)
         assert info.value.path == str(path)
@@ -63,6 +63,6 @@ def test_decompression_bomb_guard_stays_on(tmp_path, monkeypatch):
     path = tmp_path / "big.png"
     Image.new("RGB", (100, 100)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    for reader in (probe, load_rgb):
+    for reader in (probe_and_hash, load_rgb):
         with pytest.raises(ImageError, match="decompression-bomb"):
             reader(path)

@@ -14,7 +14,7 @@ from visiontune.semi.common import LabelledPlus
 from visiontune.train.objectives import Batch
 
 
-def pooled_features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def classifier_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The features the classifier reads: a Tail's `features`, or a timm model's pre-logits."""
     if hasattr(module, "features"):
         return module.features(x)
@@ -37,7 +37,7 @@ class Adaptation(LabelledPlus):
         if "xt" not in batch:
             return self.supervised.loss(module, batch)
         n = len(batch["x"])
-        features = pooled_features(module, torch.cat([batch["x"], batch["xt_aug"]]))
+        features = classifier_inputs(module, torch.cat([batch["x"], batch["xt_aug"]]))
         logits = module.classify(features) if hasattr(module, "classify") else module.get_classifier()(features)
         labelled = self.supervised.criterion(logits[:n], batch["y"])
         aligned = features if aligned_layer_is_features(module) else logits

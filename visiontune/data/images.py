@@ -80,16 +80,6 @@ def _opened(path: Path, source: BinaryIO | None = None, max_pixels: int | None =
         raise ImageError(path, f"corrupt or truncated image: {exc}") from None
 
 
-def probe(path: str | Path) -> tuple[int, int]:
-    """Read only the header: (width, height). Cheap; catches empty, non-image and bomb files early.
-
-    Raises:
-        ImageError: with the reason, for a file that cannot be an image we can use.
-    """
-    with _opened(Path(path)) as img:
-        return img.size
-
-
 def gray_thumbnail(path: str | Path, side: int) -> np.ndarray:
     """`side` x `side` grayscale pixels (uint8) of an image, decoded at reduced size where the format allows
     (JPEG `draft`), for cheap picture comparisons (near-duplicates)."""
@@ -183,11 +173,12 @@ def _memo_key(path: str | Path) -> tuple[str, int, int]:
 
 
 def probe_and_hash(path: str | Path) -> tuple[int, int]:
-    """:func:`probe` and :func:`content_hash` from one read of the file: the catalog checks every image
-    on the way in and the cache keys it by content next, so the bytes are read once for both.
+    """(width, height) from the header alone (cheap: catches empty, non-image and bomb files early) and
+    :func:`content_hash`, from one read of the file: the catalog checks every image on the way in and the
+    cache keys it by content next, so the bytes are read once for both.
 
     Raises:
-        ImageError: as :func:`probe`.
+        ImageError: with the reason, for a file that cannot be an image we can use.
     """
     path = Path(path)
     try:

@@ -13,11 +13,9 @@ Every choice can be overridden, and the plan records which ones were.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from pathlib import Path
 
 from typing import TYPE_CHECKING
 
@@ -142,9 +140,6 @@ class Plan:
     def from_dict(cls, data: dict) -> Plan:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2))
 
     def table(self) -> Table:
         """The plan as a rich table with a 'why' column, printed before training. Playbook settings
