@@ -151,3 +151,27 @@ def test_ctrl_c_prints_the_command_that_continues_the_run(class_folders, tmp_pat
     assert resumed.returncode == 0, resumed.stderr
     finished = run("train", str(class_folders), "--out", str(out))
     assert finished.returncode == 2 and "finished run" in finished.stderr
+
+
+def test_shared_options_are_declared_once_with_one_vocabulary():
+    """--out, --batch-size, --img-size, --engine and --labels are each declared by one helper in cli.py, and every
+    command that offers --engine offers the same choices (one engine vocabulary) with the same default."""
+    import argparse
+    import re
+    from pathlib import Path
+
+    from visiontune import cli
+    from visiontune.names import ENGINE_CHOICES, INFERENCE_BATCH
+
+    source = Path(cli.__file__).read_text()
+    for flag in ("--out", "--batch-size", "--img-size", "--engine", "--labels", "--tta"):
+        assert len(re.findall(rf'add_argument\("{flag}"', source)) == 1, flag
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    engines = {name: next(a for a in sub._actions if "--engine" in a.option_strings) for name, sub in commands.items()
+               if any("--engine" in a.option_strings for a in sub._actions)}
+    assert {"predict", "evaluate", "ensemble", "hard-examples", "cache"} <= set(engines)
+    assert all(tuple(a.choices) == ENGINE_CHOICES for a in engines.values())
+    assert {name: a.default for name, a in engines.items() if a.default != "auto"} == {"train": None}  # the plan decides
+    batches = [next(a for a in sub._actions if "--batch-size" in a.option_strings) for name, sub in commands.items()
+               if name != "train" and any("--batch-size" in a.option_strings for a in sub._actions)]
+    assert len(batches) == 4 and {a.default for a in batches} == {INFERENCE_BATCH}

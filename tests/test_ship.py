@@ -317,9 +317,9 @@ def test_page_in_headless_chromium_shows_the_predicted_class(runs, tmp_path):
 
 
 def test_int8_keeps_the_fast_scheme_only_when_it_barely_moves_the_probabilities(runs, tmp_path, monkeypatch):
-    """u8s8 is tried first; it is kept when its probabilities stay within MAX_INT8_SHIFT of fp32's on the
-    training images, else s8s8 is tried and the one moving least is kept — calibrated on training images,
-    never on the validation images whose accuracy is printed."""
+    """The schemes are tried in order (u8s8, s8s8, s8s8 with 7-bit weights) until one's probabilities stay within
+    MAX_INT8_SHIFT of fp32's on the training images; else the one moving least is kept — calibrated on training
+    images, never on the validation images whose accuracy is printed."""
     from visiontune import api
     from visiontune.export import formats
 
@@ -335,14 +335,16 @@ def test_int8_keeps_the_fast_scheme_only_when_it_barely_moves_the_probabilities(
     monkeypatch.setattr(formats, "_quantize", quantize)
     strict = api.export(runs / "a", out=tmp_path / "strict.onnx", quantize="int8")
     q = strict.quantization
-    assert list(q["shift"]) == (["u8s8"] if q["shift"]["u8s8"] <= q["limit"] else ["u8s8", "s8s8"])
+    schemes = list(formats.INT8_SCHEMES)
+    within = [k for k, scheme in enumerate(schemes) if q["shift"].get(scheme, float("inf")) <= q["limit"]]
+    assert list(q["shift"]) == schemes[: (within[0] if within else len(schemes) - 1) + 1]
     assert q["scheme"] == min(q["shift"], key=q["shift"].get)
     split = RunDir(runs / "a").read_split()
     assert q["calibration_images"] == len(split.train) and set(calibrated) == {len(split.train)}
     monkeypatch.setattr(formats, "MAX_INT8_SHIFT", 10.0)  # anything passes: the fast scheme, tried alone
     lenient = api.export(runs / "a", out=tmp_path / "lenient.onnx", quantize="int8").quantization
     assert lenient["scheme"] == "u8s8" and list(lenient["shift"]) == ["u8s8"]
-    monkeypatch.setattr(formats, "MAX_INT8_SHIFT", -1.0)  # nothing passes: both tried, the least moving kept
+    monkeypatch.setattr(formats, "MAX_INT8_SHIFT", -1.0)  # nothing passes: every scheme tried, the least moving kept
     harsh = api.export(runs / "a", out=tmp_path / "harsh.onnx", quantize="int8").quantization
-    assert list(harsh["shift"]) == ["u8s8", "s8s8"] and harsh["scheme"] == min(harsh["shift"], key=harsh["shift"].get)
+    assert list(harsh["shift"]) == schemes and harsh["scheme"] == min(harsh["shift"], key=harsh["shift"].get)
     assert not list(tmp_path.glob(".*partial*"))

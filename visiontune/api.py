@@ -29,6 +29,7 @@ from visiontune import distributed
 from visiontune.errors import UsageError, RunInterrupted
 from visiontune.evaluation.metrics import classification_metrics
 from visiontune.evaluation.priors import parse_prior, resolve, reweight
+from visiontune.names import INFERENCE_BATCH, resolve_engine
 from visiontune.runs import RunConfig, RunDir
 from visiontune.train.plan import Plan
 from visiontune.files import written_whole
@@ -44,6 +45,8 @@ INPUTS = ("unlabeled", "target", "target_labels")
 
 def _run_config(data, arch, weights, labels, budget, seed, cache_dir, workers, report, folds, settings) -> RunConfig:
     settings = {ALIASES.get(k, k): v for k, v in settings.items()}
+    if settings.get("engine") == "auto":  # the plan decides (the default engine), as when not given
+        settings["engine"] = None
     inputs = {k: str(settings.pop(k)) if settings.get(k) else None for k in INPUTS}
     auto = sorted(k for k in ("lr", "batch_size") if settings.get(k) == "auto")
     overrides = {k: v for k, v in settings.items() if v is not None and k not in auto}
@@ -209,7 +212,7 @@ def predict(
 
 
 def iter_predictions(
-    classifier: Classifier | str | Path, items: Sequence[str | Path], topk: int = 3, batch_size: int = 32,
+    classifier: Classifier | str | Path, items: Sequence[str | Path], topk: int = 3, batch_size: int = INFERENCE_BATCH,
     tta: str = "none", combine: str = "mean", engine: str = "auto", skipped: list[Skipped] | None = None,
 ) -> Iterable[Prediction]:
     """Stream predictions for files and folders (expanded recursively); unreadable files go to `skipped`."""
@@ -251,7 +254,7 @@ def predict_to_file(
 
 def submission(
     classifier: Classifier | str | Path, sample: str | Path, items: Sequence[str | Path], out: str | Path = "submission.csv",
-    batch_size: int = 32, tta: str = "none", engine: str = "auto",
+    batch_size: int = INFERENCE_BATCH, tta: str = "none", engine: str = "auto",
 ) -> dict:
     """A Kaggle submission in the format of `sample` (its id column and class columns or label column)."""
     from visiontune.submission import write_submission
@@ -261,7 +264,7 @@ def submission(
 
 def ensemble_runs(
     runs: Sequence[str | Path], data: str | Path, labels: str | Path | None = None, method: str = "mean",
-    out: str | Path | None = None, batch_size: int = 64, engine: str = "auto",
+    out: str | Path | None = None, batch_size: int = INFERENCE_BATCH, engine: str = "auto",
 ) -> dict:
     """Evaluate runs and their ensemble on labelled data: each member's accuracy, the pairwise correlation
     of their errors (low correlation = an ensemble gains), the ensemble's metrics; saves it with `out`.
@@ -329,12 +332,14 @@ def evaluation_catalog(data: str | Path, classes: list[str], labels: str | Path 
 
 
 def evaluate(
-    classifier: Classifier | str | Path, data: str | Path, labels: str | Path | None = None, batch_size: int = 64,
+    classifier: Classifier | str | Path, data: str | Path, labels: str | Path | None = None, batch_size: int = INFERENCE_BATCH,
     tta: str = "none", combine: str = "mean", engine: str = "auto", prior: str | None = None,
+    json_out: str | Path | None = None,
 ) -> dict:
     """Metrics of a classifier on labelled images (class folders, split folders or a labels CSV), with
     optional test-time augmentation (`tta`: flip | flips | 5crop | 10crop | scale) and prior shift
-    (`prior`: balanced | estimate | a,b,c — evaluation/priors.py; `estimate` never reads the labels)."""
+    (`prior`: balanced | estimate | a,b,c — evaluation/priors.py; `estimate` never reads the labels);
+    `json_out` also writes them to that JSON file (whole or not at all)."""
     clf = _classifier(classifier)
     catalog = evaluation_catalog(data, clf.classes, labels)
     task = clf.task
@@ -351,11 +356,15 @@ def evaluate(
     if shifted is not None:
         metrics["prior"] = shifted
     metrics["skipped"] = [{"path": s.path, "reason": s.reason} for s in skipped]
+    if json_out is not None:
+        from visiontune.files import write_text_whole
+
+        write_text_whole(Path(json_out), json.dumps(metrics, indent=2))
     return metrics
 
 
 def shift_prior(classifier: Classifier | str | Path, prior: str | None, items: Sequence[str | Path] = (),
-                batch_size: int = 64, tta: str = "none", combine: str = "mean", engine: str = "auto",
+                batch_size: int = INFERENCE_BATCH, tta: str = "none", combine: str = "mean", engine: str = "auto",
                 probabilities: np.ndarray | None = None) -> dict | None:
     """Make `classifier` predict for images whose class proportions are `prior` (balanced | estimate | a,b,c;
     None: as trained). `estimate` runs the model over `items` once to estimate them (EM), or reads the
@@ -459,7 +468,8 @@ def show_feature_maps(run: str | Path, image: str, layer: str = "blocks.2", out:
 
 
 def hard_examples(
-    run: str | Path, out: str | Path | None = None, margin: float = 0.2, confident: float = 0.9, batch_size: int = 64,
+    run: str | Path, out: str | Path | None = None, margin: float = 0.2, confident: float = 0.9, batch_size: int = INFERENCE_BATCH,
+    engine: str = "auto",
 ) -> tuple[list, Path, int]:
     """The training images the run's model gets wrong or barely right, most suspicious first, written as a
     CSV that `fit(..., upweight=CSV)` draws more often; returns (examples, CSV path, training images)."""
@@ -470,7 +480,7 @@ def hard_examples(
     if split is None or not split.train_labels:
         raise UsageError(f"{run}: split.json has no labels (a run from an older visiontune); retrain it")
     clf = load(run)
-    kept, probs = clf.probabilities(split.train, batch_size)
+    kept, probs = clf.probabilities(split.train, batch_size, engine=engine)
     found = mine_hard_examples(probs, kept, split.train, split.train_labels, clf.classes, margin, confident)
     path = write_hard_examples(found, Path(out) if out else run_dir.file("hard_examples.csv"))
     return found, path, len(split.train)
@@ -478,12 +488,11 @@ def hard_examples(
 
 def warm_cache(
     data: str | Path, cache_dir: str | Path | None = None, arch: str = DEFAULT_ARCH, weights: str = "default",
-    img_size: int | None = None, cut: str = "pooled", views: int = 0, engine: str | None = None,
+    img_size: int | None = None, cut: str = "pooled", views: int = 0, engine: str | None = "auto",
 ) -> dict:
     """Put every image of a folder (recursively) through the trunk once, so later runs start from the cache."""
     from visiontune.backbones.registry import create_backbone
     from visiontune.cache.features import cached_activations
-    from visiontune.inference.engines import default_engine
 
     root = cache_folder(cache_dir)
     paths = image_files([data])
@@ -491,7 +500,7 @@ def warm_cache(
     skipped: list[Skipped] = []
     kept: np.ndarray = np.zeros(0)
     for view in [None, *range(views)]:
-        kept, _, bad = cached_activations(backbone, paths, root, cut=cut, view=view, engine=engine or default_engine(),
+        kept, _, bad = cached_activations(backbone, paths, root, cut=cut, view=view, engine=resolve_engine(engine),
                                           load=False, description="caching")
         skipped += bad
     return {"root": root, "images": len(kept), "views": 1 + views, "cut": cut, "skipped": skipped}

@@ -90,13 +90,14 @@ class Classifier:
         return self.task.tags
 
     def engine_forward(self, engine: str = "torch"):
-        """images -> logits on `engine`: torch, or onnxruntime ("onnx"; "auto" = onnxruntime when installed).
+        """images -> logits on `engine` (names.ENGINE_CHOICES: "auto" = onnxruntime when installed).
 
         The ONNX file is exported once per weights file into the feature cache's engines/ folder, never
         into the classifier folder."""
-        from visiontune.inference.engines import compile_forward, default_engine
+        from visiontune.inference.engines import compile_forward
+        from visiontune.names import resolve_engine
 
-        engine = {"auto": default_engine(), "onnx": "onnxruntime"}.get(engine, engine)
+        engine = resolve_engine(engine)
         if engine not in self._engines:
             path = None
             if engine == "onnxruntime" and self.directory is not None:

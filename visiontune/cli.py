@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from visiontune.errors import (
     ArtifactError, DataError, ImageError, RunExistsError, RunInterrupted, UsageError, WeightsError, WriteError,
 )
 from visiontune.data.archives import is_archive, split_member
-from visiontune.names import AUGMENTATIONS, COMBINE, ENGINES, PRIOR_HELP, TTA_MODES, default_engine
+from visiontune.names import AUGMENTATIONS, COMBINE, ENGINE_CHOICES, INFERENCE_BATCH, PRIOR_HELP, TTA_MODES
 from visiontune.progress import console
 from visiontune.version import __version__
 
@@ -119,7 +118,7 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from visiontune import api
 
-    result = api.ensemble_runs(args.runs, args.data, args.labels, args.method, args.out, args.batch_size)
+    result = api.ensemble_runs(args.runs, args.data, args.labels, args.method, args.out, args.batch_size, args.engine)
     table = Table(title=f"ensemble ({args.method}) on {result['n']} images")
     for column in ("model", "accuracy", "log loss", "weight"):
         table.add_column(column)
@@ -199,7 +198,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_hard_examples(args: argparse.Namespace) -> int:
     from visiontune import api
 
-    found, out, total = api.hard_examples(args.run, args.out, args.margin, args.confident, args.batch_size)
+    found, out, total = api.hard_examples(args.run, args.out, args.margin, args.confident, args.batch_size, args.engine)
     kinds = {k: sum(h.kind == k for h in found) for k in ("likely-label-error", "wrong", "barely-right")}
     console.print(f"{total} training images: " + ", ".join(f"{v} {k}" for k, v in kinds.items()))
     table = Table(title="hardest training images")
@@ -303,13 +302,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     clf = api.load(args.classifier)
     metrics = api.evaluate(clf, args.data, labels=args.labels, batch_size=args.batch_size, tta=args.tta, combine=args.combine,
-                           prior=args.prior)
+                           engine=args.engine, prior=args.prior, json_out=args.json)
     if "prior" in metrics:
         console.print(f"prior: {_prior_text(metrics['prior'], clf.classes)}")
-    if args.json:
-        from visiontune.files import write_text_whole
-
-        write_text_whole(Path(args.json), json.dumps(metrics, indent=2))
     for table in _metrics_tables(metrics, clf.classes):
         Console().print(table)
     for s in metrics["skipped"]:
@@ -509,10 +504,41 @@ def _add_data_and_backbone(parser: argparse.ArgumentParser, optional: bool = Fal
         help="folder of images: one sub-folder per class, or train/ + valid/ with class sub-folders, or any "
              "folder with --labels",
     )
-    parser.add_argument("--labels", type=EXISTING, metavar="CSV",
-                        help="CSV of filename,label (paths relative to DATA; several space-separated tags = multi-label)")
+    _add_labels(parser)
     _add_backbone(parser)
     _add_seed(parser)
+
+
+# Options several commands share, each declared once here; a command passes only what it writes (--out).
+
+def _add_labels(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--labels", type=EXISTING, metavar="CSV",
+                        help="CSV of filename,label instead of class folders (paths relative to the data folder; "
+                             "several space-separated tags = multi-label)")
+
+
+def _add_out(parser: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
+    parser.add_argument("--out", default=default, help=what + (f" (default: {default})" if default else ""))
+
+
+def _add_batch_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=INFERENCE_BATCH, metavar="N", help="images per forward pass")
+
+
+def _add_img_size(parser: argparse.ArgumentParser, default: int | None = None, unset: str = "the plan's") -> None:
+    parser.add_argument("--img-size", type=int, default=default, metavar="PX",
+                        help=f"input size in pixels (default: {default if default is not None else unset})")
+
+
+def _add_engine(parser: argparse.ArgumentParser, what: str = "the forward passes") -> None:
+    parser.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
+                        help=f"engine of {what}; auto: onnxruntime when installed (fastest here), else torch")
+
+
+def _add_inference(parser: argparse.ArgumentParser) -> None:
+    """What every command that runs a trained classifier over images takes: batch size and engine."""
+    _add_batch_size(parser)
+    _add_engine(parser)
 
 
 def _add_tta(parser: argparse.ArgumentParser) -> None:
@@ -624,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
         "torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29400 -m visiontune train data/",
     )
     _add_data_and_backbone(train, optional=True)
-    train.add_argument("--out", help="run folder (default: runs/<data>-<time>); never overwritten")
+    _add_out(train, "run folder (default: runs/<data>-<time>); never overwritten")
     train.add_argument("--resume", metavar="RUN", type=FOLDER, help="continue an interrupted run from its last checkpoint")
     train.add_argument("--folds", type=int, default=0, metavar="K", help="K-fold cross-validation: K models, mean ± std; 0 = off")
     train.add_argument("--budget", help="wall-clock target such as 90s, 5m or 1h: the plan picks the recipe that fits")
@@ -645,9 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "rate (a tenth of the rate at the smoothed minimum). `train --lr auto` does the same inside a run.",
                        "visiontune lr-find data/", "visiontune lr-find data/ --cut blocks.6 --out lr.png")
     _add_data_and_backbone(lr_find)
-    lr_find.add_argument("--out", default="lr_find.png", help="PNG of loss vs learning rate")
+    _add_out(lr_find, "PNG of loss vs learning rate", "lr_find.png")
     lr_find.add_argument("--cut", help="pooled | blocks.K (default: the plan's)")
-    lr_find.add_argument("--img-size", type=int, metavar="PX", help="input size (default: the plan's)")
+    _add_img_size(lr_find)
     lr_find.set_defaults(func=cmd_lr_find)
 
     preview = _command(sub, "augment-preview", "a grid of an augmentation preset applied to your images",
@@ -656,10 +682,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "visiontune augment-preview data/ --aug strong", "visiontune augment-preview data/ --aug aerial --out aerial.png")
     preview.add_argument("data", type=FOLDER, help="folder of images (searched recursively)")
     preview.add_argument("--aug", default="standard", choices=AUGMENTATIONS, help="augmentation preset")
-    preview.add_argument("--out", default="augment-preview.png", help="PNG to write")
+    _add_out(preview, "PNG to write", "augment-preview.png")
     preview.add_argument("--images", type=int, default=4, metavar="N", help="rows: source images")
     preview.add_argument("--samples", type=int, default=6, metavar="N", help="columns: augmented samples per image")
-    preview.add_argument("--img-size", type=int, default=224, metavar="PX", help="output size of each sample")
+    _add_img_size(preview, 224)
     _add_seed(preview)
     preview.set_defaults(func=cmd_augment_preview)
 
@@ -685,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--kernels-demo", metavar="IMAGE", type=EXISTING,
                       help="what a convolution does: blur/sharpen/Sobel/emboss on this image beside the first learned filters (PNG)")
     show.add_argument("--layer", default="blocks.2", help="module name for --feature-maps, e.g. conv_stem, blocks.4")
-    show.add_argument("--out", help="PNG to write (default: inside the run folder)")
+    _add_out(show, "PNG to write (default: inside the run folder)")
     show.set_defaults(func=cmd_show)
 
     hard = _command(sub, "hard-examples", "training images the model gets wrong or barely right -> CSV",
@@ -693,10 +719,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "wrong, and barely right. Retrain with --upweight CSV to draw them more often.",
                     "visiontune hard-examples runs/NAME", "visiontune train data/ --upweight runs/NAME/hard_examples.csv")
     hard.add_argument("run", type=CLASSIFIER, help=run_help)
-    hard.add_argument("--out", help="CSV path (default: RUN/hard_examples.csv)")
+    _add_out(hard, "CSV to write (default: RUN/hard_examples.csv)")
     hard.add_argument("--margin", type=float, default=0.2, metavar="X", help="barely right: top-2 margin below this")
     hard.add_argument("--confident", type=float, default=0.9, metavar="P", help="likely label error: wrong with p >= this")
-    hard.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass")
+    _add_inference(hard)
     hard.add_argument("--limit", type=int, default=15, metavar="N", help="rows printed")
     hard.set_defaults(func=cmd_hard_examples)
 
@@ -708,9 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "visiontune evaluate runs/NAME test/ --prior estimate")
     evaluate.add_argument("classifier", type=CLASSIFIER, help=classifier_help)
     evaluate.add_argument("data", type=FOLDER, help="labelled images: one sub-folder per class (or a split folder: its valid/ part)")
-    evaluate.add_argument("--labels", type=EXISTING, metavar="CSV", help="CSV of filename,label instead of class folders")
+    _add_labels(evaluate)
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
-    evaluate.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass")
+    _add_inference(evaluate)
     evaluate.add_argument("--prior", metavar="PRIOR", help=PRIOR_HELP)
     _add_tta(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
@@ -726,9 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--csv", help="write predictions to this CSV instead of a table")
     predict.add_argument("--json", help="write predictions to this JSON file (array) instead of a table")
     predict.add_argument("--topk", type=int, default=3, metavar="K", help="classes per image")
-    predict.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward pass")
-    predict.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto",
-                         help="auto: onnxruntime when installed (fastest here)")
+    _add_inference(predict)
     predict.add_argument("--submission", metavar="SAMPLE_CSV", type=EXISTING, help="write a Kaggle submission in this sample's format")
     predict.add_argument("--prior", metavar="PRIOR", help=PRIOR_HELP)
     _add_tta(predict)
@@ -742,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "visiontune export runs/NAME --format torchscript --out model.pt")
     export.add_argument("run", type=CLASSIFIER, help=run_help)
     export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="file format")
-    export.add_argument("--out", help="file to write (default: RUN/export/model.onnx | model.pt; the suffix is added if missing)")
+    _add_out(export, "file to write (default: RUN/export/model.onnx | model.pt; the suffix is added if missing)")
     export.add_argument("--quantize", choices=["int8"], help="also write a static int8 ONNX model (calibrated on training images)")
     export.add_argument("--parity-images", type=int, default=64, metavar="N", help="validation images for the parity check")
     export.set_defaults(func=cmd_export)
@@ -771,10 +795,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "visiontune ensemble runs/A runs/B --data test/ --method weighted --out runs/ens")
     ens.add_argument("runs", nargs="+", type=CLASSIFIER, help="run folders (same classes and preprocessing)")
     ens.add_argument("--data", required=True, type=FOLDER, help="labelled images to evaluate on (class folders or split folder)")
-    ens.add_argument("--labels", type=EXISTING, metavar="CSV", help="CSV of filename,label instead of class folders")
+    _add_labels(ens)
     ens.add_argument("--method", choices=["mean", "vote", "weighted"], default="mean", help="how the members are combined")
-    ens.add_argument("--out", help="save the ensemble here")
-    ens.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass")
+    _add_out(ens, "save the ensemble here")
+    _add_inference(ens)
     ens.set_defaults(func=cmd_ensemble)
 
     split = _command(sub, "split", "make train/ and valid/ folders as links, without copying",
@@ -814,10 +838,10 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("data", nargs="?", type=FOLDER, help="with build: the images to cache (recursively)")
     cache.add_argument("--cache-dir", metavar="DIR", help="default: $VISIONTUNE_CACHE or ~/.cache/visiontune")
     _add_backbone(cache)
-    cache.add_argument("--img-size", type=int, metavar="PX", help="input size (default: the backbone's)")
+    _add_img_size(cache, unset="the backbone's")
     cache.add_argument("--cut", default="pooled", help="pooled | blocks.K")
     cache.add_argument("--views", type=int, default=0, metavar="N", help="augmented views per image")
-    cache.add_argument("--engine", choices=ENGINES, default=default_engine(), help="engine of the trunk pass")
+    _add_engine(cache, "the trunk pass")
     cache.set_defaults(func=cmd_cache)
     return parser
 

@@ -10,6 +10,10 @@ import importlib.util
 
 AUGMENTATIONS = ("none", "light", "standard", "strong", "aerial")
 ENGINES = ("torch", "torch-bf16", "onnxruntime")
+#: What every command that runs a model offers as --engine: `auto` (onnxruntime where installed) or an engine.
+ENGINE_CHOICES = ("auto", *ENGINES)
+#: Images per forward pass when predicting, evaluating or scoring (what the predict bench measures).
+INFERENCE_BATCH = 32
 TTA_MODES = ("none", "flip", "flips", "5crop", "10crop", "scale")
 COMBINE = ("mean", "geometric")
 #: `--prior` of predict/evaluate (evaluation/priors.py).
@@ -26,3 +30,11 @@ def onnxruntime_available() -> bool:
 def default_engine() -> str:
     """onnxruntime where installed (fastest exact engine), else torch."""
     return "onnxruntime" if onnxruntime_available() else "torch"
+
+
+def resolve_engine(engine: str | None) -> str:
+    """An --engine choice as an engine: `auto` (or none given) -> :func:`default_engine`; the older name
+    `onnx` -> onnxruntime."""
+    if engine in (None, "auto"):
+        return default_engine()
+    return "onnxruntime" if engine == "onnx" else engine

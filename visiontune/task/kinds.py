@@ -111,7 +111,7 @@ class SingleLabel(Task):
         return np.asarray(catalog.labels, dtype=np.int64)
 
     def activation(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float().softmax(-1)
+        return as_float32(logits).softmax(-1)
 
     def logits_of(self, probs: torch.Tensor) -> torch.Tensor:
         return probs.clamp_min(1e-12).log()
@@ -150,7 +150,7 @@ class MultiLabel(Task):
         return catalog.targets()
 
     def activation(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float().sigmoid()
+        return as_float32(logits).sigmoid()
 
     def logits_of(self, probs: torch.Tensor) -> torch.Tensor:
         probs = probs.clamp(1e-7, 1 - 1e-7)
@@ -207,6 +207,12 @@ class MultiLabel(Task):
     def headline(self, metrics: dict) -> tuple[str, float]:
         key = next(k for k in metrics if k.startswith("f") and k.endswith("_samples"))
         return key, float(metrics[key])
+
+
+def as_float32(logits: torch.Tensor) -> torch.Tensor:
+    """float32 logits, cast only when they are not (bf16 autocast): a traced graph of float32 logits gets no
+    Cast node, so an exported classifier's graph (and its int8 quantization) stays the plain model + activation."""
+    return logits if logits.dtype == torch.float32 else logits.float()
 
 
 def thresholds(saved: dict, n_classes: int) -> np.ndarray:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from visiontune.errors import UsageError
-from visiontune.names import AUGMENTATIONS, ENGINES, HEADS, default_engine
+from visiontune.names import AUGMENTATIONS, ENGINE_CHOICES, HEADS, default_engine
 
 if TYPE_CHECKING:  # the Plan's declarations build `train --help`, which must not load torch
     from visiontune.train.profile import DataProfile, SpeedProfile
@@ -68,7 +68,8 @@ class Plan:
     unfreeze_groups: int = setting("layer groups trained in fine-tuning, from the top; -1 = all")
     bn_freeze: bool = setting("keep BatchNorm running statistics fixed while fine-tuning", FREEZING)
     lr_mult: float = setting("each layer group down learns this many times slower (differential LRs)", OPTIM)
-    engine: str = setting("engine of the cached trunk pass", RECIPE, choices=ENGINES)
+    engine: str = setting("engine of the cached trunk pass (auto: the plan's, onnxruntime when installed)", RECIPE,
+                          choices=ENGINE_CHOICES)
     valid_fraction: float = setting("held-out fraction when the data has no valid/ folder")
     seed: int = setting("seed of the split, the batches and the initialisation")
     budget_s: float | None = setting("wall-clock budget in seconds (--budget)", default=None)
