@@ -27,7 +27,7 @@ LAYERS = [
     ("train", ["visiontune.train"]),
     ("methods", ["visiontune.semi", "visiontune.adapt"]),
     ("artifact", ["visiontune.classifier", "visiontune.ensemble", "visiontune.runs"]),
-    ("products", ["visiontune.training", "visiontune.beyond", "visiontune.report", "visiontune.export", "visiontune.serve",
+    ("products", ["visiontune.pipeline", "visiontune.beyond", "visiontune.report", "visiontune.export", "visiontune.serve",
                   "visiontune.submission", "visiontune.doctor", "visiontune.registry",
                   "visiontune.offline_backbones"]),
     ("api", ["visiontune.api"]),
@@ -130,7 +130,7 @@ def test_no_private_name_is_imported_across_modules():
 
 
 @pytest.mark.parametrize("module", ["visiontune.data.catalog", "visiontune.task.kinds", "visiontune.train.loop",
-                                    "visiontune.train.objectives", "visiontune.runs", "visiontune.training"])
+                                    "visiontune.train.objectives", "visiontune.runs", "visiontune.pipeline.run"])
 def test_importing_a_module_loads_nothing_above_its_layer(module):
     """`python -c "import visiontune.train.loop"` really loads only its own and lower layers."""
     code = f"import sys, json, {module}; print(json.dumps(sorted(m for m in sys.modules if m.startswith('visiontune'))))"

@@ -82,7 +82,7 @@ def test_evaluate_and_predict_apply_the_prior_end_to_end(tmp_path):
 def test_a_logit_adjusted_classifier_records_the_flattened_prior(tmp_path):
     from visiontune.train.balance import class_prior
     from visiontune.train.plan import Plan
-    from visiontune.training import effective_prior
+    from visiontune.pipeline.finish import effective_prior
 
     y = np.r_[np.zeros(80, int), np.ones(20, int)]
     plan = Plan.__new__(Plan)

@@ -1,6 +1,6 @@
 """The Python API: one function per `visiontune` command, used by notebooks and by the CLI alike.
 
-`fit` / `resume` train (visiontune/training.py does the work), `load` / `predict` / `predict_to_file` /
+`fit` / `resume` train (visiontune/pipeline/ does the work), `load` / `predict` / `predict_to_file` /
 `evaluate` / `ensemble_runs` use a trained classifier, `export` / `report` / `show` / `hard_examples`
 work on a run folder, and `plan` / `doctor` / `find_lr` / `warm_cache` / `split` / `demo_data` /
 `augment_preview` look at data before training. The CLI only parses arguments and prints what these return.
@@ -33,7 +33,10 @@ from visiontune.names import INFERENCE_BATCH, resolve_engine
 from visiontune.runs import RunConfig, RunDir
 from visiontune.train.plan import Plan
 from visiontune.files import written_whole
-from visiontune.training import REPORT_S, Prepared, cache_inputs, fit_folds, prepare, train_run
+from visiontune.pipeline.folds import fit_folds
+from visiontune.pipeline.inputs import cache_inputs
+from visiontune.pipeline.prepare import REPORT_S, Prepared, prepare
+from visiontune.pipeline.run import train_run
 
 #: fit() arguments that are plan settings under another name (the CLI's --unfreeze).
 ALIASES = {"unfreeze": "finetune_epochs"}

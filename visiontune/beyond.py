@@ -1,5 +1,5 @@
 """Beyond the labelled folder: semi-supervised learning on unlabelled images and adaptation to a
-target domain, wired into a training run (visiontune/training.py calls this module).
+target domain, wired into a training run (visiontune/pipeline/ calls this module).
 
 * The unlabelled (``--unlabeled DIR``) or target (``--target DIR``) images are catalogued like any folder
   (recursive, bad files skipped with reasons) and cached at the plan's cut: the plain view plus
@@ -391,24 +391,35 @@ def choose_method(
 WORSE_THAN_SOURCE_ONLY = 0.01
 
 
-def source_only_reference(tail: Tail, initial: dict, rng_state: torch.Tensor, plan: Plan, train_views: list,
-                          y_train: np.ndarray, valid_x, y_valid: np.ndarray, task, evaluate: Callable[[], dict]) -> dict:
-    """The labelled-target metrics the same run would have had without adapting: the tail reset to its weights
-    before training, trained on the source alone from the random state the method's training started from
-    (so exactly as `--adapt none` would train it; in a forked random state, no checkpoints), evaluated, and the
-    adapted weights put back. A method that loses to doing nothing then says so (:data:`WORSE_THAN_SOURCE_ONLY`)
-    in the run's own output and report, not only in a benchmark table."""
-    adapted = copy.deepcopy(tail.model.state_dict())
-    tail.model.load_state_dict(initial)
-    try:
-        with torch.random.fork_rng():
-            torch.set_rng_state(rng_state)
-            none = candidate("none", plan, tail, train_views[0], y_train, None)
-            train_candidate(tail, none, train_views, y_train, valid_x, y_valid, None, task, lambda record: None,
-                            phase="reference:source-only")
-            return evaluate()
-    finally:
-        tail.model.load_state_dict(adapted)
+@dataclass
+class SourceOnlyYardstick:
+    """The labelled-target metrics the same run would have had without adapting. Taken before the method trains
+    (the tail's weights and the random state its training starts from); :meth:`score` then resets the tail to
+    those weights, trains it on the source alone from that random state (so exactly as `--adapt none` would,
+    in a forked random state, no checkpoints), evaluates, and puts the adapted weights back. A method that
+    loses to doing nothing then says so (:data:`WORSE_THAN_SOURCE_ONLY`) in the run's own output and report,
+    not only in a benchmark table."""
+
+    initial: dict
+    rng_state: torch.Tensor
+
+    @classmethod
+    def before_training(cls, tail: Tail) -> SourceOnlyYardstick:
+        return cls(copy.deepcopy(tail.model.state_dict()), torch.get_rng_state())
+
+    def score(self, tail: Tail, plan: Plan, train_views: list, y_train: np.ndarray, valid_x, y_valid: np.ndarray, task,
+              evaluate: Callable[[], dict]) -> dict:
+        adapted = copy.deepcopy(tail.model.state_dict())
+        tail.model.load_state_dict(self.initial)
+        try:
+            with torch.random.fork_rng():
+                torch.set_rng_state(self.rng_state)
+                none = candidate("none", plan, tail, train_views[0], y_train, None)
+                train_candidate(tail, none, train_views, y_train, valid_x, y_valid, None, task, lambda record: None,
+                                phase="reference:source-only")
+                return evaluate()
+        finally:
+            tail.model.load_state_dict(adapted)
 
 
 def evaluate_target(tail: Tail, catalog: Catalog, backbone, plan: Plan, classes: list[str], cache_dir, workers) -> dict:
