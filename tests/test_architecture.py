@@ -162,3 +162,23 @@ def test_no_module_outside_task_compares_the_task_by_name():
             if isinstance(node, ast.Compare) and any(_names_the_task(side, names) for side in [node.left, *node.comparators]):
                 found.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
     assert not found, "compare through the Task instead:\n" + "\n".join(found)
+
+
+#: The files of a run folder (docs/architecture.md, "The run contract").
+RUN_FILES = {"config.yaml", "plan.json", "profile.json", "split.json", "skipped.txt", "metrics.jsonl", "timings.json",
+             "leakage.json", "predictions.npz", "auto.json", "adaptation.json", "folds.json", "interpretation.json",
+             "report.html"}
+
+
+def test_only_rundir_names_the_files_of_a_run_folder():
+    """RunDir (runs.py) is the only code that reads or writes a run folder's files: no other module joins a
+    run file's name onto a path (`run_dir / "split.json"`); they call RunDir's methods."""
+    found = []
+    for module, path in all_modules().items():
+        if module == "visiontune.runs":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant)
+                    and node.right.value in RUN_FILES):
+                found.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "read and write run files through RunDir:\n" + "\n".join(found)

@@ -410,3 +410,20 @@ def test_callbacks_that_would_overwrite_each_others_weights_are_refused():
         default_callbacks(make_plan(swa=True), None, [TeacherUpdate(None)])
     assert default_callbacks(make_plan(), None, [TeacherUpdate(None)])  # the teacher alone
     assert default_callbacks(make_plan(ema=0.99), None, [])  # the average alone
+
+
+def test_each_method_declares_its_own_rampup_and_the_flag_wins():
+    """FixMatch ramps up nothing (its threshold does that job), the other methods 0.3 of the steps; --rampup
+    overrides either (the method once told a user's value from the default by reading the plan's 'why' text)."""
+    import numpy as np
+
+    from visiontune.semi.fixmatch import FixMatch
+    from visiontune.semi.pseudo import PseudoLabel
+    from visiontune.task.kinds import SingleLabel
+    from visiontune.train.objectives import ObjectiveSetup
+
+    def rampup(method, **changes):
+        return method(ObjectiveSetup(make_plan(**changes), SingleLabel(), np.arange(3), 3)).rampup
+
+    assert rampup(FixMatch) == 0.0 and rampup(PseudoLabel) == 0.3
+    assert rampup(FixMatch, rampup=0.2) == 0.2 and rampup(PseudoLabel, rampup=0.1) == 0.1

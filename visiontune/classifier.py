@@ -69,11 +69,13 @@ class Classifier:
             raise ArtifactError("--prior re-weights one softmax; a multi-label classifier decides each tag by its own threshold")
         if "train_prior" in self.extra:
             return np.asarray(self.extra["train_prior"], dtype=np.float64)
-        split = self.run_dir / "split.json" if self.run_dir is not None else None
-        if split is None or not split.exists():
+        from visiontune.runs import RunDir
+
+        split = RunDir(self.run_dir).read_split() if self.run_dir is not None else None
+        if split is None or not split.train_labels:
             raise ArtifactError("this classifier records no training class proportions (trained before they were "
                                 "saved) and its run folder is not beside it: retrain it, or pass the run folder")
-        counts = np.bincount(json.loads(split.read_text())["train_labels"], minlength=len(self.classes)) + 1.0
+        counts = np.bincount(split.train_labels, minlength=len(self.classes)) + 1.0
         return counts / counts.sum()
 
     def use_prior(self, new_prior: np.ndarray | None) -> None:

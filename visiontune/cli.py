@@ -78,6 +78,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     if not distributed.world().main:  # rank 0 reports the job's outcome
         return 0
+    from visiontune.runs import RunDir
+
+    run = RunDir(clf.run_dir)
     results = Console()  # the outcome goes to stdout (progress and messages went to stderr)
     if "per_class" in clf.metrics:
         for table in _metrics_tables(clf.metrics, clf.classes):
@@ -87,10 +90,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         more = {k: clf.metrics[k] for k in ("mean_average_precision", "subset_accuracy") if k in clf.metrics}
         extra = " (" + ", ".join(f"{k} {v:.4f}" for k, v in more.items()) + ")" if more else ""
         results.print(f"[bold green]validation {key} {value:.4f}[/]{extra} in {clf.metrics['seconds']} s")
-        results.print(f"metrics per epoch: {clf.run_dir / 'metrics.jsonl'}")
+        results.print(f"metrics per epoch: {run.file('metrics.jsonl')}")
     results.print(f"run: {escape(str(clf.run_dir))}", soft_wrap=True, highlight=False)
-    if (clf.run_dir / "report.html").exists():
-        for step in (f"open {clf.run_dir / 'report.html'}", f"visiontune show {clf.run_dir} --mistakes",
+    if run.report_path.exists():
+        for step in (f"open {run.report_path}", f"visiontune show {clf.run_dir} --mistakes",
                      f"visiontune predict {clf.run_dir} IMAGES"):
             results.print(f"next: {escape(step)}", soft_wrap=True, highlight=False)
     return 0
@@ -575,7 +578,7 @@ def _add_playbook(train: argparse.ArgumentParser) -> None:
             continue
         group = groups.setdefault(meta["group"], train.add_argument_group(meta["group"]))
         flag = "--" + (meta["flag"] or f.name).replace("_", "-")
-        shown = f.default is not MISSING and f.default != ""  # recipe fields have none: the plan decides
+        shown = f.default not in (MISSING, "", None)  # recipe fields have none: the plan decides
         options: dict = {"dest": f.name, "help": meta["help"] + (f" (default: {f.default})" if shown else "")}
         kind = kinds[f.name]
         if kind is bool:

@@ -43,7 +43,7 @@ def _plan_dict(run: RunDir) -> dict:
 
 
 def _metrics(run: RunDir) -> dict:
-    if (run.path / "folds.json").exists():
+    if run.file("folds.json").exists():
         folds = run.read_json("folds.json", {})
         return {k: v for k, v in folds.items() if isinstance(v, (int, float))}
     if (run.classifier_dir / "classifier.json").exists():

@@ -55,12 +55,16 @@ class LabelledPlus(Objective):
     (the task's loss, mixup/cutmix), the term's weight (``--unlabeled-weight``), its sigmoid ramp-up
     (``--rampup``) and the pseudo-label threshold (``--threshold``)."""
 
+    #: The term's ramp-up when ``--rampup`` is not given; a method whose paper uses none declares 0.
+    default_rampup = 0.3
+
     def __init__(self, setup: ObjectiveSetup):
         super().__init__(setup)
         self.supervised = Supervised(setup)
         self.weight = float(getattr(setup.settings, "unlabeled_weight", 1.0))
         self.threshold = float(getattr(setup.settings, "threshold", 0.95))
-        self.rampup = float(getattr(setup.settings, "rampup", 0.3))
+        rampup = getattr(setup.settings, "rampup", None)
+        self.rampup = float(self.default_rampup if rampup is None else rampup)
 
     def ramp(self) -> float:
         return self.weight * sigmoid_rampup(self.step, self.setup.total_steps, self.rampup)

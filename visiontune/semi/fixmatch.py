@@ -10,15 +10,12 @@ import torch
 from torch import nn
 
 from visiontune.semi.common import SemiSupervised, confident_targets, feature_augment, masked_cross_entropy
-from visiontune.train.objectives import ObjectiveSetup, register_objective
+from visiontune.train.objectives import register_objective
 
 
 @register_objective("fixmatch")
 class FixMatch(SemiSupervised):
-    def __init__(self, setup: ObjectiveSetup):
-        super().__init__(setup)
-        overrides = getattr(setup.settings, "why", {}).get("rampup") == "set by you"
-        self.rampup = self.rampup if overrides else 0.0
+    default_rampup = 0.0  # the confidence threshold does the ramp-up's job
 
     def unlabelled_loss(self, module: nn.Module, plain: torch.Tensor, augmented: torch.Tensor):
         with torch.no_grad():

@@ -126,7 +126,8 @@ class Plan:
     unlabeled_views: int = setting("augmented cached views per unlabelled/target image (a trunk pass each)", BEYOND, 1)
     threshold: float = setting("confidence a pseudo-label needs (pseudo, fixmatch, cotrain, self-train)", BEYOND, 0.95)
     unlabeled_weight: float = setting("weight of the unlabelled or adaptation loss once ramped up", BEYOND, 1.0)
-    rampup: float = setting("fraction of the steps over which that weight ramps up (sigmoid)", BEYOND, 0.3)
+    rampup: float = setting("fraction of the steps over which that weight ramps up (sigmoid); unset: the method's "
+                            "own (0.3; FixMatch 0, as in its paper)", BEYOND, None)
     teacher_ema: float = setting("EMA decay of the mean teacher's weights", BEYOND, 0.99)
     tca_dim: int = setting("TCA/JDA: dimension of the subspace shared by source and target", BEYOND, 64)
     coral_shrink: float = setting("coral-cut: covariances shrunk by this x their mean variance on the diagonal "
