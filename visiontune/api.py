@@ -81,9 +81,9 @@ def fit(
     decide. `budget` ("90s", "5m") is a wall-clock target the plan fits. `folds=K` trains K models on a
     stratified K-fold and returns their mean-probability ensemble with the folds' mean and spread in `metrics`.
 
-    Beyond the labelled folder: `unlabeled="DIR"` (with `ssl=` a name in `visiontune.semi.SSL_METHODS` or
-    "auto") learns from unlabelled images too; `target="DIR"` (with `adapt=` a name in
-    `visiontune.adapt.ADAPT_METHODS` or "auto") adapts to another domain's images, and `target_labels="DIR"`
+    Beyond the labelled folder: `unlabeled="DIR"` (with `ssl=` a registered method's name or "auto":
+    `visiontune.train.extra_methods.methods_for("ssl")`) learns from unlabelled images too; `target="DIR"` (with
+    `adapt=` a name in `methods_for("adapt")` or "auto") adapts to another domain's images, and `target_labels="DIR"`
     (class folders) evaluates on labelled target images after training — never used to train or choose.
     """
     config = _run_config(data, arch, weights, labels, budget, seed, cache_dir, workers, report, folds, settings)

@@ -20,42 +20,28 @@ target domain, wired into a training run (visiontune/pipeline/ calls this module
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from visiontune import adapt, semi
-from visiontune.adapt.coral_cut import Recolouring, fit_recolouring
-from visiontune.adapt.subspace import fit_jda, fit_tca
-from visiontune.backbones.cuts import POOLED, Tail
+from visiontune import adapt, semi  # noqa: F401  (importing them registers the built-in methods)
+from visiontune.backbones.cuts import Tail
 from visiontune.cache.features import cached_activations
 from visiontune.locations import cache_folder
-from visiontune.data.catalog import Catalog, Skipped, unlabelled_catalog
+from visiontune.data.catalog import Catalog, unlabelled_catalog
 from visiontune.data.split import stratified_split
 from visiontune.errors import UsageError
 from visiontune.evaluation.metrics import classification_metrics
 from visiontune.progress import console
 from visiontune.task.kinds import Task
-from visiontune.train.phases import Unlabelled, pooled_features, predict_cached, take_rows, train_cached
+from visiontune.train.extra_methods import Candidate, Extra, methods_for, method_named, tail_probabilities
+from visiontune.train.phases import pooled_features, predict_cached, take_rows
 from visiontune.train.plan import Plan
 
 UNLABELLED_AUG = "strong"  # augmented cached views of unlabelled/target images: FixMatch's "strong" side
-
-
-@dataclass
-class Extra:
-    """The unlabelled or target images of a run, cached."""
-
-    key: str  # "u" (semi-supervised) or "xt" (target domain)
-    catalog: Catalog
-    views: list  # cached rows: plain view first
-    skipped: list[Skipped] = field(default_factory=list)
-
-    def unlabelled(self, plan: Plan) -> Unlabelled:
-        return Unlabelled(self.key, self.views, plan.unlabeled_ratio)
 
 
 def check_request(plan: Plan, unlabeled: str | None, target: str | None, task: Task) -> None:
@@ -70,10 +56,10 @@ def check_request(plan: Plan, unlabeled: str | None, target: str | None, task: T
         raise UsageError("semi-supervised learning and domain adaptation are for single-label data")
     if (unlabeled or target) and plan.finetune_epochs > 0:
         raise UsageError("--unlabeled/--target train on cached activations: drop --unfreeze (fine-tuning on images)")
-    if plan.ssl and plan.ssl not in (*semi.SSL_METHODS, "auto"):
-        raise UsageError(f"--ssl {plan.ssl!r}: choose from {', '.join(semi.SSL_METHODS)} or auto")
-    if plan.adapt and plan.adapt not in (*adapt.ADAPT_METHODS, "auto"):
-        raise UsageError(f"--adapt {plan.adapt!r}: choose from {', '.join(adapt.ADAPT_METHODS)} or auto")
+    for kind in ("ssl", "adapt"):
+        name = getattr(plan, kind)
+        if name and name != "auto" and name not in methods_for(kind):
+            raise UsageError(f"--{kind} {name!r}: choose from {', '.join(methods_for(kind))} or auto")
 
 
 def settle_plan(plan: Plan, unlabeled: str | None, target: str | None) -> None:
@@ -105,143 +91,18 @@ def cache_extra(key: str, folder: str, backbone, plan: Plan, cache_dir: str | No
     return Extra(key, catalog, views, list(catalog.skipped) + skipped)
 
 
-@dataclass
-class Candidate:
-    """What training one method needs beyond the plan: its objective and, for TCA/JDA, a projection of
-    pooled features, for coral-cut a re-colouring of the source activations."""
-
-    method: str
-    plan: Plan
-    projection: object | None = None
-    recolour: Recolouring | None = None
-
-    def source_rows(self, rows):
-        """Source activations as this method trains on them (re-coloured for coral-cut, else as cached)."""
-        return self.recolour(rows) if self.recolour is not None else rows
-
-    def features_seen(self, tail: Tail, source_rows, target_rows) -> tuple[np.ndarray, np.ndarray]:
-        """Source and target as the trained classifier's linear layer reads them: the tail's pooled features
-        of the source as trained on (re-coloured for coral-cut), projected for TCA/JDA."""
-        source, target = pooled_features(tail, self.source_rows(source_rows)), pooled_features(tail, target_rows)
-        return (self.projection(source), self.projection(target)) if self.projection is not None else (source, target)
-
-
-#: Methods that are not a training objective of their own (they train with the supervised loss).
-NOT_OBJECTIVES = ("none", "self-train", *adapt.SUBSPACE_METHODS, *adapt.RECOLOUR_METHODS)
-
-
 def candidate(method: str, plan: Plan, tail: Tail, train_rows, y_train: np.ndarray, extra: Extra | None) -> Candidate:
-    """The plan for one method (its objective). TCA/JDA fit their projection on the pooled features of
-    the pretrained tail (at any cut: the tail's blocks then stay pretrained and only the classifier learns)."""
-    if method in ("none", "", "supervised"):
-        return Candidate("none", replace(plan, objective="supervised"))
-    if method in adapt.SUBSPACE_METHODS:
-        source, target = pooled_features(tail, train_rows), pooled_features(tail, extra.views[0])
-        fit = fit_tca(source, target, plan.tca_dim, seed=plan.seed) if method == "tca" else \
-            fit_jda(source, y_train, target, plan.tca_dim, seed=plan.seed)
-        return Candidate(method, replace(plan, objective="supervised"), fit)
-    if method in adapt.RECOLOUR_METHODS:
-        fit = fit_recolouring(train_rows, extra.views[0], plan.coral_shrink, seed=plan.seed)
-        return Candidate(method, replace(plan, objective="supervised"), recolour=fit)
-    if method == "self-train":
-        return Candidate(method, replace(plan, objective="supervised"))
-    return Candidate(method, replace(plan, objective=method))
+    """Method `method` (a registered name; "none", "" or "supervised": the labelled images alone) ready to
+    train: what it fits in closed form, and the plan with its objective."""
+    return method_named(method).fit(plan, tail, train_rows, y_train, extra)
 
 
 def train_candidate(
     tail: Tail, cand: Candidate, train_views: list, y_train: np.ndarray, valid_x, y_valid: np.ndarray,
     extra: Extra | None, task, log, **run,
 ) -> list[dict]:
-    """Train the tail in place with one method (the phase's loop, callbacks and checkpoints as usual); TCA
-    and JDA train the classifier on projected pooled features and fold the projection into it; coral-cut
-    trains on re-coloured source activations (validated on the re-coloured validation images), and
-    coral-cut+self-train then self-trains on the target from there. Extra images enter the batches only
-    for methods with an objective of their own."""
-    if cand.recolour is not None:
-        train_views, valid_x = [cand.source_rows(v) for v in train_views], cand.source_rows(valid_x)
-    if cand.method.endswith("self-train"):  # self-train, coral-cut+self-train
-        return self_train(tail, cand.plan, train_views, y_train, valid_x, y_valid, extra, task, log, **run)
-    if cand.projection is not None:
-        width = tail.model.num_features
-        train_views = [cand.projection.padded(pooled_features(tail, v), width) for v in train_views]
-        valid_x = cand.projection.padded(pooled_features(tail, valid_x), width)
-        trained, extras = Tail(tail.model, POOLED, dropout=tail.dropout), None
-    else:
-        trained = tail
-        extras = [extra.unlabelled(cand.plan)] if extra is not None and cand.plan.objective != "supervised" else None
-    if extras:
-        return warm_then_extra(tail, cand.plan, train_views, y_train, valid_x, y_valid, extras, task, log, **run)
-    history = train_cached(trained, train_views, y_train, valid_x, y_valid, cand.plan, log, task=task, **run)
-    if cand.projection is not None:
-        classifier = tail.model.get_classifier()
-        weight, bias = cand.projection.fold(classifier.weight.detach().numpy(), classifier.bias.detach().numpy())
-        with torch.no_grad():
-            classifier.weight.copy_(torch.from_numpy(weight))
-            classifier.bias.copy_(torch.from_numpy(bias))
-    return history
-
-
-def warm_then_extra(tail: Tail, plan: Plan, train_views, y_train, valid_x, y_valid, extras, task, log,
-                    phase: str = "cached", checkpoints=None, resume=None, **run) -> list[dict]:
-    """A labelled-only warm start (the default recipe), then ``extra_epochs`` passes over the extra images
-    with the method's objective from there. Starting from a model that already predicts well makes the
-    first pseudo-labels and feature statistics useful at once, so a few passes over the unlabelled images
-    do what many would from scratch (the cost that matters on a CPU). The second phase uses a cosine
-    schedule from half the peak rate, since it refines a trained model. Resumable in either phase."""
-    warm_name, extra_name = f"{phase}:warm", f"{phase}:{plan.objective}"
-    history: list[dict] = []
-    in_extra = resume is not None and resume.position.phase == extra_name
-    if not in_extra:
-        history += train_cached(tail, train_views, y_train, valid_x, y_valid, replace(plan, objective="supervised"), log,
-                                phase=warm_name, checkpoints=checkpoints, resume=resume, task=task, **run)
-    second = replace(plan, epochs=plan.extra_epochs, lr=plan.lr / 2, schedule="cosine", warmup_epochs=0.0)
-    history += train_cached(tail, train_views, y_train, valid_x, y_valid, second, log, phase=extra_name,
-                            checkpoints=checkpoints, resume=resume if in_extra else None, task=task, extras=extras,
-                            fresh_classifier=False, **run)
-    return history
-
-
-def _concat_views(labelled: list, extra: list, rows: np.ndarray) -> list[np.ndarray]:
-    """Training views of labelled images followed by the chosen extra images (their views cycled to match)."""
-    count = max(len(labelled), len(extra))
-    return [np.concatenate([np.asarray(labelled[v % len(labelled)], dtype=np.float32),
-                            take_rows(extra[v % len(extra)], rows)]) for v in range(count)]
-
-
-def self_train(tail: Tail, plan: Plan, train_views, y_train, valid_x, y_valid, extra: Extra, task, log,
-               phase: str = "cached", checkpoints=None, resume=None, **run) -> list[dict]:
-    """Self-training (Yarowsky 1995; noisy student, Xie et al. 2020, without the larger student): the
-    labelled-only model labels the extra images; those it gives at least ``--threshold`` probability join
-    the labelled ones, and the tail is trained again from its pretrained weights on both, with the
-    default recipe (``--extra-epochs`` epochs) and the augmented cached views as noise. Retraining on a
-    fixed, larger labelled set costs one forward and backward pass per image and epoch — about half of an
-    online method's step (a second, weak forward per unlabelled image) — which buys more epochs on a CPU.
-    For a target domain this is class-agnostic self-training on the target (CBST without the class
-    balance). Resumable in either of its two phases."""
-    warm_name, extra_name = f"{phase}:warm", f"{phase}:self-train"
-    pretrained = copy.deepcopy(tail.model.state_dict())
-    in_extra = resume is not None and resume.position.phase == extra_name
-    supervised = replace(plan, objective="supervised")
-    history: list[dict] = []
-    if not in_extra:
-        history += train_cached(tail, train_views, y_train, valid_x, y_valid, supervised, log, phase=warm_name,
-                                checkpoints=checkpoints, resume=resume, task=task, **run)
-    probs = tail_probs(tail, extra.views[0]) if not in_extra else None
-    if in_extra:  # the warm model is gone: rebuild it to label the same images (deterministic)
-        tail.model.load_state_dict(pretrained)
-        train_cached(tail, train_views, y_train, valid_x, y_valid, supervised, lambda r: None, phase=warm_name, task=task)
-        probs = tail_probs(tail, extra.views[0])
-    confident = np.flatnonzero(probs.max(1) >= plan.threshold)
-    pseudo = probs.argmax(1)[confident]
-    log({"phase": extra_name, "kind": "pseudo-labels", "given": int(len(confident)), "of": int(len(probs)),
-         "per_class": np.bincount(pseudo, minlength=probs.shape[1]).tolist()})
-    tail.model.load_state_dict(pretrained)
-    views = _concat_views(train_views, extra.views, confident)
-    targets = np.concatenate([np.asarray(y_train), pseudo])
-    history += train_cached(tail, views, targets, valid_x, y_valid, replace(supervised, epochs=plan.extra_epochs), log,
-                            phase=extra_name, checkpoints=checkpoints, resume=resume if in_extra else None, task=task,
-                            **{k: v for k, v in run.items() if k != "train_paths"})
-    return history
+    """Train the tail in place with the candidate's method (its :meth:`ExtraMethod.train`)."""
+    return method_named(cand.method).train(tail, cand, train_views, y_train, valid_x, y_valid, extra, task, log, **run)
 
 
 def _inner_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -333,7 +194,7 @@ def choose_method(
     features make the domains indistinguishable, and models trained to near-zero loss are all confident,
     so IM hardly separates them. The trials draw no random number the run's own training would draw (numpy
     generators seeded by the plan for the mixes), so auto -> X trains the same model as asking for X."""
-    methods = semi.SSL_METHODS if kind == "ssl" else adapt.ADAPT_METHODS
+    methods = methods_for(kind)
     inner_train, inner_valid = _inner_split(y_train, plan.seed)
     views_tr = [take_rows(v, inner_train) for v in train_views]
     x_iv, y_iv = take_rows(train_views[0], inner_valid), y_train[inner_valid]
@@ -366,8 +227,8 @@ def choose_method(
             if kind == "ssl":
                 scores[method] = float((probs.argmax(1) == y_iv).mean())
             else:
-                target_probs = tail_probs(tail, target_rows)
-                scores[method] = mixval_inter(lambda rows: tail_probs(tail, rows), target_rows, plan.seed,
+                target_probs = tail_probabilities(tail, target_rows)
+                scores[method] = mixval_inter(lambda rows: tail_probabilities(tail, rows), target_rows, plan.seed,
                                               own=target_probs.argmax(1))
                 im[method] = information_maximisation(target_probs)
                 losses = -np.log(np.clip(probs[np.arange(len(y_iv)), y_iv], 1e-12, 1.0))
@@ -428,11 +289,7 @@ def evaluate_target(tail: Tail, catalog: Catalog, backbone, plan: Plan, classes:
     kept, rows, _ = cached_activations(backbone, catalog.paths, root, cut=plan.cut, seed=plan.seed,
                                        batch_size=plan.batch_size, workers=workers, engine=plan.engine,
                                        description="target evaluation")
-    return classification_metrics(np.asarray(catalog.labels)[kept], tail_probs(tail, rows), classes)
-
-
-def tail_probs(tail: Tail, rows) -> np.ndarray:
-    return predict_cached(tail, rows).float().softmax(-1).numpy()
+    return classification_metrics(np.asarray(catalog.labels)[kept], tail_probabilities(tail, rows), classes)
 
 
 def domain_picture(source: np.ndarray, target: np.ndarray, seed: int = 0, points: int = 300) -> dict:

@@ -19,6 +19,13 @@ COMBINE = ("mean", "geometric")
 #: `--prior` of predict/evaluate (evaluation/priors.py).
 PRIOR_HELP = ("class proportions of the images being predicted, when they differ from training: balanced, "
               "estimate (EM on these images, Saerens et al. 2002) or comma-separated proportions in class order")
+#: The built-in `--ssl` / `--adapt` methods, in trial order, for --help without importing torch. The registry
+#: (train/extra_methods.py) is the truth: it also holds methods registered by plugins, and a test keeps this equal
+#: to its built-in part.
+BUILTIN_METHODS = {
+    "ssl": ("pseudo", "pi", "mean-teacher", "fixmatch", "cotrain", "self-train"),
+    "adapt": ("coral", "coral-cut", "coral-cut+self-train", "mmd", "tca", "jda", "dann", "self-train", "none"),
+}
 #: Classifier heads on the pooled features (backbones/heads.py, train/probe.py).
 HEADS = ("auto", "linear", "logreg", "svm", "mlp")
 

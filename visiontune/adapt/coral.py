@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from visiontune.adapt.common import Adaptation
+from visiontune.train.extra_methods import register_objective_method
 from visiontune.train.objectives import register_objective
 
 
@@ -20,3 +21,6 @@ def coral_distance(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class Coral(Adaptation):
     def discrepancy(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return coral_distance(source, target)
+
+
+register_objective_method("coral", ("adapt",), order=10)

@@ -19,12 +19,16 @@ mean). Pooled vectors (cut ``pooled``) are one position.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from visiontune.backbones.cuts import Tail
 from visiontune.errors import UsageError
-from visiontune.train.phases import take_rows
+from visiontune.semi.self_train import self_train
+from visiontune.train.extra_methods import Candidate, Extra, ExtraMethod, register_method
+from visiontune.train.phases import take_rows, train_cached
+from visiontune.train.plan import Plan
 
 MAX_PER_DOMAIN = 4000  # rows per domain the covariances are estimated on (a seeded sample beyond that)
 CHUNK = 512  # rows mapped at a time
@@ -88,3 +92,32 @@ def fit_recolouring(source, target, shrink: float = 1.0, seed: int = 0) -> Recol
         cov_t += shrink * np.trace(cov_t) / d * np.eye(d)
         maps[p] = _power(cov_s, -0.5) @ _power(cov_t, 0.5)
     return Recolouring(source_mean, target_mean, maps, tuple(source.shape[1:]))
+
+
+@register_method
+class CoralCut(ExtraMethod):
+    """coral-cut as a method: the re-colouring is fitted before training, and the tail trains (and validates)
+    on the re-coloured source activations; the saved classifier reads target images as they are."""
+
+    name, kinds, order = "coral-cut", ("adapt",), 20
+
+    def fit(self, plan: Plan, tail: Tail, train_rows, y_train: np.ndarray, extra: Extra | None) -> Candidate:
+        return Candidate(self.name, replace(plan, objective="supervised"),
+                         recolour=fit_recolouring(train_rows, extra.views[0], plan.coral_shrink, seed=plan.seed))
+
+    def train(self, tail: Tail, cand: Candidate, train_views, y_train, valid_x, y_valid, extra, task, log, **run):
+        train_views, valid_x = [cand.source_rows(v) for v in train_views], cand.source_rows(valid_x)
+        return self.after_recolouring(tail, cand, train_views, y_train, valid_x, y_valid, extra, task, log, **run)
+
+    def after_recolouring(self, tail, cand, train_views, y_train, valid_x, y_valid, extra, task, log, **run):
+        return train_cached(tail, train_views, y_train, valid_x, y_valid, cand.plan, log, task=task, **run)
+
+
+@register_method
+class CoralCutSelfTrain(CoralCut):
+    """coral-cut, then self-training on the target images, its re-coloured source model giving the pseudo-labels."""
+
+    name, order = "coral-cut+self-train", 30
+
+    def after_recolouring(self, tail, cand, train_views, y_train, valid_x, y_valid, extra, task, log, **run):
+        return self_train(tail, cand.plan, train_views, y_train, valid_x, y_valid, extra, task, log, **run)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visiontune.adapt.common import Adaptation, aligned_layer_is_features
+from visiontune.train.extra_methods import register_objective_method
 from visiontune.train.objectives import ObjectiveSetup, register_objective
 
 
@@ -49,3 +50,6 @@ class DANN(Adaptation):
         features = GradientReversal.apply(torch.cat([source, target]), strength)
         domains = torch.cat([torch.zeros(len(source)), torch.ones(len(target))])
         return F.binary_cross_entropy_with_logits(self.discriminator(features).squeeze(-1), domains)
+
+
+register_objective_method("dann", ("adapt",), order=70)

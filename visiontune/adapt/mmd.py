@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from visiontune.adapt.common import Adaptation
+from visiontune.train.extra_methods import register_objective_method
 from visiontune.train.objectives import register_objective
 
 BANDWIDTH_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -27,3 +28,6 @@ def mmd2(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class MMD(Adaptation):
     def discrepancy(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return mmd2(source, target)
+
+
+register_objective_method("mmd", ("adapt",), order=40)

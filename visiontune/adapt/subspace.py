@@ -17,11 +17,17 @@ regression in the subspace.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 from scipy.linalg import eigh
 from sklearn.linear_model import LogisticRegression
+
+from visiontune.backbones.cuts import POOLED, Tail
+from visiontune.train.extra_methods import Candidate, Extra, ExtraMethod, register_method
+from visiontune.train.phases import pooled_features, train_cached
+from visiontune.train.plan import Plan
 
 MAX_PER_DOMAIN = 2000  # rows per domain the projection is fitted on (a seeded sample beyond that)
 PCA_DIM = 256  # the eigenproblem is solved on the top principal components of both domains (JDA's own set-up)
@@ -123,3 +129,45 @@ def fit_jda(
         model = LogisticRegression(max_iter=500).fit(projection(xs), ys)
         pseudo = model.predict(projection(xt))
     return projection
+
+
+class Subspace(ExtraMethod):
+    """TCA/JDA as methods: the projection is fitted on the pooled features of the pretrained tail (at any cut:
+    the tail's blocks then stay pretrained and only the classifier learns), the classifier trains on the
+    projected source features, and the projection is folded into it."""
+
+    def project(self, source: np.ndarray, target: np.ndarray, y_train: np.ndarray, plan: Plan):
+        raise NotImplementedError
+
+    def fit(self, plan: Plan, tail: Tail, train_rows, y_train: np.ndarray, extra: Extra | None) -> Candidate:
+        source, target = pooled_features(tail, train_rows), pooled_features(tail, extra.views[0])
+        return Candidate(self.name, replace(plan, objective="supervised"), self.project(source, target, y_train, plan))
+
+    def train(self, tail: Tail, cand: Candidate, train_views, y_train, valid_x, y_valid, extra, task, log, **run):
+        width = tail.model.num_features
+        train_views = [cand.projection.padded(pooled_features(tail, v), width) for v in train_views]
+        valid_x = cand.projection.padded(pooled_features(tail, valid_x), width)
+        history = train_cached(Tail(tail.model, POOLED, dropout=tail.dropout), train_views, y_train, valid_x, y_valid,
+                               cand.plan, log, task=task, **run)
+        classifier = tail.model.get_classifier()
+        weight, bias = cand.projection.fold(classifier.weight.detach().numpy(), classifier.bias.detach().numpy())
+        with torch.no_grad():
+            classifier.weight.copy_(torch.from_numpy(weight))
+            classifier.bias.copy_(torch.from_numpy(bias))
+        return history
+
+
+@register_method
+class TCAMethod(Subspace):
+    name, kinds, order = "tca", ("adapt",), 50
+
+    def project(self, source, target, y_train, plan):
+        return fit_tca(source, target, plan.tca_dim, seed=plan.seed)
+
+
+@register_method
+class JDAMethod(Subspace):
+    name, kinds, order = "jda", ("adapt",), 60
+
+    def project(self, source, target, y_train, plan):
+        return fit_jda(source, y_train, target, plan.tca_dim, seed=plan.seed)

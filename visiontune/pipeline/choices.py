@@ -20,6 +20,7 @@ from visiontune.pipeline.selection import Selection, tau_to_choose
 from visiontune.progress import console
 from visiontune.runs import RunConfig, RunDir
 from visiontune.train.balance import class_prior
+from visiontune.train.extra_methods import method_named
 from visiontune.train.head_choice import AUTO_CANDIDATES, choose_head
 from visiontune.train.phases import cached_phase, train_cached
 from visiontune.train.plan import epochs_for_remaining
@@ -131,7 +132,7 @@ def choose_beyond(prep: Prepared, run: RunDir, tail: Tail, inputs: CachedInputs,
         plan.why[kind] = f"auto: {chosen}, by {info['criterion']} (scores in auto.json)"
         run.write_json("auto.json", info)
     method = getattr(plan, kind)
-    plan.objective = method if method not in beyond.NOT_OBJECTIVES else "supervised"
+    plan.objective = method_named(method).objective
 
 
 def decide_plan(prep: Prepared, config: RunConfig, run: RunDir, tail: Tail, inputs: CachedInputs,

@@ -20,6 +20,7 @@ from visiontune.pipeline.selection import Selection
 from visiontune.progress import console
 from visiontune.runs import RunConfig, RunDir
 from visiontune.train.balance import class_prior, shift_bias
+from visiontune.train.extra_methods import Candidate
 from visiontune.train.plan import Plan
 
 
@@ -56,7 +57,7 @@ class Trained:
     fit_catalog: Catalog
     select: Selection | None
     skipped: list
-    chosen: beyond.Candidate | None = None
+    chosen: Candidate | None = None
     before: dict | None = None
     yardstick: beyond.SourceOnlyYardstick | None = None
     head_fit: dict = field(default_factory=dict)
@@ -65,7 +66,7 @@ class Trained:
 
 def finish_beyond(prep: Prepared, config: RunConfig, run: RunDir, tail: Tail, trained: Trained, extra) -> dict:
     """After training: the target evaluation (the only read of target labels) and the domain picture in the
-    features the classifier reads, the source as the method trained on it (:meth:`beyond.Candidate.features_seen`).
+    features the classifier reads, the source as the method trained on it (:meth:`~visiontune.train.extra_methods.Candidate.features_seen`).
     The source-only yardstick (taken before training) scores the same run without adaptation on the labelled
     target images, with a warning when the method is more than a point below."""
     plan, summary = prep.plan, {"method": plan_method(prep.plan), "extra_images": len(extra.catalog)}

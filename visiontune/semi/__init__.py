@@ -1,7 +1,5 @@
-"""Semi-supervised methods, one file each; importing this package registers them as objectives
-(self-training, which retrains on pseudo-labelled images rather than adding a loss, is beyond.self_train)."""
+"""Semi-supervised methods, one file each; importing this package registers them (their objectives, and
+each as a `--ssl` method: train/extra_methods.py). Self-training (self_train.py) retrains on pseudo-labelled
+images rather than adding a loss, and also serves `--adapt`."""
 
-from visiontune.semi import cotrain, fixmatch, mean_teacher, pi, pseudo  # noqa: F401
-
-#: The methods `--ssl` accepts (besides auto).
-SSL_METHODS = ("pseudo", "pi", "mean-teacher", "fixmatch", "cotrain", "self-train")
+from visiontune.semi import cotrain, fixmatch, mean_teacher, pi, pseudo, self_train  # noqa: F401

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visiontune.semi.common import SemiSupervised, confident_targets, feature_augment, masked_cross_entropy
+from visiontune.train.extra_methods import register_objective_method
 from visiontune.train.objectives import Batch, ObjectiveSetup, register_objective
 
 
@@ -49,3 +50,6 @@ class CoTraining(SemiSupervised):
         view = feature_augment(augmented, 0.5)
         loss = masked_cross_entropy(module(view), from_peer, peer_mask) + masked_cross_entropy(self.peer(view), from_main, main_mask)
         return loss, {"pseudo_fraction": peer_logs["pseudo_fraction"], "peer_pseudo_fraction": main_logs["pseudo_fraction"]}
+
+
+register_objective_method("cotrain", ("ssl",), order=50)

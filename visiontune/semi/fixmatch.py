@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from visiontune.semi.common import SemiSupervised, confident_targets, feature_augment, masked_cross_entropy
+from visiontune.train.extra_methods import register_objective_method
 from visiontune.train.objectives import register_objective
 
 
@@ -22,3 +23,6 @@ class FixMatch(SemiSupervised):
             weak = plain.flip(-1) if plain.dim() == 4 and bool(torch.rand(()) < 0.5) else plain
             labels, mask, logs = confident_targets(module(weak), self.threshold)
         return masked_cross_entropy(module(feature_augment(augmented, 1.0)), labels, mask), logs
+
+
+register_objective_method("fixmatch", ("ssl",), order=40)

@@ -13,6 +13,7 @@ from torch import nn
 
 from visiontune.semi.common import SemiSupervised, feature_augment
 from visiontune.train.callbacks import Callback
+from visiontune.train.extra_methods import register_objective_method
 from visiontune.train.objectives import ObjectiveSetup, register_objective
 
 
@@ -63,3 +64,6 @@ class MeanTeacher(SemiSupervised):
             target = self.teacher(feature_augment(plain, 0.5)).float().softmax(-1)
         student = module(feature_augment(augmented, 1.0)).float().softmax(-1)
         return ((student - target) ** 2).sum(-1).mean(), {}
+
+
+register_objective_method("mean-teacher", ("ssl",), order=30)

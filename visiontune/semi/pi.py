@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from visiontune.semi.common import SemiSupervised, feature_augment
+from visiontune.train.extra_methods import register_objective_method
 from visiontune.train.objectives import register_objective
 
 
@@ -19,3 +20,6 @@ class PiModel(SemiSupervised):
         first = module(feature_augment(plain, 1.0)).float().softmax(-1)
         second = module(feature_augment(augmented, 1.0)).float().softmax(-1)
         return ((first - second) ** 2).sum(-1).mean(), {}
+
+
+register_objective_method("pi", ("ssl",), order=20)

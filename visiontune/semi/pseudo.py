@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from visiontune.semi.common import SemiSupervised, confident_targets, feature_augment, masked_cross_entropy
+from visiontune.train.extra_methods import register_objective_method
 from visiontune.train.objectives import register_objective
 
 
@@ -19,3 +20,6 @@ class PseudoLabel(SemiSupervised):
         with torch.no_grad():
             labels, mask, logs = confident_targets(module(plain), self.threshold)
         return masked_cross_entropy(module(feature_augment(augmented, 0.5)), labels, mask), logs
+
+
+register_objective_method("pseudo", ("ssl",), order=10)

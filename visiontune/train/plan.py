@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from visiontune.errors import UsageError
-from visiontune.names import AUGMENTATIONS, ENGINE_CHOICES, HEADS, default_engine
+from visiontune.names import AUGMENTATIONS, BUILTIN_METHODS, ENGINE_CHOICES, HEADS, default_engine
 
 if TYPE_CHECKING:  # the Plan's declarations build `train --help`, which must not load torch
     from visiontune.train.profile import DataProfile, SpeedProfile
@@ -117,10 +117,10 @@ class Plan:
     upweight: str = setting("CSV of hard examples (visiontune hard-examples) drawn more often", LOSS, "", metavar="CSV")
     upweight_factor: float = setting("how many times as often the hard examples are drawn", LOSS, 3.0)
     task: str = setting("single-label | multi-label: chosen from the data (tags in the labels CSV)", default="single-label")
-    ssl: str = setting("semi-supervised method on --unlabeled images: pseudo | pi | mean-teacher | fixmatch | "
-                       "cotrain | auto (chosen on an inner split of the labelled training images)", BEYOND, "")
-    adapt: str = setting("domain adaptation to --target images: coral | coral-cut | coral-cut+self-train | mmd | tca | jda | dann | self-train | none | "
-                         "auto (chosen without target labels: MixVal on the target images)", BEYOND, "")
+    ssl: str = setting(f"semi-supervised method on --unlabeled images: {' | '.join(BUILTIN_METHODS['ssl'])} | auto "
+                       "(chosen on an inner split of the labelled training images)", BEYOND, "")
+    adapt: str = setting(f"domain adaptation to --target images: {' | '.join(BUILTIN_METHODS['adapt'])} | auto "
+                         "(chosen without target labels: MixVal on the target images)", BEYOND, "")
     extra_epochs: int = setting("passes over the unlabelled/target images, after a labelled-only warm start", BEYOND, 3)
     unlabeled_ratio: int = setting("unlabelled (or target) images per labelled image in a batch", BEYOND, 3)
     unlabeled_views: int = setting("augmented cached views per unlabelled/target image (a trunk pass each)", BEYOND, 1)
