@@ -38,7 +38,7 @@ from visiontune.evaluation.metrics import classification_metrics
 from visiontune.progress import console
 from visiontune.task.kinds import Task
 from visiontune.train.extra_methods import Candidate, Extra, methods_for, method_named, tail_probabilities
-from visiontune.train.phases import pooled_features, predict_cached, take_rows
+from visiontune.train.phases import predict_cached, take_rows
 from visiontune.train.plan import Plan
 
 UNLABELLED_AUG = "strong"  # augmented cached views of unlabelled/target images: FixMatch's "strong" side
@@ -122,34 +122,6 @@ def _target_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[held:]), np.sort(order[:held] if held else order)
 
 
-def deep_embedded_validation(features_train: np.ndarray, features_target: np.ndarray, features_valid: np.ndarray,
-                             losses_valid: np.ndarray) -> float:
-    """DEV (You et al. 2019): the source validation loss weighted by the density ratio p_t(x)/p_s(x) from a
-    domain classifier. Lower is better; reads no target label.
-
-    The paper's control variate assumes the ratios average to 1; when the domains are nearly separable
-    they do not (a few images get ratios in the thousands) and the estimate swung to -39.6 and +101.8 for
-    two methods 0.8 points apart on the bench. So the ratios are truncated at sqrt(n) times their mean
-    (truncated importance sampling, Ionides 2008) and self-normalised (divided by their mean, which makes
-    the control variate's term vanish): the estimate is then a weighted mean of the losses, bounded by them."""
-    x = np.vstack([features_train, features_target])
-    d = np.r_[np.zeros(len(features_train)), np.ones(len(features_target))]
-    domain = LogisticRegression(max_iter=1000, C=1.0).fit(x, d)
-    p = np.clip(domain.predict_proba(features_valid)[:, 1], 1e-6, 1 - 1e-6)
-    w = p / (1 - p)
-    w = np.minimum(w, np.sqrt(len(w)) * w.mean())
-    return float((w * losses_valid).sum() / w.sum())
-
-
-def information_maximisation(probs: np.ndarray) -> float:
-    """H(mean prediction) - mean H(prediction) over the target images (higher is better; Gomes et al. 2010,
-    SHOT's objective): predictions that are confident one by one yet spread over the classes together. It
-    reads only the model's outputs on the unlabelled target images."""
-    p = np.clip(probs, 1e-12, 1.0)
-    mean = p.mean(0)
-    return float(-(mean * np.log(mean)).sum() + (p * np.log(p)).sum(1).mean())
-
-
 def mixval_inter(probabilities: Callable[[np.ndarray], np.ndarray], target_rows: np.ndarray, seed: int,
                  pairings: int = 10, mix: float = 0.55, own: np.ndarray | None = None) -> float:
     """MixVal's inter-cluster score (Hu et al., NeurIPS 2023; higher is better), on the cached activations the
@@ -187,12 +159,11 @@ def choose_method(
     MixVal's inter-cluster score (:func:`mixval_inter`) on 20 % of the target images held out of every
     trial: self-training fits its own pseudo-labels of the images it adapts to, so scored on those it looks
     as consistent as its labelling is confident (on a first build of the digits -> photo-blended digits
-    check it was picked while 10 points below source-only). Two criteria tried before it
-    are logged beside it in auto.json: deep embedded validation with truncated, self-normalised weights
-    (:func:`deep_embedded_validation`, lower is better) and information maximisation of the target
-    predictions. Both picked DANN on the bench, 3 points below the best: DEV favours methods whose own
-    features make the domains indistinguishable, and models trained to near-zero loss are all confident,
-    so IM hardly separates them. The trials draw no random number the run's own training would draw (numpy
+    check it was picked while 10 points below source-only). Two criteria tried before it (2026-11-26, no
+    longer computed): deep embedded validation (You et al. 2019) with truncated, self-normalised weights and
+    information maximisation of the target predictions. Both picked DANN on the bench, 3 points below the
+    best: DEV favours methods whose own features make the domains indistinguishable, and models trained to
+    near-zero loss are all confident, so IM hardly separates them. The trials draw no random number the run's own training would draw (numpy
     generators seeded by the plan for the mixes), so auto -> X trains the same model as asking for X."""
     methods = methods_for(kind)
     inner_train, inner_valid = _inner_split(y_train, plan.seed)
@@ -208,8 +179,6 @@ def choose_method(
                           f"{len(extra.views[0])}): the choice is close to arbitrary; add target images or name a method[/]")
     saved = copy.deepcopy(tail.model.state_dict())
     scores: dict[str, float] = {}
-    im: dict[str, float] = {}
-    dev: dict[str, float] = {}
     skipped: dict[str, str] = {}
     with torch.random.fork_rng():
         for method in methods:
@@ -222,18 +191,11 @@ def choose_method(
                 continue
             train_candidate(tail, cand, views_tr, y_train[inner_train], x_iv, y_iv, trial_extra, task, lambda r: None,
                             phase=f"auto:{method}")
-            held_out = cand.source_rows(x_iv)  # the inner images as this method's model saw source images
-            probs = task.activation(predict_cached(tail, held_out)).numpy()
             if kind == "ssl":
+                probs = task.activation(predict_cached(tail, x_iv)).numpy()
                 scores[method] = float((probs.argmax(1) == y_iv).mean())
             else:
-                target_probs = tail_probabilities(tail, target_rows)
-                scores[method] = mixval_inter(lambda rows: tail_probabilities(tail, rows), target_rows, plan.seed,
-                                              own=target_probs.argmax(1))
-                im[method] = information_maximisation(target_probs)
-                losses = -np.log(np.clip(probs[np.arange(len(y_iv)), y_iv], 1e-12, 1.0))
-                dev[method] = deep_embedded_validation(pooled_features(tail, cand.source_rows(views_tr[0])),
-                                                       pooled_features(tail, target_rows), pooled_features(tail, held_out), losses)
+                scores[method] = mixval_inter(lambda rows: tail_probabilities(tail, rows), target_rows, plan.seed)
             tail.model.load_state_dict(saved)
             console.print(f"auto {kind}: {method} -> {scores[method]:.4f}")
     best = max(scores, key=scores.get)
@@ -242,8 +204,7 @@ def choose_method(
                       "(mixes 0.55 : 0.45 of two images "
                       "labelled differently that keep the dominant one's label, 10 pairings; higher is better), "
                       "each method trained on an inner 80 % of the source training images")
-    logged = {"information_maximisation": im, "deep_embedded_validation (lower is better)": dev,
-              "held_out_target_images": len(target_out)} if kind != "ssl" else {}
+    logged = {"held_out_target_images": len(target_out)} if kind != "ssl" else {}
     return best, {"criterion": criterion, "scores": scores, "chosen": best, **logged,
                   **({"skipped": skipped} if skipped else {})}
 
