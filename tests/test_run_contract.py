@@ -14,13 +14,24 @@ from visiontune.runs import RunDir
 
 
 def test_plan_json_is_written_once_with_the_final_plan(class_folders, tmp_path, monkeypatch):
-    written = []
+    """... and the plan training then receives is final: as plan.json says, and refusing any change."""
+    import pytest
+
+    from visiontune.pipeline import run as pipeline_run
+
+    written, trained_with = [], []
     original = RunDir.write_plan
     monkeypatch.setattr(RunDir, "write_plan", lambda self, plan: (written.append(plan.batch_size), original(self, plan)))
+    train_model = pipeline_run.train_model
+    monkeypatch.setattr(pipeline_run, "train_model", lambda prep, *a, **k: (trained_with.append(prep.plan), train_model(prep, *a, **k))[1])
     vt.fit(class_folders, out=tmp_path / "run", img_size=64, epochs=2, batch_size="auto", report=False)
     saved = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert written == [saved["batch_size"]]  # once, after the batch-size search chose
     assert saved["why"]["batch_size"].startswith("inner-validation accuracy") and "selection" in saved["why"]
+    (plan,) = trained_with
+    assert plan.to_dict() == saved
+    with pytest.raises(AttributeError, match="the plan is final"):
+        plan.epochs = 99
 
 
 def test_header_check_and_content_hash_come_from_one_read(class_folders, monkeypatch):

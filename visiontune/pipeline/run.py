@@ -57,6 +57,7 @@ def train_run(prep: Prepared, run: RunDir, config: RunConfig, resuming: bool = F
         trial_inputs = CachedInputs([v[select.fit] for v in inputs.train_views], inputs.valid, inputs.skipped)
     if not planned:
         decide_plan(prep, config, run, tail, inputs, trial_inputs, y_train, select, extra)
+    prep.plan.freeze()  # as plan.json says, for the rest of the run
     if select is not None and select.keeps_out:
         trained = Trained(trial_inputs, y_train[select.fit], y_valid, prep.train.subset([int(i) for i in select.fit]),
                           select, skipped)

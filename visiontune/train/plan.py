@@ -135,6 +135,19 @@ class Plan:
     fbeta: float = setting("multi-label: the decision thresholds maximise this F-beta", LOSS, 2.0)
     why: dict[str, str] = field(default_factory=dict)
 
+    def freeze(self) -> Plan:
+        """Make the plan final: once plan.json is written (pipeline/choices.py: decide_plan) a setting that
+        changed would train a run its plan.json does not describe, so any later assignment raises. Trial
+        plans derive new ones with `dataclasses.replace`, which are not final."""
+        object.__setattr__(self, "_final", True)
+        return self
+
+    def __setattr__(self, name: str, value) -> None:
+        if self.__dict__.get("_final"):
+            raise AttributeError(f"the plan is final (plan.json is written): {name} cannot change now; "
+                                 "automatic choices belong in pipeline/choices.py, before it is written")
+        super().__setattr__(name, value)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
