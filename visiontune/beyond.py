@@ -32,7 +32,7 @@ from visiontune.backbones.cuts import Tail
 from visiontune.cache.features import cached_activations
 from visiontune.locations import cache_folder
 from visiontune.data.catalog import Catalog, unlabelled_catalog
-from visiontune.data.split import stratified_split
+from visiontune.data.split import hold_out
 from visiontune.errors import UsageError
 from visiontune.evaluation.metrics import classification_metrics
 from visiontune.progress import console
@@ -105,21 +105,8 @@ def train_candidate(
     return method_named(cand.method).train(tail, cand, train_views, y_train, valid_x, y_valid, extra, task, log, **run)
 
 
-def _inner_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    inner_train, inner_valid = stratified_split(list(map(int, y)), 0.2, seed + 17)
-    return np.asarray(inner_train), np.asarray(inner_valid)
-
-
 #: Below this many held-out target images `--adapt auto` warns that its choice is close to arbitrary.
 FEW_HELD_OUT = 20
-
-
-def _target_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """80 % of the target images for the trials to train on, 20 % (at least one) held out for the criterion.
-    A single image is both (nothing can be held out)."""
-    order = np.random.default_rng(seed + 29).permutation(n)
-    held = max(1, n // 5) if n > 1 else 0
-    return np.sort(order[held:]), np.sort(order[:held] if held else order)
 
 
 def mixval_inter(probabilities: Callable[[np.ndarray], np.ndarray], target_rows: np.ndarray, seed: int,
@@ -166,12 +153,12 @@ def choose_method(
     near-zero loss are all confident, so IM hardly separates them. The trials draw no random number the run's own training would draw (numpy
     generators seeded by the plan for the mixes), so auto -> X trains the same model as asking for X."""
     methods = methods_for(kind)
-    inner_train, inner_valid = _inner_split(y_train, plan.seed)
+    inner_train, inner_valid = hold_out(y_train, 0.2, plan.seed + 17)  # the SSL criterion's inner 20 %
     views_tr = [take_rows(v, inner_train) for v in train_views]
     x_iv, y_iv = take_rows(train_views[0], inner_valid), y_train[inner_valid]
     trial_extra, target_rows = extra, None
     if kind != "ssl":  # the target images the criterion reads are held out of every trial's training
-        target_in, target_out = _target_split(len(extra.views[0]), plan.seed)
+        target_in, target_out = hold_out(len(extra.views[0]), 0.2, plan.seed + 29)
         trial_extra = replace(extra, views=[take_rows(v, target_in) for v in extra.views])
         target_rows = take_rows(extra.views[0], target_out[:2000])
         if len(target_out) < FEW_HELD_OUT:

@@ -56,6 +56,20 @@ def stratified_split(labels: list[int], valid_fraction: float, seed: int) -> tup
     return sorted(train_idx), sorted(valid_idx)
 
 
+def hold_out(labels_or_count, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held) positions, sorted int64 arrays: the one carver of images held out of a fit for a choice
+    (selection images, auto's inner split, auto's scored target images). Labels: stratified
+    (:func:`stratified_split`). A count (unlabelled images): a seeded `fraction` of them, at least one; a
+    single image is both kept and held (nothing can be held out)."""
+    if isinstance(labels_or_count, (int, np.integer)):
+        n = int(labels_or_count)
+        order = np.random.default_rng(seed).permutation(n)
+        held = max(1, int(n * fraction)) if n > 1 else 0
+        return np.sort(order[held:]), np.sort(order[:held] if held else order)
+    kept, held = stratified_split([int(y) for y in labels_or_count], fraction, seed)
+    return np.asarray(kept, dtype=np.int64), np.asarray(held, dtype=np.int64)
+
+
 def split_catalog(catalog: Catalog, valid_fraction: float, seed: int) -> tuple[Catalog, Catalog]:
     """Stratified (train, valid) catalogs from one catalog."""
     train_idx, valid_idx = stratified_split(catalog.labels, valid_fraction, seed)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from visiontune.data.catalog import Catalog
+from visiontune.data.split import hold_out
 from visiontune.pipeline.inputs import CachedInputs
 from visiontune.pipeline.prepare import Prepared
 from visiontune.runs import RunConfig
@@ -50,9 +51,7 @@ def carve_selection(prep: Prepared, config: RunConfig, inputs: CachedInputs, y_t
     ) if needed]
     if not during + before:
         return None
-    from visiontune.data.split import stratified_split
-
-    fit, held = (np.asarray(part, dtype=np.int64) for part in stratified_split(prep.train.labels, SELECTION_FRACTION, plan.seed + 1))
+    fit, held = hold_out(prep.train.labels, SELECTION_FRACTION, plan.seed + 1)
     if len(held) == 0 or len(fit) == 0:
         return None
     reason = (f"{' and '.join(during + before)} chosen on {len(held)} images carved from the training images "
