@@ -175,3 +175,45 @@ def test_shared_options_are_declared_once_with_one_vocabulary():
     batches = [next(a for a in sub._actions if "--batch-size" in a.option_strings) for name, sub in commands.items()
                if name != "train" and any("--batch-size" in a.option_strings for a in sub._actions)]
     assert len(batches) == 4 and {a.default for a in batches} == {INFERENCE_BATCH}
+
+
+def test_each_command_calls_one_api_function_and_writes_no_file():
+    """A command parses, calls ONE api function, prints (docs/architecture.md). Commands that dispatch (show
+    --gradcam / --feature-maps, cache info / clear / build) call one per branch: no two api calls may run on
+    the same path (a call in a block that contains, or is, another call's block). And no command opens a
+    file for writing itself."""
+    import ast
+    from pathlib import Path
+
+    from visiontune import cli
+
+    tree = ast.parse(Path(cli.__file__).read_text())
+    problems = []
+    for func in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("cmd_")):
+        paths: list[tuple] = []
+
+        def visit(node, path):
+            for field in ("body", "orelse", "handlers", "finalbody"):
+                block = getattr(node, field, None)
+                if isinstance(block, list):
+                    here = path + ((id(node), field),)
+                    for child in block:
+                        visit(child, here)
+                        if (isinstance(child, ast.If) and not child.orelse
+                                and isinstance(child.body[-1], (ast.Return, ast.Raise))):
+                            here = here + (("after", id(child)),)  # what follows runs only when the if did not
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.Call) and ast.unparse(child.func).startswith("api."):
+                    paths.append((path, ast.unparse(child.func)))
+                if not isinstance(child, ast.stmt):
+                    visit(child, path)
+
+        visit(func, ())
+        for a, (path_a, name_a) in enumerate(paths):
+            for path_b, name_b in paths[a + 1:]:
+                if path_a[: len(path_b)] == path_b or path_b[: len(path_a)] == path_a:
+                    problems.append(f"{func.name}: {name_a} and {name_b} on one path")
+        writes = [ast.unparse(n) for n in ast.walk(func) if isinstance(n, ast.Call)
+                  and ast.unparse(n.func).endswith(("write_text", "write_bytes", "write_text_whole", "written_whole"))]
+        problems += [f"{func.name} writes a file: {w}" for w in writes]
+    assert not problems, "\n".join(problems)

@@ -255,6 +255,47 @@ def predict_to_file(
     return count
 
 
+@dataclass
+class PredictResult:
+    """What `visiontune predict` did: the classifier, the prior applied, and either the file it wrote (`out`,
+    `count`, and for a Kaggle submission `submission`) or the predictions to show (`predictions`, streamed:
+    consume them before reading `skipped`)."""
+
+    classifier: Classifier
+    prior: dict | None = None
+    out: Path | None = None
+    count: int = 0
+    submission: dict | None = None
+    predictions: Iterable[Prediction] | None = None
+    skipped: list[Skipped] | None = None
+
+
+def predict_files(
+    classifier: Classifier | str | Path, items: Sequence[str | Path], csv_out: str | Path | None = None,
+    json_out: str | Path | None = None, submission_sample: str | Path | None = None, prior: str | None = None,
+    topk: int = 3, batch_size: int = INFERENCE_BATCH, tta: str = "none", combine: str = "mean", engine: str = "auto",
+) -> PredictResult:
+    """The `predict` command: with `prior`, re-weight for other class proportions first; then a Kaggle
+    submission in `submission_sample`'s format (to `csv_out`, default submission.csv), or predictions written
+    to `json_out`/`csv_out`, or (neither) a stream of predictions to show."""
+    clf = _classifier(classifier)
+    result = PredictResult(clf, skipped=[])
+    options = {"batch_size": batch_size, "tta": tta, "engine": engine}
+    if prior:
+        result.prior = shift_prior(clf, prior, items, **options)
+    if submission_sample:
+        result.out = Path(csv_out or "submission.csv")
+        result.submission = submission(clf, submission_sample, items, result.out, **options)
+        return result
+    options.update(topk=topk, combine=combine, skipped=result.skipped)
+    if json_out or csv_out:
+        result.out = Path(json_out or csv_out)
+        result.count = predict_to_file(clf, items, result.out, "json" if json_out else "csv", **options)
+    else:
+        result.predictions = iter_predictions(clf, items, **options)
+    return result
+
+
 def submission(
     classifier: Classifier | str | Path, sample: str | Path, items: Sequence[str | Path], out: str | Path = "submission.csv",
     batch_size: int = INFERENCE_BATCH, tta: str = "none", engine: str = "auto",
@@ -578,7 +619,7 @@ def demo_data(name: str, dest: str | Path) -> Path:
 
 
 __all__ = [
-    "fit", "resume", "plan", "find_lr", "load", "predict", "iter_predictions", "predict_to_file", "submission",
+    "fit", "resume", "plan", "find_lr", "load", "predict", "iter_predictions", "predict_to_file", "predict_files", "submission",
     "ensemble_runs", "evaluate", "export", "report", "show", "show_gradcam", "show_feature_maps", "show_kernels_demo", "hard_examples",
     "warm_cache", "cache_info", "clear_cache", "backbones", "shift_prior", "doctor", "augment_preview", "split", "serve", "demo_data", "Classifier",
     "Prediction", "Plan",

@@ -244,26 +244,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from visiontune import api
 
-    clf = api.load(args.classifier)
-    options = {"batch_size": args.batch_size, "tta": args.tta, "engine": args.engine}
-    if args.prior:
-        console.print(f"prior: {_prior_text(api.shift_prior(clf, args.prior, args.images, **options), clf.classes)}")
-    if args.submission:
-        out = args.csv or "submission.csv"
-        done = api.submission(clf, args.submission, args.images, out, **options)
-        console.print(f"wrote {out}: {done['rows']} rows ({done['format']} format of {args.submission}); "
+    result = api.predict_files(args.classifier, args.images, csv_out=args.csv, json_out=args.json,
+                               submission_sample=args.submission, prior=args.prior, topk=args.topk,
+                               batch_size=args.batch_size, tta=args.tta, combine=args.combine, engine=args.engine)
+    if result.prior:
+        console.print(f"prior: {_prior_text(result.prior, result.classifier.classes)}")
+    if result.submission:
+        done = result.submission
+        console.print(f"wrote {result.out}: {done['rows']} rows ({done['format']} format of {args.submission}); "
                       f"{done['unreadable']} unreadable images got uniform probabilities")
         return 0
-    skipped: list = []
-    options.update(topk=args.topk, combine=args.combine, skipped=skipped)
-    if args.json or args.csv:
-        out = args.json or args.csv
-        count = api.predict_to_file(clf, args.images, out, "json" if args.json else "csv", **options)
-        console.print(f"wrote {count} predictions to {out}")
+    if result.out is not None:
+        count = result.count
+        console.print(f"wrote {count} predictions to {result.out}")
     else:
         results = Console()
         rows = []
-        for p in api.iter_predictions(clf, args.images, **options):
+        for p in result.predictions:
             others = ", ".join(f"{c} {q:.2f}" for c, q in zip(p.classes[1:], p.probs[1:]))
             rows.append((_shown_path(p.path), " ".join(p.tags) if p.tags is not None else p.label, f"{p.probs[0]:.3f}", others))
         count = len(rows)
@@ -281,7 +278,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print("image\tclass\tprob\tnext")
             for row in rows:
                 print("\t".join(row))
-    for s in skipped:
+    for s in result.skipped:
         console.print(f"[yellow]skipped[/] {s.path}: {s.reason}")
     return 0 if count else 1
 
@@ -303,12 +300,12 @@ def _prior_text(info: dict, classes: list[str]) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from visiontune import api
 
-    clf = api.load(args.classifier)
-    metrics = api.evaluate(clf, args.data, labels=args.labels, batch_size=args.batch_size, tta=args.tta, combine=args.combine,
-                           engine=args.engine, prior=args.prior, json_out=args.json)
+    metrics = api.evaluate(args.classifier, args.data, labels=args.labels, batch_size=args.batch_size, tta=args.tta,
+                           combine=args.combine, engine=args.engine, prior=args.prior, json_out=args.json)
+    classes = list(metrics["per_class"])  # in the classifier's class order
     if "prior" in metrics:
-        console.print(f"prior: {_prior_text(metrics['prior'], clf.classes)}")
-    for table in _metrics_tables(metrics, clf.classes):
+        console.print(f"prior: {_prior_text(metrics['prior'], classes)}")
+    for table in _metrics_tables(metrics, classes):
         Console().print(table)
     for s in metrics["skipped"]:
         console.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
