@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -42,15 +42,16 @@ from visiontune.pipeline.run import train_run
 ALIASES = {"unfreeze": "finetune_epochs"}
 
 
-#: fit() arguments that name more images rather than plan settings.
-INPUTS = ("unlabeled", "target", "target_labels")
+#: fit() keywords that are RunConfig fields (more image folders: unlabeled, target, target_labels, and any field
+#: added there) rather than plan settings: they go to the run's config.yaml as given.
+RUN_FIELDS = frozenset(f.name for f in fields(RunConfig)) - {"data", "overrides", "auto"}
 
 
 def _run_config(data, arch, weights, labels, budget, seed, cache_dir, workers, report, folds, settings) -> RunConfig:
     settings = {ALIASES.get(k, k): v for k, v in settings.items()}
     if settings.get("engine") == "auto":  # the plan decides (the default engine), as when not given
         settings["engine"] = None
-    inputs = {k: str(settings.pop(k)) if settings.get(k) else None for k in INPUTS}
+    inputs = {k: str(value) if value else None for k in RUN_FIELDS & set(settings) for value in [settings.pop(k)]}
     auto = sorted(k for k in ("lr", "batch_size") if settings.get(k) == "auto")
     overrides = {k: v for k, v in settings.items() if v is not None and k not in auto}
     return RunConfig(str(data), str(labels) if labels else None, arch, weights, seed, budget, overrides, auto,

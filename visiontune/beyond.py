@@ -62,17 +62,17 @@ def check_request(plan: Plan, unlabeled: str | None, target: str | None, task: T
             raise UsageError(f"--{kind} {name!r}: choose from {', '.join(methods_for(kind))} or auto")
 
 
-def settle_plan(plan: Plan, unlabeled: str | None, target: str | None) -> None:
+def settle_plan(plan: Plan, unlabeled: str | None, target: str | None) -> Plan:
     """Defaults when unlabelled or target images are given, each with its reason: FixMatch for unlabelled
     images (the strongest of the classic methods in USB's benchmarks), auto for a target domain (which
-    method helps depends on the shift)."""
+    method helps depends on the shift). Returns the plan with them."""
     if unlabeled and not plan.ssl:
-        plan.ssl = "fixmatch"
-        plan.why["ssl"] = "unlabelled images given: FixMatch (confident weak-view pseudo-labels on strong views)"
+        plan = plan.chosen({"ssl": "unlabelled images given: FixMatch (confident weak-view pseudo-labels on strong views)"},
+                           ssl="fixmatch")
     if target and not plan.adapt:
-        plan.adapt = "auto"
-        plan.why["adapt"] = ("target images given: every method tried, the best kept by MixVal on target images "
-                             "held out of the trials")
+        plan = plan.chosen({"adapt": "target images given: every method tried, the best kept by MixVal on target images "
+                                     "held out of the trials"}, adapt="auto")
+    return plan
 
 
 def cache_extra(key: str, folder: str, backbone, plan: Plan, cache_dir: str | None, workers: int) -> Extra:

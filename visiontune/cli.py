@@ -69,13 +69,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.data:
             raise UsageError("train needs a data folder (or --resume runs/NAME)")
+        from dataclasses import fields
+
+        from visiontune.runs import RunConfig
+
         settings = {name: getattr(args, name) for name in plan_flag_names() if getattr(args, name) is not None}
-        clf = api.fit(
-            args.data, arch=args.arch, weights=args.weights, out=args.out, labels=args.labels, budget=args.budget,
-            seed=args.seed, cache_dir=args.cache_dir, workers=args.workers, folds=args.folds,
-            valid_fraction=args.valid, report=args.report, unlabeled=args.unlabeled, target=args.target,
-            target_labels=args.target_labels, **settings,
-        )
+        # every RunConfig field train has a flag for (a new one needs its flag and its field, nothing here)
+        run_arguments = {f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "data" and hasattr(args, f.name)}
+        clf = api.fit(args.data, out=args.out, valid_fraction=args.valid, **run_arguments, **settings)
     if not distributed.world().main:  # rank 0 reports the job's outcome
         return 0
     from visiontune.runs import RunDir

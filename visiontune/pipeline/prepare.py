@@ -120,11 +120,10 @@ def prepare(config: RunConfig, fold: tuple[int, int] | None = None, reserve_s: f
             speed = profile_speed(backbone, train_cat, timed_cuts, plan.engine, batch=plan.batch_size, engine_paths=paths)
     predicted = predict_parts(plan, data_profile, speed, uncached, reserve_s)
     if plan.budget_s is None:
-        plan.predicted_s = round(sum(predicted.values()), 1)
-        plan.why["predicted_s"] = "timed batches of this data on this machine (caching, epochs, fine-tuning, report)"
+        plan = plan.chosen({"predicted_s": "timed batches of this data on this machine (caching, epochs, fine-tuning, "
+                                           "report)"}, predicted_s=round(sum(predicted.values()), 1))
     beyond.check_request(plan, config.unlabeled, config.target, task)
-    beyond.settle_plan(plan, config.unlabeled, config.target)
-    plan.why["task"] = task.why
+    plan = beyond.settle_plan(plan, config.unlabeled, config.target).chosen({"task": task.why})
     return Prepared(source, train_cat, valid_cat, task, backbone, data_profile, speed, plan, predicted)
 
 

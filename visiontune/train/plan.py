@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import replace, MISSING, asdict, dataclass, field, fields
 
 from typing import TYPE_CHECKING
 
@@ -134,6 +134,11 @@ class Plan:
                                   "(1 = the paper's +I on standardised features)", BEYOND, 1.0)
     fbeta: float = setting("multi-label: the decision thresholds maximise this F-beta", LOSS, 2.0)
     why: dict[str, str] = field(default_factory=dict)
+
+    def chosen(self, why: dict[str, str], **changes) -> Plan:
+        """A new plan with `changes` made and their reasons added to `why` (an automatic choice's result;
+        this plan is left as it was)."""
+        return replace(self, **changes, why={**self.why, **why})
 
     def freeze(self) -> Plan:
         """Make the plan final: once plan.json is written (pipeline/choices.py: decide_plan) a setting that
