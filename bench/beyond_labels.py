@@ -41,11 +41,13 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from visiontune.names import BUILTIN_METHODS
+
 ROOT = Path(__file__).resolve().parent
 DATA = ROOT / ".data"
 RESULTS = ROOT / "results"
-SSL_METHODS = ["pseudo", "pi", "mean-teacher", "fixmatch", "cotrain", "self-train"]
-ADAPT_METHODS = ["coral", "coral-cut", "coral-cut+self-train", "mmd", "tca", "jda", "dann", "self-train"]
+SSL_METHODS = list(BUILTIN_METHODS["ssl"])  # the built-in methods, in visiontune's trial order
+ADAPT_METHODS = [m for m in BUILTIN_METHODS["adapt"] if m != "none"]  # "none" is the source-only row
 
 
 # ------------------------------------------------------------------------------------------------ data
