@@ -182,3 +182,27 @@ def test_only_rundir_names_the_files_of_a_run_folder():
                     and node.right.value in RUN_FILES):
                 found.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
     assert not found, "read and write run files through RunDir:\n" + "\n".join(found)
+
+
+def test_no_module_compares_method_names_outside_the_methods():
+    """Which method trains, and how, is the registry's business (train/extra_methods.py, semi/, adapt/): code
+    elsewhere asks the method (`method_named(name).objective`, `.baseline`) instead of comparing its name.
+    ("none" is left out: it names several settings' off value too.)"""
+    from visiontune.names import BUILTIN_METHODS
+
+    names = {m for kind in BUILTIN_METHODS.values() for m in kind} - {"none"}
+    found = []
+    for module, path in all_modules().items():
+        if module.startswith(("visiontune.semi", "visiontune.adapt", "visiontune.train.extra_methods", "visiontune.names")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                literal = [s for s in sides if isinstance(s, ast.Constant) and s.value in names]
+                suffix = [s for s in sides if isinstance(s, ast.Call) and ast.unparse(s).split("(")[0].endswith("endswith")]
+                if literal or suffix:
+                    found.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
+            if isinstance(node, ast.Call) and ast.unparse(node.func).endswith(".endswith") and any(
+                    isinstance(a, ast.Constant) and a.value in names for a in node.args):
+                found.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "ask the method instead:\n" + "\n".join(found)

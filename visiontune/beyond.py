@@ -37,7 +37,7 @@ from visiontune.errors import UsageError
 from visiontune.evaluation.metrics import classification_metrics
 from visiontune.progress import console
 from visiontune.task.kinds import Task
-from visiontune.train.extra_methods import Candidate, Extra, methods_for, method_named, tail_probabilities
+from visiontune.train.extra_methods import SOURCE_ONLY, Candidate, Extra, methods_for, method_named, tail_probabilities
 from visiontune.train.phases import predict_cached, take_rows
 from visiontune.train.plan import Plan
 
@@ -223,7 +223,7 @@ class SourceOnlyYardstick:
         try:
             with torch.random.fork_rng():
                 torch.set_rng_state(self.rng_state)
-                none = candidate("none", plan, tail, train_views[0], y_train, None)
+                none = candidate(SOURCE_ONLY, plan, tail, train_views[0], y_train, None)
                 train_candidate(tail, none, train_views, y_train, valid_x, y_valid, None, task, lambda record: None,
                                 phase="reference:source-only")
                 return evaluate()

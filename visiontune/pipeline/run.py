@@ -33,6 +33,7 @@ from visiontune.pipeline.selection import carve_selection
 from visiontune.progress import console
 from visiontune.runs import RunConfig, RunDir, Split
 from visiontune.train.checkpoint import Checkpoint, load_checkpoint
+from visiontune.train.extra_methods import method_named
 from visiontune.train.head_choice import fit_closed_form_head
 from visiontune.train.phases import finetune, pooled_features, predict_cached, train_cached
 from visiontune.train.probe import FITS
@@ -138,7 +139,8 @@ def train_model(prep: Prepared, run: RunDir, config: RunConfig, tail: Tail, trai
             trained.before = beyond.domain_picture(pooled_features(tail, inputs.train_views[0]),
                                                    pooled_features(tail, extra.views[0]), plan.seed)
         # the source-only yardstick (one process: under torchrun rank 0 alone would wait on the others' gradients)
-        if extra.key == "xt" and config.target_labels and (plan.ssl or plan.adapt) != "none" and not distributed.active():
+        baseline = method_named(plan.ssl or plan.adapt).baseline
+        if extra.key == "xt" and config.target_labels and not baseline and not distributed.active():
             trained.yardstick = beyond.SourceOnlyYardstick.before_training(tail)
         trained.chosen = beyond.candidate(plan.ssl or plan.adapt, plan, tail, inputs.train_views[0], y_train, extra)
         beyond.train_candidate(tail, trained.chosen, inputs.train_views, y_train, inputs.valid, y_valid, extra, task, logger,

@@ -29,6 +29,8 @@ from visiontune.errors import UsageError
 from visiontune.train.phases import Unlabelled, pooled_features, predict_cached, train_cached
 from visiontune.train.plan import Plan
 
+#: The method that trains on the labelled (source) images alone: `--adapt none`, and the yardstick's model.
+SOURCE_ONLY = "none"
 KINDS = {"ssl": "--ssl (unlabelled images, --unlabeled DIR)", "adapt": "--adapt (a target domain's images, --target DIR)"}
 
 
@@ -75,6 +77,7 @@ class ExtraMethod:
     kinds: ClassVar[tuple[str, ...]]  # "ssl", "adapt" or both
     objective: ClassVar[str] = "supervised"  # the Objective it trains with ("supervised": no loss of its own)
     order: ClassVar[float] = 100.0  # place in the choices and the auto trials (auto keeps the earlier on a tie)
+    baseline: ClassVar[bool] = False  # trains on the labelled images alone (the yardstick has nothing to compare)
 
     def fit(self, plan: Plan, tail: Tail, train_rows, y_train: np.ndarray, extra: Extra | None) -> Candidate:
         """What the method fits before training (on the pooled features or activations of the pretrained
@@ -114,7 +117,7 @@ def methods_for(kind: str) -> tuple[str, ...]:
 def method_named(name: str, kind: str | None = None) -> ExtraMethod:
     """The registered method `name` ("" and "supervised" mean none); a name it does not know is refused with
     the choices."""
-    name = "none" if name in ("", "supervised") else name
+    name = SOURCE_ONLY if name in ("", "supervised") else name
     if name not in EXTRA_METHODS or (kind is not None and kind not in EXTRA_METHODS[name].kinds):
         kinds = [kind] if kind else list(KINDS)
         raise UsageError(f"unknown method {name!r}; " + "; ".join(
@@ -126,7 +129,7 @@ def method_named(name: str, kind: str | None = None) -> ExtraMethod:
 class SourceOnly(ExtraMethod):
     """`--adapt none`: train on the labelled source images alone (the yardstick every adaptation must beat)."""
 
-    name, kinds, order = "none", ("adapt",), 90
+    name, kinds, order, baseline = SOURCE_ONLY, ("adapt",), 90, True
 
 
 def tail_probabilities(tail: Tail, rows) -> np.ndarray:
