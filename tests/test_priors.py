@@ -9,7 +9,7 @@ import pytest
 
 import visiontune as vt
 from conftest import run_cli, write_class_folders
-from visiontune.errors import UsageError
+from visiontune.errors import ArtifactError, UsageError
 from visiontune.evaluation.priors import estimate_prior, parse_prior, reweight
 
 
@@ -77,6 +77,18 @@ def test_evaluate_and_predict_apply_the_prior_end_to_end(tmp_path):
     assert len(json.loads((tmp_path / "p.json").read_text())) == 24
     bad = run_cli("evaluate", str(tmp_path / "run"), str(data / "valid"), "--prior", "1,2")
     assert bad.returncode != 0 and "3 non-negative proportions" in bad.stderr
+
+    # a classifier saved before the prior was recorded: counted (+1 each) from its run's split.json
+    older = vt.load(tmp_path / "run")
+    del older.extra["train_prior"]
+    vt.api.shift_prior(older, "balanced")
+    counts = np.bincount(json.loads((tmp_path / "run" / "split.json").read_text())["train_labels"], minlength=3) + 1.0
+    assert np.allclose(older.train_prior, counts / counts.sum())
+    alone = vt.load(tmp_path / "run" / "classifier")
+    alone.run_dir = None  # moved away from its run folder
+    del alone.extra["train_prior"]
+    with pytest.raises(ArtifactError, match="records no training class proportions"):
+        vt.api.shift_prior(alone, "balanced")
 
 
 def test_a_logit_adjusted_classifier_records_the_flattened_prior(tmp_path):

@@ -419,6 +419,7 @@ def shift_prior(classifier: Classifier | str | Path, prior: str | None, items: S
     clf.use_prior(None)
     if prior is None:
         return None
+    _recorded_train_prior(clf)
     train_prior = clf.train_prior  # refuses multi-label classifiers before any image is read
 
     def as_trained() -> np.ndarray:
@@ -429,6 +430,17 @@ def shift_prior(classifier: Classifier | str | Path, prior: str | None, items: S
     new_prior, info = resolve(parse_prior(prior, clf.classes), as_trained, train_prior)
     clf.use_prior(new_prior)
     return info
+
+
+def _recorded_train_prior(clf: Classifier) -> None:
+    """Older classifiers did not save their training class proportions: count them (+1 each) from the
+    training labels in their run's split.json, when the run folder is beside them."""
+    if not clf.task.exclusive or "train_prior" in clf.extra or clf.run_dir is None:
+        return
+    split = RunDir(clf.run_dir).read_split()
+    if split is not None and split.train_labels:
+        counts = np.bincount(split.train_labels, minlength=len(clf.classes)) + 1.0
+        clf.extra["train_prior"] = (counts / counts.sum()).tolist()
 
 
 @dataclass

@@ -64,19 +64,14 @@ class Classifier:
     @property
     def train_prior(self) -> np.ndarray:
         """The class proportions the model's probabilities assume (its training images', after any logit
-        adjustment); older classifiers: from their run's split.json."""
+        adjustment), as saved with it; for a classifier trained before they were saved, `api.shift_prior`
+        first fills them in from its run's split."""
         if not self.task.exclusive:
             raise ArtifactError("--prior re-weights one softmax; a multi-label classifier decides each tag by its own threshold")
-        if "train_prior" in self.extra:
-            return np.asarray(self.extra["train_prior"], dtype=np.float64)
-        from visiontune.runs import RunDir
-
-        split = RunDir(self.run_dir).read_split() if self.run_dir is not None else None
-        if split is None or not split.train_labels:
+        if "train_prior" not in self.extra:
             raise ArtifactError("this classifier records no training class proportions (trained before they were "
                                 "saved) and its run folder is not beside it: retrain it, or pass the run folder")
-        counts = np.bincount(split.train_labels, minlength=len(self.classes)) + 1.0
-        return counts / counts.sum()
+        return np.asarray(self.extra["train_prior"], dtype=np.float64)
 
     def use_prior(self, new_prior: np.ndarray | None) -> None:
         """Predict for images with class proportions `new_prior` (None: as trained); evaluation/priors.py."""
