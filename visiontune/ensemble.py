@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -124,8 +125,6 @@ def ensemble_decisions(members: list[Classifier]) -> dict:
     task = members[0].task
     extra: dict = {"task": task.name}
     if task.tunes_decisions:
-        import numpy as np
-
         decided = [task.exported_decisions(m.extra, len(m.classes)) for m in members]
         extra.update(decided[0])
         extra["thresholds"] = np.mean([d["thresholds"] for d in decided], axis=0).round(6).tolist()
