@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "visiontune"
 #: Bottom to top; a module may import its own layer and the layers below it.
 LAYERS = [
     ("base", ["visiontune.errors", "visiontune.names", "visiontune.version", "visiontune.clock", "visiontune.progress",
-              "visiontune.locations", "visiontune.distributed",
+              "visiontune.locations", "visiontune.distributed", "visiontune.device",
               "visiontune.files"]),
     ("data", ["visiontune.data"]),
     ("backbones", ["visiontune.backbones"]),

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
+from visiontune import device as devices
 from visiontune import adapt, semi  # noqa: F401  (importing them registers the built-in methods)
 from visiontune.backbones.cuts import Tail
 from visiontune.cache.features import cached_activations
@@ -80,7 +81,8 @@ def cache_extra(key: str, folder: str, backbone, plan: Plan, cache_dir: str | No
     what = "unlabelled" if key == "u" else "target"
     catalog = unlabelled_catalog(folder, what)
     root = cache_folder(cache_dir)
-    common = {"cut": plan.cut, "seed": plan.seed, "batch_size": plan.batch_size, "workers": workers, "engine": plan.engine}
+    common = {"cut": plan.cut, "seed": plan.seed, "batch_size": plan.batch_size, "workers": workers, "engine": plan.engine,
+              "device": devices.choose(plan.device)}
     kept, plain, skipped = cached_activations(backbone, catalog.paths, root, description=what, **common)
     views = [plain]
     for view in range(plan.unlabeled_views):
@@ -236,7 +238,7 @@ def evaluate_target(tail: Tail, catalog: Catalog, backbone, plan: Plan, classes:
     root = cache_folder(cache_dir)
     kept, rows, _ = cached_activations(backbone, catalog.paths, root, cut=plan.cut, seed=plan.seed,
                                        batch_size=plan.batch_size, workers=workers, engine=plan.engine,
-                                       description="target evaluation")
+                                       description="target evaluation", device=devices.choose(plan.device))
     return classification_metrics(np.asarray(catalog.labels)[kept], tail_probabilities(tail, rows), classes)
 
 

@@ -23,6 +23,7 @@ from visiontune.backbones.heads import MLP_HIDDEN, head_record, install_head
 from visiontune.backbones.providers import read_safetensors
 from visiontune.data.catalog import Skipped
 from visiontune.data.transforms import Preprocessing
+from visiontune.device import CPU, Device, inference_batch, loader_workers
 from visiontune.evaluation.priors import reweight
 from visiontune.task.kinds import Task, task_named
 from visiontune.inference.stream import gather, stream_outputs
@@ -59,6 +60,7 @@ class Classifier:
     run_dir: Path | None = None
     directory: Path | None = None  # the classifier folder it was saved to / loaded from
     shifted_prior: tuple[np.ndarray, np.ndarray] | None = None  # (training prior, new prior): use_prior; not saved
+    device: Device = CPU  # where forward passes run (--device); not saved: a classifier file is device-free
     _engines: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -87,14 +89,15 @@ class Classifier:
         return self.task.tags
 
     def engine_forward(self, engine: str = "torch"):
-        """images -> logits on `engine` (names.ENGINE_CHOICES: "auto" = onnxruntime when installed).
+        """images -> logits on `engine` (names.ENGINE_CHOICES: "auto" = onnxruntime when installed; on a GPU
+        `device`, auto = torch there under autocast).
 
         The ONNX file is exported once per weights file into the feature cache's engines/ folder, never
         into the classifier folder."""
         from visiontune.inference.engines import compile_forward
         from visiontune.names import resolve_engine
 
-        engine = resolve_engine(engine)
+        engine = "torch-bf16" if self.device.accelerated and engine in (None, "auto") else resolve_engine(engine)
         if engine not in self._engines:
             path = None
             if engine == "onnxruntime" and self.directory is not None:
@@ -104,7 +107,7 @@ class Classifier:
                 digest = content_hash(self.directory / "model.safetensors")
                 path = default_cache_root() / "engines" / f"{self.arch}-{self.preprocessing.input_size}-{digest[:20]}.onnx"
             model = self.model.eval().to(memory_format=torch.contiguous_format) if engine == "onnxruntime" else self.model.eval()
-            self._engines[engine] = compile_forward(model, engine, self.preprocessing.input_size, path)
+            self._engines[engine] = compile_forward(model, engine, self.preprocessing.input_size, path, self.device)
             self.model.to(memory_format=torch.channels_last)
         return self._engines[engine]
 
@@ -120,16 +123,18 @@ class Classifier:
         forward = self.engine_forward(engine)
         busy = getattr(forward, "keeps_cores_busy", False)  # wrapped below: stream_outputs cannot read it there
         paths = [Path(p) for p in paths]
+        batch_size = inference_batch(self.device, self.preprocessing.input_size, batch_size)
+        workers = loader_workers(self.device, 0)  # on a GPU a decoding process per core feeds it
         if tta == "none":
             batches = stream_outputs(
-                lambda x: self.task.activation(forward(x)), paths, self.preprocessing, batch_size, description="predicting",
-                skipped=skipped, busy_cores=busy,
+                forward, paths, self.preprocessing, batch_size, workers, description="predicting",
+                skipped=skipped, busy_cores=busy, activation=self.task.activation,
             )
         else:
             views = tta_views(tta)
             batches = stream_outputs(
                 tta_forward(forward, combine, self.task.activation), paths, self.preprocessing, max(1, batch_size // views),
-                description=f"predicting (TTA {tta})", transform=tta_transform(self.preprocessing, tta), skipped=skipped,
+                workers, description=f"predicting (TTA {tta})", transform=tta_transform(self.preprocessing, tta), skipped=skipped,
                 views=views, busy_cores=busy,
             )
         for indices, probs in batches:
@@ -184,7 +189,7 @@ class Classifier:
         from visiontune.version import __version__
 
         directory = Path(directory)
-        state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         write_bytes_whole(directory / "model.safetensors", save(state))
         fault_point("classifier-half")
         meta = {

@@ -76,8 +76,9 @@ def start() -> World:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= here.local_size else "gloo"
-        dist.init_process_group(backend)
+        from visiontune.device import distributed_backend
+
+        dist.init_process_group(distributed_backend())
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets 1 when unset; `--nproc` sets cores / N
         torch.set_num_threads(threads_per_process(here.local_size))
     if not here.main:

@@ -12,6 +12,8 @@ AUGMENTATIONS = ("none", "light", "standard", "strong", "aerial")
 ENGINES = ("torch", "torch-bf16", "onnxruntime")
 #: What every command that runs a model offers as --engine: `auto` (onnxruntime where installed) or an engine.
 ENGINE_CHOICES = ("auto", *ENGINES)
+#: `--device` of every command that runs a model (visiontune/device.py chooses and checks it).
+DEVICE_HELP = "where the model runs: auto (CUDA if present, else Apple MPS, else CPU) | cpu | cuda | cuda:N | mps"
 #: Images per forward pass when predicting, evaluating or scoring (what the predict bench measures).
 INFERENCE_BATCH = 32
 TTA_MODES = ("none", "flip", "flips", "5crop", "10crop", "scale")

@@ -48,7 +48,7 @@ class DANN(Adaptation):
         progress = min(1.0, self.step / max(1, self.setup.total_steps))
         strength = 2.0 / (1.0 + math.exp(-10 * progress)) - 1.0
         features = GradientReversal.apply(torch.cat([source, target]), strength)
-        domains = torch.cat([torch.zeros(len(source)), torch.ones(len(target))])
+        domains = torch.cat([torch.zeros(len(source)), torch.ones(len(target))]).to(features.device)
         return F.binary_cross_entropy_with_logits(self.discriminator(features).squeeze(-1), domains)
 
 

@@ -20,6 +20,7 @@ from visiontune.cache.store import CachedRows, FeatureStore
 from visiontune.data.images import content_hash
 from visiontune.data.transforms import augmentation
 from visiontune import distributed
+from visiontune.device import CPU, Device, Precision, inference_batch, loader_workers
 from visiontune.files import fault_point
 from visiontune.inference.engines import compile_forward
 from visiontune.data.catalog import Skipped
@@ -41,9 +42,14 @@ VIEW_MIN_SCALE = 0.5
 
 def feature_key(
     backbone: Backbone, cut: str = POOLED, view: int | None = None, seed: int = 0, engine: str = "torch",
-    aug: str = "light",
+    aug: str = "light", device: Device = CPU,
 ) -> dict:
-    """Everything that changes what a stored feature row means."""
+    """Everything that changes what a stored feature row means.
+
+    On a GPU the key also names the device kind and the numeric path (fp32, bf16, fp16): rows computed in
+    bf16 on a GPU never mix with fp32 rows, nor with the CPU's. On the CPU the engine already names its
+    numeric path (torch and onnxruntime fp32, torch-bf16 bf16), and the key stays what it always was, so
+    existing caches stay valid."""
     key = {
         "engine": engine,
         "arch": backbone.arch,
@@ -57,6 +63,9 @@ def feature_key(
         key["augmentation"] = {"preset": aug, "min_scale": VIEW_MIN_SCALE, "seed": seed}
     else:  # the evaluation transform's resize: 2 = ResizeCentreCrop (rows differ from 1's by rounding)
         key["eval_resize"] = 2
+    if device.accelerated and engine != "onnxruntime":
+        key["device"] = device.kind
+        key["numeric"] = Precision(device, engine == "torch-bf16").name
     return key
 
 
@@ -79,6 +88,7 @@ def cached_activations(
     load: bool = True,
     aug: str = "light",
     shared: bool = False,
+    device: Device = CPU,
 ) -> tuple[np.ndarray, CachedRows | None, list[Skipped]]:
     """(kept positions into `paths`, activations [n_kept, ...] read lazily from the store, skipped files).
 
@@ -87,8 +97,12 @@ def cached_activations(
     `load=False` (warming the cache) the activations are not read back and None is returned. With
     `shared` in a distributed run (every rank calls this together), each rank computes every W-th shard of
     the missing images and all read the union after a barrier (visiontune/distributed.py).
+    On a GPU (`device`) the trunk runs there, in batches sized from its free memory, fed by a decoding
+    process per core.
     """
-    store = FeatureStore(cache_root, feature_key(backbone, cut, view, seed, engine, aug))
+    store = FeatureStore(cache_root, feature_key(backbone, cut, view, seed, engine, aug, device))
+    batch_size = inference_batch(device, backbone.preprocessing.input_size, batch_size)
+    workers = loader_workers(device, workers)
     trunk = Trunk(backbone.model, cut).eval()
     forward = None  # compiled on first need: a fully cached run never exports or loads an engine
     transform = None if view is None else augmentation(backbone.preprocessing, aug, VIEW_MIN_SCALE)
@@ -114,7 +128,7 @@ def cached_activations(
         chunk = todo[start : start + SHARD_SIZE]
         chunk_skipped: list[Skipped] = []
         if forward is None:
-            forward = compile_forward(trunk, engine, backbone.preprocessing.input_size, store.dir / "trunk.onnx")
+            forward = compile_forward(trunk, engine, backbone.preprocessing.input_size, store.dir / "trunk.onnx", device)
         done, rows = collect_outputs(
             forward,
             [paths[i] for i in chunk],
@@ -165,19 +179,20 @@ def cached_thumbnails(paths: Sequence[Path], cache_root: Path, description: str 
     return store.rows(hashes)
 
 
-def trunk_engine_path(backbone: Backbone, cache_root: Path, cut: str, engine: str, seed: int = 0) -> Path:
+def trunk_engine_path(backbone: Backbone, cache_root: Path, cut: str, engine: str, seed: int = 0,
+                      device: Device = CPU) -> Path:
     """Where the plain view's cache keeps the trunk exported for `engine`: timing the plan's speed exports it
     there, so caching then reuses the file instead of exporting again."""
-    return FeatureStore(cache_root, feature_key(backbone, cut, None, seed, engine)).dir / "trunk.onnx"
+    return FeatureStore(cache_root, feature_key(backbone, cut, None, seed, engine, device=device)).dir / "trunk.onnx"
 
 
 def uncached_count(
     backbone: Backbone, paths: Sequence[Path], cache_root: Path, cut: str = POOLED, view: int | None = None,
-    seed: int = 0, engine: str = "torch", aug: str = "light",
+    seed: int = 0, engine: str = "torch", aug: str = "light", device: Device = CPU,
 ) -> int:
     """How many of `paths` (by content) no finished shard of this key holds yet: the trunk passes a run
     will pay for. Reads nothing but the store's index (the content hashes are memoised by the catalog)."""
-    key = feature_key(backbone, cut, view, seed, engine, aug)
+    key = feature_key(backbone, cut, view, seed, engine, aug, device)
     if not FeatureStore.directory(cache_root, key).is_dir():  # asking must not create an empty store
         return len(paths)
     index = FeatureStore(cache_root, key).index()

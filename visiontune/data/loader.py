@@ -101,9 +101,11 @@ def iterate_batches(
     seed: int = 0,
     workers: int = 1,
     order: Sequence[int] | None = None,
+    pin_memory: bool = False,
 ) -> BatchIterator:
     """Batches in order (or shuffled with `seed`, or in the explicit `order` of item indices, which is how
-    a resumed epoch starts mid-way), decoded in `workers` background processes."""
+    a resumed epoch starts mid-way), decoded in `workers` background processes. `pin_memory` (batches for a
+    GPU): page-locked batches, whose copy to the device runs without blocking."""
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         dataset,
@@ -115,6 +117,8 @@ def iterate_batches(
         worker_init_fn=_seed_worker,
         generator=generator,
         persistent_workers=False,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers > 0 and pin_memory else None,
     )
     return BatchIterator(loader, dataset)
 

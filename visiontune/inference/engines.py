@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune.device import CPU, Device, DeviceForward, Precision
 from visiontune.distributed import world
 from visiontune.errors import UsageError
 from visiontune.files import written_whole
@@ -48,11 +49,17 @@ def export_onnx(module: nn.Module, input_size: int, path: Path) -> Path:
     return path
 
 
-def compile_forward(module: nn.Module, engine: str, input_size: int, onnx_path: Path | None = None) -> Forward:
-    """A function images -> outputs running `module` on `engine` (inputs NCHW float32, any layout)."""
+def compile_forward(module: nn.Module, engine: str, input_size: int, onnx_path: Path | None = None,
+                    device: Device = CPU) -> Forward:
+    """A function images -> outputs running `module` on `engine` (inputs NCHW float32, any layout).
+
+    On a GPU (`device`) the torch engines run there (torch-bf16: autocast, bf16 or the GPU's fp16) and
+    outputs come back to the CPU; onnxruntime stays a CPU engine wherever it is asked for."""
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     module = module.eval()
+    if device.accelerated and engine != "onnxruntime":
+        return DeviceForward(module, Precision(device, engine == "torch-bf16"))
     if engine == "torch":
         return module
     if engine == "torch-bf16":

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from visiontune.data.catalog import Skipped
+from visiontune.device import DeviceForward
 from visiontune.data.images import load_rgb, load_rgb_or_gray
 from visiontune.data.loader import ImageFiles, iterate_batches, prefetch
 from visiontune.data.transforms import NormalisePixels, Preprocessing, eval_transform_uint8
@@ -33,6 +34,7 @@ def stream_outputs(
     seeds: Sequence[int] | None = None,
     views: int = 1,
     busy_cores: bool | None = None,
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (indices into `paths`, outputs as float32 numpy) per batch; failed files go to `skipped`.
 
@@ -43,14 +45,20 @@ def stream_outputs(
     transform returns several views per image (TTA) and `forward` takes [batch, views, 3, H, W].
     `busy_cores`: whether `forward` keeps every core busy (None: read from it, for a `forward` that wraps an
     engine pass the engine's `keeps_cores_busy`); sets the decoding thread's priority, see below.
+    `activation` (a task's sigmoid/softmax) is applied to the outputs; passed apart rather than wrapped into
+    `forward` so that a GPU forward is still seen as one (it takes uint8 pixels and pinned batches).
     """
     # the evaluation preset resizes gray images before their RGB conversion (a third of the work)
     dataset = ImageFiles(paths, None, transform or eval_transform_uint8(preprocessing), preprocessing.input_size, seeds,
                          views, load=load_rgb if transform is not None else load_rgb_or_gray)
-    batches = iterate_batches(dataset, batch_size, workers=workers)
+    on_device = isinstance(forward, DeviceForward)
+    batches = iterate_batches(dataset, batch_size, workers=workers, pin_memory=on_device and workers > 0)
     if transform is None:  # uint8 batches, normalised as a whole (and in the background thread below)
         normalise = NormalisePixels(preprocessing)
-        batches = (replace(batch, images=normalise(batch.images)) for batch in batches)
+        if on_device:  # a quarter of the bytes to copy; the GPU normalises
+            forward = forward.taking_pixels(normalise.scale, normalise.shift)
+        else:
+            batches = (replace(batch, images=normalise(batch.images)) for batch in batches)
     if workers == 0 and len(paths) > batch_size and seeds is None:
         # decode in a background thread (see loader.prefetch); a single batch (one image, a served request)
         # decodes inline, since even a thread's start-up costs more than overlapping it saves. Seeded random
@@ -73,7 +81,8 @@ def stream_outputs(
                 continue
             # images stay NCHW: a PyTorch model whose weights are channels-last (every visiontune model) runs
             # channels-last from its first convolution on, and onnxruntime wants NCHW
-            yield batch.indices.numpy(), forward(batch.images).float().numpy()
+            outputs = forward(batch.images)
+            yield batch.indices.numpy(), (outputs if activation is None else activation(outputs)).float().numpy()
 
 
 def collect_outputs(*args, **kwargs) -> tuple[np.ndarray, np.ndarray]:

@@ -45,7 +45,7 @@ def cache_inputs(prep: Prepared, config: RunConfig) -> CachedInputs:
     plan, backbone = prep.plan, prep.backbone
     cache_root = cache_folder(config.cache_dir)
     common = {"cut": plan.cut, "seed": plan.seed, "batch_size": plan.batch_size, "workers": config.workers,
-              "engine": plan.engine, "shared": distributed.active()}
+              "engine": plan.engine, "shared": distributed.active(), "device": prep.device}
     skipped: list[Skipped] = []
     kept_va, x_va, bad = cached_activations(backbone, prep.valid.paths, cache_root, description="valid", **common)
     skipped += bad

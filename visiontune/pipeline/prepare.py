@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from visiontune import beyond
+from visiontune import beyond, distributed
+from visiontune import device as devices
 from visiontune.backbones.cuts import cut_points
 from visiontune.backbones.registry import Backbone, create_backbone, resolve_arch
 from visiontune.cache.features import trunk_engine_path, uncached_count
@@ -19,6 +20,7 @@ from visiontune.data.catalog import Catalog, DataError, Source, discover
 from visiontune.data.checked import recorded_in
 from visiontune.data.split import kfold_indices, split_catalog
 from visiontune.inference.engines import default_engine
+from visiontune.device import Device
 from visiontune.locations import cache_folder
 from visiontune.runs import RunConfig
 from visiontune.task.kinds import Task, task_for
@@ -44,7 +46,7 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # on a GPU, device.configure decides afterwards
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Prepared:
     speed: SpeedProfile | None
     plan: Plan
     predicted: dict[str, float]  # predicted seconds of each part of the run (printed before training)
+    device: Device = devices.CPU  # where the run computes (the plan's `device`, resolved once)
 
 
 def concat(a: Catalog, b: Catalog) -> Catalog:
@@ -94,8 +97,9 @@ def prepare(config: RunConfig, fold: tuple[int, int] | None = None, reserve_s: f
     size = overrides.get("img_size") or choose_img_size(data_profile, native)[0]
     backbone.preprocessing = backbone.preprocessing.with_size(size)
     cuts = cut_points(backbone.model)
-    engine = overrides.get("engine") or default_engine()
-    speed = profile_speed(backbone, train_cat, cuts[:4], engine) if budget_s is not None else None
+    device, device_choices = choose_device(overrides)
+    engine = device_choices.get("engine") or overrides.get("engine") or default_engine()
+    speed = profile_speed(backbone, train_cat, cuts[:4], engine, device=device) if budget_s is not None else None
     overrides = {**overrides, "seed": config.seed, "task": task.name}
     cache_root = cache_folder(config.cache_dir)
 
@@ -103,7 +107,7 @@ def prepare(config: RunConfig, fold: tuple[int, int] | None = None, reserve_s: f
     def missing(cut: str, view: int | None, part: str) -> int:  # one index read per feature key, not per candidate
         paths = valid_cat.paths if part == "valid" else train_cat.paths
         return uncached_count(backbone, paths, cache_root, cut=cut, view=view, seed=config.seed, engine=engine,
-                              aug=overrides.get("aug") or "light")
+                              aug=overrides.get("aug") or "light", device=device)
 
     def uncached(candidate: Candidate) -> int:
         """Trunk passes `candidate` still needs: the views of each image no cache shard holds yet."""
@@ -112,19 +116,42 @@ def prepare(config: RunConfig, fold: tuple[int, int] | None = None, reserve_s: f
 
     plan = make_plan(data_profile, native, cuts, overrides, budget_s, speed, seconds_since_process_start() + reserve_s,
                      uncached, exclusive=task.exclusive)
+    plan = plan.chosen(device_choices.pop("why"), **device_choices)
     if speed is None:  # time this plan's parts once, so the run can say how long it will take
         timed_cuts = sorted({plan.cut, cuts[0]} if plan.finetune_epochs else {plan.cut})
         to_cache = uncached(Candidate(plan.cut, plan.views, plan.epochs))
-        paths = {plan.cut: trunk_engine_path(backbone, cache_root, plan.cut, plan.engine, plan.seed)} if to_cache else {}
+        paths = {plan.cut: trunk_engine_path(backbone, cache_root, plan.cut, plan.engine, plan.seed, device)} if to_cache else {}
         with torch.random.fork_rng():  # timing train steps must not move the run's random numbers
-            speed = profile_speed(backbone, train_cat, timed_cuts, plan.engine, batch=plan.batch_size, engine_paths=paths)
+            speed = profile_speed(backbone, train_cat, timed_cuts, plan.engine, batch=plan.batch_size, engine_paths=paths,
+                                  device=device)
     predicted = predict_parts(plan, data_profile, speed, uncached, reserve_s)
     if plan.budget_s is None:
         plan = plan.chosen({"predicted_s": "timed batches of this data on this machine (caching, epochs, fine-tuning, "
                                            "report)"}, predicted_s=round(sum(predicted.values()), 1))
     beyond.check_request(plan, config.unlabeled, config.target, task)
     plan = beyond.settle_plan(plan, config.unlabeled, config.target).chosen({"task": task.why})
-    return Prepared(source, train_cat, valid_cat, task, backbone, data_profile, speed, plan, predicted)
+    return Prepared(source, train_cat, valid_cat, task, backbone, data_profile, speed, plan, predicted, device)
+
+
+def choose_device(overrides: dict) -> tuple[Device, dict]:
+    """The run's device (--device, auto by default; in a job of several processes each one's own GPU), its
+    kernels' determinism set, and the plan settings that follow from it, with their reasons (under "why"):
+    the device with its name and memory; on a GPU mixed precision and the trunk pass in torch there."""
+    here = distributed.world()
+    device = devices.choose(overrides.get("device") or "auto", here.local_rank if here.shared else None)
+    devices.bind_process(device)
+    reproducible = devices.configure(device, bool(overrides.get("deterministic")))
+    why = {"device": f"{device.describe()}: {device.why}", "deterministic": reproducible}
+    changes: dict = {"device": device.spec, "why": why}
+    if overrides.get("amp") is None:
+        changes["amp"], why["amp"] = devices.mixed_by_default(device)
+    if device.accelerated and not overrides.get("engine"):
+        mixed = changes.get("amp", overrides.get("amp"))
+        changes["engine"] = "torch-bf16" if mixed else "torch"
+        why["engine"] = (f"on {device.spec} the trunk runs in torch there"
+                         + (" under autocast (bf16 where the GPU has it, else fp16)" if mixed else " in fp32")
+                         + "; onnxruntime is the CPU's engine")
+    return device, changes
 
 
 def predict_parts(plan: Plan, data: DataProfile, speed: SpeedProfile, uncached, reserve_s: float) -> dict[str, float]:

@@ -156,7 +156,7 @@ def train_model(prep: Prepared, run: RunDir, config: RunConfig, tail: Tail, trai
                      select=select.rows_and_targets() if select else None, shared=shared, **run_options)
     model = prep.backbone.model
     classifier = Classifier(model.eval(), prep.backbone.arch, prep.source.classes, prep.backbone.preprocessing,
-                            run_dir=run.path, extra={"task": task.name})
+                            run_dir=run.path, extra={"task": task.name}, device=prep.device)
     if plan.finetune_epochs > 0:
         finetune(
             model, trained.fit_catalog, prep.valid, prep.backbone.preprocessing, plan, logger, run.checkpoints_to_write,

@@ -42,7 +42,7 @@ def feature_augment(x: torch.Tensor, strength: float) -> torch.Tensor:
     if strength <= 0:
         return x
     if x.dim() == 4:
-        flip = torch.rand(len(x)) < 0.5
+        flip = (torch.rand(len(x)) < 0.5).to(x.device)  # drawn on the CPU generator (checkpointed) on any device
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         x = F.dropout2d(x, p=min(0.5, 0.2 * strength), training=True)
     else:

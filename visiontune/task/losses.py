@@ -42,7 +42,7 @@ def focal_loss(
     soft = _soft_targets(targets, logits.shape[-1], label_smoothing)
     per_class = soft * (1 - log_p.exp()).pow(gamma) * log_p
     if weight is not None:
-        per_class = per_class * weight
+        per_class = per_class * weight.to(per_class.device)
     return -per_class.sum(-1).mean()
 
 
@@ -59,7 +59,8 @@ def make_loss(name: str, label_smoothing: float = 0.0, focal_gamma: float = 2.0,
         s = label_smoothing
         return lambda logits, targets: F.binary_cross_entropy_with_logits(logits.float(), targets.float() * (1 - s) + s / 2)
     if name == "ce":
-        return lambda logits, targets: F.cross_entropy(logits.float(), targets, weight=weight, label_smoothing=label_smoothing)
+        return lambda logits, targets: F.cross_entropy(logits.float(), targets, weight=None if weight is None else weight.to(logits.device),
+                                                                 label_smoothing=label_smoothing)
     if name == "focal":
         return lambda logits, targets: focal_loss(logits, targets, focal_gamma, weight, label_smoothing)
     raise UsageError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")

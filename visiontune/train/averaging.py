@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+
+from visiontune.device import device_of, move
 from torch import nn
 from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn
 
@@ -78,9 +80,10 @@ def recompute_batchnorm(bns: list[nn.Module], module: nn.Module, batches: Iterab
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over all batches
         bn.train()
+    device = device_of(module)
     with torch.no_grad():
         for inputs in batches:
-            module(inputs)
+            module(move(inputs, device))
     for bn, momentum in momenta.items():
         bn.momentum = momentum
     for m, training in was_training.items():

@@ -42,7 +42,7 @@ def _flat_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     for index, values in state["state"].items():
         for name, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{name}"] = value.detach().contiguous()
+                tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{index}.{name}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -70,11 +70,11 @@ def save_checkpoint(
 ) -> None:
     """Write the pair atomically (see module docstring); `parts` are named state dicts (the callbacks')."""
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
     opt_tensors, opt_meta = _flat_optimizer(optimizer.state_dict())
     tensors.update(opt_tensors)
     for name, state in (parts or {}).items():
-        tensors.update({f"part.{name}.{k}": v.detach().contiguous().clone() for k, v in state.items()})
+        tensors.update({f"part.{name}.{k}": v.detach().cpu().contiguous().clone() for k, v in state.items()})
     tensors["rng.torch"] = torch.get_rng_state()
     tensor_id = uuid.uuid4().hex
     old = {p for p in folder.glob("last-*.safetensors")}

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune import device as devices
 from visiontune import distributed
 from visiontune.errors import UsageError
-from visiontune.progress import progress_bar
+from visiontune.progress import console, progress_bar
 from visiontune.task.kinds import Task
 from visiontune.train.callbacks import Callback, ObjectiveState, default_callbacks
 from visiontune.train.checkpoint import Checkpoint, Position
@@ -113,8 +114,11 @@ class Loop:
     """The running state of one phase, which the callbacks read and change."""
 
     def __init__(self, phase: Phase, plan: Plan, log: Log, metrics_lines: Callable[[], int], callbacks: list[Callback],
-                 objective: Objective | None = None):
+                 objective: Objective | None = None, precision: devices.Precision | None = None):
         self.phase, self.plan, self.log, self.metrics_lines, self.callbacks = phase, plan, log, metrics_lines, callbacks
+        self.precision = precision or devices.Precision(devices.CPU, plan.amp)
+        self.scaler = self.precision.scaler()  # fp16 on a GPU without bf16: gradients scaled against underflow
+        self.parts = 1  # slices each batch is trained in (gradients accumulated), doubled by an out-of-memory error
         groups = list(phase.groups)
         extra = [p for module in (objective.modules().values() if objective else []) for p in module.parameters()]
         if extra:  # a method's own trainable parts (a domain discriminator, a peer head) learn at the head's rate
@@ -147,7 +151,27 @@ class Loop:
         self.emit("restore", checkpoint)
         self.optimizer.load_state_dict(checkpoint.optimizer)
         self.schedule.load_state_dict(checkpoint.scheduler)
+        self.parts = int(checkpoint.position.extra.get("micro_batches", 1))
         checkpoint.restore_rng()
+
+    def step(self, forward: nn.Module, objective: Objective, batch: Batch, scale: float) -> tuple[float, dict]:
+        """One optimizer step on `batch` (on the phase's device). A device out-of-memory error halves the
+        slices the batch is trained in and retries the same step: the effective batch, and so the recipe,
+        stays the same (gradient accumulation); said once, and recorded with the epoch and in checkpoints."""
+        while True:
+            try:
+                return train_step(forward, objective, batch, self.optimizer, self.precision, scale, self.parts, self.scaler)
+            except Exception as error:  # noqa: BLE001 - only out-of-memory errors are retried
+                n = batch_size_of(batch)
+                if not devices.is_out_of_memory(error) or self.parts >= n:
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                devices.release_memory(self.precision.device)
+                self.parts *= 2
+                self.extra["micro_batches"] = self.parts
+                console.print(f"[yellow]out of {self.precision.device.spec} memory at {n} images per step[/]: now "
+                              f"{self.parts} slices of ~{-(-n // self.parts)} with their gradients accumulated (the "
+                              "same effective batch); recorded as micro_batches in metrics.jsonl")
 
 
 def run_phase(
@@ -171,8 +195,12 @@ def run_phase(
         raise UsageError("a distributed run trains labelled images with the supervised objective; run the "
                          "unlabelled/target-domain methods in one process")
     ranks = distributed.world().size if shared else 1
+    device = devices.choose(plan.device) if plan.device != "cpu" else devices.CPU
+    module.to(device.torch_device)  # in place: the optimizer below and the callbacks hold the same parameters
+    for extra_module in objective.state_modules().values():
+        extra_module.to(device.torch_device)
     forward = None if shared else step_module(module, plan, shared=False)  # a shared one is wrapped each epoch
-    loop = Loop(phase, plan, log, metrics_lines, callbacks, objective)
+    loop = Loop(phase, plan, log, metrics_lines, callbacks, objective, devices.Precision(device, plan.amp))
     required = {id(p): p.requires_grad for p in module.parameters()}
     loop.emit("phase_start")
     if resume is not None:
@@ -203,7 +231,7 @@ def run_phase(
                         position.global_step += 1
                     continue
                 objective.step = position.global_step
-                loss, logs = train_step(forward, objective, batch, loop.optimizer, plan.amp, scale=ranks * n / whole)
+                loss, logs = loop.step(forward, objective, devices.move(batch, device), scale=ranks * n / whole)
                 loop.schedule.step()
                 loop.loss_sum += loss * n
                 loop.loss_count += n
@@ -219,6 +247,8 @@ def run_phase(
             loop.loss_sum, loop.loss_count = distributed.total(loop.loss_sum, loop.loss_count)
         record["train_loss"] = loop.loss_sum / max(loop.loss_count, 1)
         record.update({f"train_{key}": value / max(1, position.step) for key, value in logged.items()})
+        if loop.parts > 1:
+            record["micro_batches"] = loop.parts
         record["seconds"] = round(time.perf_counter() - started, 3)
         loop.emit("validated", record)
         log(record)
@@ -228,4 +258,7 @@ def run_phase(
     loop.emit("phase_end")
     if shared:
         require_grads(module, required)
+    module.to("cpu")  # what follows (closed-form heads, saving, exporting) reads the weights on the CPU
+    for extra_module in objective.state_modules().values():
+        extra_module.to("cpu")
     return position.history

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune.device import CPU, Precision
 from visiontune.errors import UsageError
 from visiontune.task.kinds import SingleLabel, Task
 from visiontune.task.losses import mix_batch
@@ -129,16 +130,51 @@ def batch_size_of(batch: Batch) -> int:
 
 
 def train_step(
-    module: nn.Module, objective: Objective, batch: Batch, optimizer: torch.optim.Optimizer, amp: bool = False,
-    scale: float = 1.0,
+    module: nn.Module, objective: Objective, batch: Batch, optimizer: torch.optim.Optimizer,
+    precision: Precision | bool = False, scale: float = 1.0, parts: int = 1, scaler=None,
 ) -> tuple[float, dict[str, float]]:
-    """One optimizer step of `objective` on `batch` (bf16 autocast with `amp`); returns (loss, logs).
+    """One optimizer step of `objective` on `batch`, under `precision`'s autocast (a bool: bf16 autocast on the
+    CPU when True); returns (loss, logs).
 
     `scale` weights the gradient: a rank of a distributed run holds part of the global batch, and
-    DistributedDataParallel averages over ranks, so each rank's loss counts by its share of the batch."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-        loss, logs = objective.loss(module, batch)
+    DistributedDataParallel averages over ranks, so each rank's loss counts by its share of the batch.
+    `parts` > 1 accumulates the gradients of that many slices of the batch before the one optimizer step
+    (what an out-of-memory error leaves: the same effective batch in smaller forwards). `scaler`: fp16's
+    gradient scaler (:meth:`visiontune.device.Precision.scaler`)."""
+    if isinstance(precision, bool):
+        precision = Precision(CPU, precision)
     optimizer.zero_grad(set_to_none=True)
-    (loss * scale if scale != 1.0 else loss).backward()
-    optimizer.step()
-    return float(loss.detach()), logs
+    n = batch_size_of(batch)
+    total, logs = 0.0, {}
+    for piece in split_batch(batch, parts):
+        share = batch_size_of(piece) / n if parts > 1 else 1.0
+        with precision.autocast():
+            loss, piece_logs = objective.loss(module, piece)
+        weighted = loss * (scale * share) if scale * share != 1.0 else loss
+        (scaler.scale(weighted) if scaler is not None else weighted).backward()
+        total += float(loss.detach()) * share
+        for key, value in piece_logs.items():
+            logs[key] = logs.get(key, 0.0) + value * share
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return total, logs
+
+
+def split_batch(batch: Batch, parts: int) -> list[Batch]:
+    """`batch` cut into `parts` slices along the first dimension (each key sliced in proportion to its own
+    length: unlabelled keys hold `ratio` items per labelled one); one slice when `parts` is 1."""
+    n = batch_size_of(batch)
+    parts = max(1, min(parts, n))
+    if parts == 1:
+        return [batch]
+    pieces = []
+    for k in range(parts):
+        piece = {}
+        for key, value in batch.items():
+            m = len(value)
+            piece[key] = value[k * m // parts : (k + 1) * m // parts]
+        pieces.append(piece)
+    return [piece for piece in pieces if batch_size_of(piece)]

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune import device as devices
 from visiontune import distributed
+from visiontune.device import device_of, following, loader_workers, move
 from visiontune.backbones.cuts import Tail
 from visiontune.backbones.heads import output_layer
 from visiontune.backbones.groups import group_index, layer_groups, param_groups
@@ -51,7 +53,8 @@ def pooled_features(tail: Tail, rows: Rows, batch_size: int = 256) -> np.ndarray
     out = []
     with torch.inference_mode():
         for start in range(0, len(rows), batch_size):
-            out.append(tail.features(_rows(rows, np.arange(start, min(start + batch_size, len(rows))))).float().numpy())
+            rows_here = _rows(rows, np.arange(start, min(start + batch_size, len(rows))))
+            out.append(tail.features(move(rows_here, device_of(tail))).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, tail.model.num_features), np.float32)
 
 
@@ -78,9 +81,10 @@ def _gather_views(views: list[Rows], indices: np.ndarray, chosen: np.ndarray) ->
 def predict_cached(tail: nn.Module, inputs: Rows, batch_size: int = 256) -> torch.Tensor:
     """Logits of a tail on cached activations, in batches, without autograd."""
     tail.eval()
+    forward = following(tail)
     with torch.inference_mode():
         parts = [
-            tail(_rows(inputs, np.arange(start, min(start + batch_size, len(inputs)))))
+            forward(_rows(inputs, np.arange(start, min(start + batch_size, len(inputs)))))
             for start in range(0, len(inputs), batch_size)
         ]
     return torch.cat(parts) if parts else torch.empty(0)
@@ -281,6 +285,8 @@ def finetune_phase(
     row_targets = torch.from_numpy(task.targets(train))
     seen_failures: set[str] = set()
     model.to(memory_format=torch.channels_last)
+    on_gpu = devices.choose(plan.device).accelerated if plan.device != "cpu" else False
+    workers = loader_workers(devices.choose(plan.device), workers) if on_gpu else workers
 
     def prepare_epoch(epoch: int) -> None:
         lowest = max(first, len(groups_names) - 2 - epoch) if plan.gradual else first
@@ -304,7 +310,7 @@ def finetune_phase(
         if shared:  # this rank's block of every global batch: only its own images are decoded
             mine = distributed.block(plan.batch_size)
             rest, size = distributed.blocks_of_batches(rest, plan.batch_size), mine.stop - mine.start
-        for batch in iterate_batches(dataset, size, workers=workers, order=rest):
+        for batch in iterate_batches(dataset, size, workers=workers, order=rest, pin_memory=on_gpu and workers > 0):
             for _, path, reason in batch.failed:
                 if path not in seen_failures:
                     seen_failures.add(path)
@@ -318,7 +324,7 @@ def finetune_phase(
 
     def validate_on(m: nn.Module, catalog: Catalog) -> dict:
         part = distributed.block(len(catalog.paths)) if shared else slice(None)
-        kept, logits = collect_outputs(m, catalog.paths[part], preprocessing, plan.batch_size, workers, "validating")
+        kept, logits = collect_outputs(following(m), catalog.paths[part], preprocessing, plan.batch_size, workers, "validating")
         if shared:  # every rank predicted its block; all compute the same metrics from the whole
             blocks = distributed.gather((kept + part.start, logits))
             kept, logits = np.concatenate([k for k, _ in blocks]), np.concatenate([v for _, v in blocks])

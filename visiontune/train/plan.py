@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from visiontune.errors import UsageError
-from visiontune.names import AUGMENTATIONS, BUILTIN_METHODS, ENGINE_CHOICES, HEADS, default_engine
+from visiontune.names import AUGMENTATIONS, BUILTIN_METHODS, DEVICE_HELP, ENGINE_CHOICES, HEADS, default_engine
 
 if TYPE_CHECKING:  # the Plan's declarations build `train --help`, which must not load torch
     from visiontune.train.profile import DataProfile, SpeedProfile
@@ -44,6 +44,7 @@ def setting(help: str, group: str = "", default=MISSING, flag: str = "", choices
 
 
 RECIPE, OPTIM, FREEZING, LOSS, MONITOR = "recipe (default: the plan)", "optimisation", "freezing", "loss and regularisation", "monitoring"
+DEVICE = "device (GPU, CPU)"
 BEYOND = "unlabelled and target-domain images (--unlabeled DIR / --target DIR)"
 
 
@@ -110,8 +111,12 @@ class Plan:
     monitor: str = setting("what early stopping watches", LOSS, "valid_loss", choices=("valid_loss", "valid_accuracy"))
     eval_every: int = setting("also validate every N optimizer steps (metrics.jsonl, tb/); 0 = per epoch only", MONITOR, 0, metavar="STEPS")
     checkpoint_every: int = setting("also checkpoint every N optimizer steps; 0 = per epoch only", MONITOR, 0, metavar="STEPS")
-    amp: bool = setting("bf16 autocast on CPU", OPTIM, False)
+    amp: bool = setting("mixed precision: autocast bf16 (fp16 with a gradient scaler on GPUs without bf16); default on "
+                        "a GPU, opt-in on CPU", OPTIM, False)
     compile: bool = setting("torch.compile the training forward (pays only for long fine-tuning)", OPTIM, False)
+    device: str = setting(DEVICE_HELP, DEVICE, "cpu", metavar="DEVICE")
+    deterministic: bool = setting("deterministic GPU kernels (cuDNN, cuBLAS): the same seed and GPU give identical "
+                                  "metrics, a little slower; CPU runs are reproducible without it", DEVICE, False)
     freeze_to: str = setting("fine-tune from this layer group up, e.g. blocks.4 ('' = the recipe decides)", FREEZING, "")
     gradual: bool = setting("gradual unfreezing: one more layer group per fine-tuning epoch", FREEZING, False)
     upweight: str = setting("CSV of hard examples (visiontune hard-examples) drawn more often", LOSS, "", metavar="CSV")

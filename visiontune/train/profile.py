@@ -21,6 +21,7 @@ import torch
 from visiontune.backbones.cuts import POOLED, Tail, Trunk
 from visiontune.backbones.registry import Backbone
 from visiontune.data.catalog import Catalog
+from visiontune.device import CPU, Device, Precision, loader_workers, move, synchronize
 from visiontune.data.images import ImageError, load_rgb
 from visiontune.data.transforms import eval_transform
 from visiontune.inference.engines import RELATIVE_TRUNK_TIME, compile_forward
@@ -104,23 +105,27 @@ class SpeedProfile:
         return asdict(self)
 
 
-def _timed(fn, repeats: int = 2) -> float:
+def _timed(fn, repeats: int = 2, device: Device = CPU) -> float:
     fn()  # warm-up: first calls allocate and pick kernels
+    synchronize(device)
     started = time.perf_counter()
     for _ in range(repeats):
         fn()
+    synchronize(device)  # a GPU runs behind the Python that queued its work
     return (time.perf_counter() - started) / repeats
 
 
 def profile_speed(
     backbone: Backbone, train: Catalog, cuts: list[str], engine: str = "torch", batch: int = 32,
-    engine_paths: dict[str, Path] | None = None,
+    engine_paths: dict[str, Path] | None = None, device: Device = CPU,
 ) -> SpeedProfile:
     """Time decoding, the trunk to each cut, and each tail's training step, on real sample images.
 
     The trunk is timed on `engine` itself for the cuts in `engine_paths` (where its exported file goes;
     onnxruntime's advantage over torch depends on the input size and the cut: 0.36-0.6x measured here),
-    else timed in torch and scaled by the engine's typical relative speed.
+    else timed in torch and scaled by the engine's typical relative speed. On a GPU (`device`) everything is
+    timed there (the trunk in the engine's precision, the tails' steps under the plan's autocast), and
+    decoding per image is shared by the decoding processes, one per core.
     """
     paths = train.paths[:: max(1, len(train) // batch)][:batch]
     transform = eval_transform(backbone.preprocessing)
@@ -131,17 +136,27 @@ def profile_speed(
             tensors.append(transform(load_rgb(path)))
         except ImageError:
             continue
-    decode = (time.perf_counter() - started) / max(1, len(paths))
+    decode = (time.perf_counter() - started) / max(1, len(paths)) / loader_workers(device, 1)
     x = torch.stack(tensors).contiguous(memory_format=torch.channels_last)
     trunk, tail_train, tail_eval = {}, {}, {}
     full = 0.0
     model = backbone.model
     was_training = model.training
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    precision = Precision(device, engine == "torch-bf16")
+    if device.accelerated:
+        model.to(device.torch_device)
+        x = move(x, device)
     for cut in cuts:
         stem = Trunk(model, cut).eval()
         with torch.no_grad():  # not inference_mode: the activations feed a backward pass below
-            if engine != "torch" and cut in (engine_paths or {}):
+            if device.accelerated and engine != "onnxruntime":
+                def on_device() -> torch.Tensor:
+                    with precision.autocast():
+                        return stem(x)
+
+                trunk[cut] = torch_trunk = _timed(on_device, device=device) / len(x)
+            elif engine != "torch" and cut in (engine_paths or {}):
                 forward = compile_forward(stem, engine, backbone.preprocessing.input_size, engine_paths[cut])
                 trunk[cut] = _timed(lambda: forward(x)) / len(x)
                 torch_trunk = 0.0
@@ -149,21 +164,22 @@ def profile_speed(
                 torch_trunk = _timed(lambda: stem(x)) / len(x)
                 trunk[cut] = torch_trunk * RELATIVE_TRUNK_TIME[engine]
             if cut == POOLED:
-                full = torch_trunk or _timed(lambda: stem(x), repeats=1) / len(x)
+                full = torch_trunk or _timed(lambda: stem(x), repeats=1, device=device) / len(x)
             activations = stem(x)
         tail = Tail(model, cut)
         optimizer = torch.optim.SGD(tail.trainable_parameters(), lr=0.0)
-        batch = {"x": activations, "y": torch.zeros(len(x), dtype=torch.long)}
+        batch = {"x": activations, "y": torch.zeros(len(x), dtype=torch.long, device=activations.device)}
         objective = plain_objective()
 
         def step() -> None:
             tail.train()
-            train_step(tail, objective, batch, optimizer)
+            train_step(tail, objective, batch, optimizer, Precision(device, device.accelerated))
 
-        tail_train[cut] = _timed(step) / len(x)
+        tail_train[cut] = _timed(step, device=device) / len(x)
         tail.eval()
         with torch.inference_mode():
-            tail_eval[cut] = _timed(lambda: tail(activations)) / len(x)
+            tail_eval[cut] = _timed(lambda: tail(activations), device=device) / len(x)
+    model.to("cpu")
     model.load_state_dict(state)  # timing steps must not change the model (BN statistics)
     model.train(was_training)
     return SpeedProfile(decode, trunk, tail_train, tail_eval, full)
