@@ -187,8 +187,15 @@ def load(path: str | Path) -> Classifier:
     return Classifier.load(path)
 
 
-def _classifier(classifier: Classifier | str | Path) -> Classifier:
-    return classifier if isinstance(classifier, Classifier) else load(classifier)
+def _classifier(classifier: Classifier | str | Path, device: str | None = None) -> Classifier:
+    """A loaded classifier (or the one given); `device` (--device: auto, cpu, cuda:N, mps) moves its forward
+    passes there."""
+    clf = classifier if isinstance(classifier, Classifier) else load(classifier)
+    if device is not None:
+        from visiontune import device as devices
+
+        clf.device = devices.choose(device)
+    return clf
 
 
 def image_files(items: Sequence[str | Path], skipped: list[Skipped] | None = None) -> list[Path]:
@@ -275,11 +282,12 @@ def predict_files(
     classifier: Classifier | str | Path, items: Sequence[str | Path], csv_out: str | Path | None = None,
     json_out: str | Path | None = None, submission_sample: str | Path | None = None, prior: str | None = None,
     topk: int = 3, batch_size: int = INFERENCE_BATCH, tta: str = "none", combine: str = "mean", engine: str = "auto",
+    device: str = "auto",
 ) -> PredictResult:
     """The `predict` command: with `prior`, re-weight for other class proportions first; then a Kaggle
     submission in `submission_sample`'s format (to `csv_out`, default submission.csv), or predictions written
     to `json_out`/`csv_out`, or (neither) a stream of predictions to show."""
-    clf = _classifier(classifier)
+    clf = _classifier(classifier, device)
     result = PredictResult(clf, skipped=[])
     options = {"batch_size": batch_size, "tta": tta, "engine": engine}
     if prior:
@@ -309,7 +317,7 @@ def submission(
 
 def ensemble_runs(
     runs: Sequence[str | Path], data: str | Path, labels: str | Path | None = None, method: str = "mean",
-    out: str | Path | None = None, batch_size: int = INFERENCE_BATCH, engine: str = "auto",
+    out: str | Path | None = None, batch_size: int = INFERENCE_BATCH, engine: str = "auto", device: str = "auto",
 ) -> dict:
     """Evaluate runs and their ensemble on labelled data: each member's accuracy, the pairwise correlation
     of their errors (low correlation = an ensemble gains), the ensemble's metrics; saves it with `out`.
@@ -321,7 +329,7 @@ def ensemble_runs(
 
     if method not in METHODS:
         raise UsageError(f"unknown ensemble method {method!r}; choose from {', '.join(METHODS)}")
-    members = [load(r) for r in runs]
+    members = [_classifier(r, device) for r in runs]
     if not members[0].task.exclusive:
         raise UsageError("visiontune ensemble scores one-class-per-image runs (accuracy, error correlation); for "
                          "multi-label runs, train with --folds K (their ensemble decides by mean thresholds)")
@@ -379,13 +387,13 @@ def evaluation_catalog(data: str | Path, classes: list[str], labels: str | Path 
 def evaluate(
     classifier: Classifier | str | Path, data: str | Path, labels: str | Path | None = None, batch_size: int = INFERENCE_BATCH,
     tta: str = "none", combine: str = "mean", engine: str = "auto", prior: str | None = None,
-    json_out: str | Path | None = None,
+    json_out: str | Path | None = None, device: str = "auto",
 ) -> dict:
     """Metrics of a classifier on labelled images (class folders, split folders or a labels CSV), with
     optional test-time augmentation (`tta`: flip | flips | 5crop | 10crop | scale) and prior shift
     (`prior`: balanced | estimate | a,b,c — evaluation/priors.py; `estimate` never reads the labels);
     `json_out` also writes them to that JSON file (whole or not at all)."""
-    clf = _classifier(classifier)
+    clf = _classifier(classifier, device)
     catalog = evaluation_catalog(data, clf.classes, labels)
     task = clf.task
     task.check_data(catalog, str(data))
@@ -526,7 +534,7 @@ def show_feature_maps(run: str | Path, image: str, layer: str = "blocks.2", out:
 
 def hard_examples(
     run: str | Path, out: str | Path | None = None, margin: float = 0.2, confident: float = 0.9, batch_size: int = INFERENCE_BATCH,
-    engine: str = "auto",
+    engine: str = "auto", device: str = "auto",
 ) -> tuple[list, Path, int]:
     """The training images the run's model gets wrong or barely right, most suspicious first, written as a
     CSV that `fit(..., upweight=CSV)` draws more often; returns (examples, CSV path, training images)."""
@@ -536,7 +544,7 @@ def hard_examples(
     split = run_dir.read_split()
     if split is None or not split.train_labels:
         raise UsageError(f"{run}: split.json has no labels (a run from an older visiontune); retrain it")
-    clf = load(run)
+    clf = _classifier(run, device)
     kept, probs = clf.probabilities(split.train, batch_size, engine=engine)
     found = mine_hard_examples(probs, kept, split.train, split.train_labels, clf.classes, margin, confident)
     path = write_hard_examples(found, Path(out) if out else run_dir.file("hard_examples.csv"))
@@ -615,13 +623,13 @@ def split(src: str | Path, dst: str | Path, valid: float = 0.2, seed: int = 0) -
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: int = 10,
-          max_pixels: int = 40_000_000, max_concurrent: int = 4, **limits) -> None:
+          max_pixels: int = 40_000_000, max_concurrent: int = 4, device: str = "auto", **limits) -> None:
     """Serve a classifier over HTTP (FastAPI + uvicorn) with a small web page; blocks until stopped.
     `limits`: the other `visiontune.serve.app.ServeLimits` fields (body_timeout, body_deadline, max_connections)."""
     from visiontune.serve.app import serve as run_server
 
     run_server(run, host, port, max_upload_bytes=max_upload_mb * 1024 * 1024, max_pixels=max_pixels,
-               max_concurrent=max_concurrent, **limits)
+               max_concurrent=max_concurrent, device=device, **limits)
 
 
 def demo_data(name: str, dest: str | Path) -> Path:

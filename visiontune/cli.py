@@ -14,7 +14,7 @@ from visiontune.errors import (
     ArtifactError, DataError, ImageError, RunExistsError, RunInterrupted, UsageError, WeightsError, WriteError,
 )
 from visiontune.data.archives import is_archive, split_member
-from visiontune.names import AUGMENTATIONS, COMBINE, ENGINE_CHOICES, INFERENCE_BATCH, PRIOR_HELP, TTA_MODES
+from visiontune.names import AUGMENTATIONS, COMBINE, DEVICE_HELP, ENGINE_CHOICES, INFERENCE_BATCH, PRIOR_HELP, TTA_MODES
 from visiontune.progress import console
 from visiontune.version import __version__
 
@@ -60,6 +60,18 @@ def _number_or_auto(kind):
 def cmd_train(args: argparse.Namespace) -> int:
     from visiontune import distributed
 
+    if args.gpus and not distributed.world().shared:
+        from visiontune import device as devices
+
+        gpus = devices.parse_gpus(args.gpus)
+        if args.nproc not in (None, len(gpus)):
+            raise UsageError(f"--gpus {args.gpus} names {len(gpus)} GPUs but --nproc is {args.nproc}: one process per GPU; "
+                             "drop --nproc")
+        if len(gpus) == 1:  # one process on that GPU
+            args.device = f"cuda:{gpus[0]}"
+        else:  # one process per GPU, each seeing only its own (cuda:0 = its local rank's GPU among those)
+            argv = without_option(without_option(args.argv, "--gpus"), "--nproc")
+            return distributed.launch(len(gpus), argv, env=devices.visible_devices_env(gpus))
     if args.nproc is not None and args.nproc > 1 and not distributed.world().shared:
         return distributed.launch(args.nproc, without_option(args.argv, "--nproc"))
     from visiontune import api
@@ -122,7 +134,8 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from visiontune import api
 
-    result = api.ensemble_runs(args.runs, args.data, args.labels, args.method, args.out, args.batch_size, args.engine)
+    result = api.ensemble_runs(args.runs, args.data, args.labels, args.method, args.out, args.batch_size, args.engine,
+                               args.device)
     table = Table(title=f"ensemble ({args.method}) on {result['n']} images")
     for column in ("model", "accuracy", "log loss", "weight"):
         table.add_column(column)
@@ -171,7 +184,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]serving on {args.host}: reachable from other machines[/]")
     api.serve(args.run, args.host, args.port, args.max_upload_mb, args.max_pixels, args.max_concurrent,
-              max_connections=args.max_connections, body_timeout=args.body_timeout)
+              max_connections=args.max_connections, body_timeout=args.body_timeout, device=args.device)
     return 0
 
 
@@ -202,7 +215,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_hard_examples(args: argparse.Namespace) -> int:
     from visiontune import api
 
-    found, out, total = api.hard_examples(args.run, args.out, args.margin, args.confident, args.batch_size, args.engine)
+    found, out, total = api.hard_examples(args.run, args.out, args.margin, args.confident, args.batch_size, args.engine,
+                                          args.device)
     kinds = {k: sum(h.kind == k for h in found) for k in ("likely-label-error", "wrong", "barely-right")}
     console.print(f"{total} training images: " + ", ".join(f"{v} {k}" for k, v in kinds.items()))
     table = Table(title="hardest training images")
@@ -247,7 +261,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     result = api.predict_files(args.classifier, args.images, csv_out=args.csv, json_out=args.json,
                                submission_sample=args.submission, prior=args.prior, topk=args.topk,
-                               batch_size=args.batch_size, tta=args.tta, combine=args.combine, engine=args.engine)
+                               batch_size=args.batch_size, tta=args.tta, combine=args.combine, engine=args.engine,
+                               device=args.device)
     if result.prior:
         console.print(f"prior: {_prior_text(result.prior, result.classifier.classes)}")
     if result.submission:
@@ -302,7 +317,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from visiontune import api
 
     metrics = api.evaluate(args.classifier, args.data, labels=args.labels, batch_size=args.batch_size, tta=args.tta,
-                           combine=args.combine, engine=args.engine, prior=args.prior, json_out=args.json)
+                           combine=args.combine, engine=args.engine, prior=args.prior, json_out=args.json,
+                           device=args.device)
     classes = list(metrics["per_class"])  # in the classifier's class order
     if "prior" in metrics:
         console.print(f"prior: {_prior_text(metrics['prior'], classes)}")
@@ -536,10 +552,15 @@ def _add_engine(parser: argparse.ArgumentParser, what: str = "the forward passes
                         help=f"engine of {what}; auto: onnxruntime when installed (fastest here), else torch")
 
 
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)
+
+
 def _add_inference(parser: argparse.ArgumentParser) -> None:
-    """What every command that runs a trained classifier over images takes: batch size and engine."""
+    """What every command that runs a trained classifier over images takes: batch size, engine and device."""
     _add_batch_size(parser)
     _add_engine(parser)
+    _add_device(parser)
 
 
 def _add_tta(parser: argparse.ArgumentParser) -> None:
@@ -658,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--valid", type=float, metavar="FRACTION", help="validation fraction when DATA is not split (default: 0.2)")
     train.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: $VISIONTUNE_CACHE or ~/.cache/visiontune)")
     train.add_argument("--workers", type=int, default=1, metavar="N", help="image-decoding processes")
+    train.add_argument("--gpus", metavar="LIST", help="train on these GPUs, one process each: 0,1,3 or all (NCCL)")
     train.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine (starts "
                        "torchrun; each gets cores/N threads); for several machines run torchrun yourself")
     train.add_argument("--report", action=argparse.BooleanOptionalAction, default=True, help="write report.html (default: yes)")
@@ -787,6 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-concurrent", type=int, default=4, metavar="N", help="requests decoded and predicted at once; more wait for a slot (HTTP 503 after 30 s)")
     serve.add_argument("--max-connections", type=int, default=64, metavar="N", help="open connections; more get HTTP 503 (bounds memory: N x upload limit)")
     serve.add_argument("--body-timeout", type=float, default=10.0, metavar="S", help="an upload silent this long gets HTTP 408 (slow clients cannot hold the server)")
+    _add_device(serve)
     serve.set_defaults(func=cmd_serve)
 
     ens = _command(sub, "ensemble", "evaluate runs and their ensemble; error correlation; save it",

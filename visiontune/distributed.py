@@ -157,15 +157,15 @@ def my_blocks(n: int, block_size: int, here: World | None = None) -> list[int]:
     return [i for start in starts for i in range(start, min(n, start + block_size))]
 
 
-def launch(nproc: int, visiontune_args: list[str]) -> int:
+def launch(nproc: int, visiontune_args: list[str], env: dict[str, str] | None = None) -> int:
     """`visiontune ARGS` as a torchrun job of `nproc` processes on this machine (a free local port, each
-    process given cores / nproc threads); returns torchrun's exit code."""
+    process given cores / nproc threads; `env` added, e.g. the GPUs it may see); returns torchrun's exit code."""
     import subprocess
     import sys
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "visiontune", *visiontune_args]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads_per_process(nproc)))}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads_per_process(nproc))), **(env or {})}
     try:
         return subprocess.run(command, env=env).returncode
     except KeyboardInterrupt:  # torchrun passed Ctrl-C on to its processes, which saved their checkpoint

@@ -198,8 +198,13 @@ def server_config(app: FastAPI, limits: ServeLimits, host: str = "127.0.0.1", po
                           timeout_keep_alive=5)
 
 
-def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, **limits) -> None:
+def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", **limits) -> None:
+    """Serve the classifier of `run`, its forward passes on `device` (--device)."""
     import uvicorn
 
+    from visiontune import device as devices
+
     settings = ServeLimits(**limits)
-    uvicorn.Server(server_config(create_app(Classifier.load(run), settings), settings, host, port)).run()
+    classifier = Classifier.load(run)
+    classifier.device = devices.choose(device)
+    uvicorn.Server(server_config(create_app(classifier, settings), settings, host, port)).run()

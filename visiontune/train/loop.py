@@ -94,6 +94,10 @@ def step_module(module: nn.Module, plan: Plan, shared: bool, optimizer: torch.op
         for p in module.parameters():
             if trained is not None and id(p) not in trained:
                 p.requires_grad_(False)
+        if not plan.bn_freeze and devices.device_of(module).kind == "cuda":
+            # BatchNorm statistics that train see the whole global batch, not one GPU's slice of it (NCCL only;
+            # in place: the layers keep their parameters and buffers, the optimizer its references)
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         module = DistributedDataParallel(module)
     return torch.compile(module) if plan.compile else module
 

@@ -114,7 +114,7 @@ class Plan:
     amp: bool = setting("mixed precision: autocast bf16 (fp16 with a gradient scaler on GPUs without bf16); default on "
                         "a GPU, opt-in on CPU", OPTIM, False)
     compile: bool = setting("torch.compile the training forward (pays only for long fine-tuning)", OPTIM, False)
-    device: str = setting(DEVICE_HELP, DEVICE, "cpu", metavar="DEVICE")
+    device: str = setting(DEVICE_HELP, DEVICE, "auto", metavar="DEVICE")
     deterministic: bool = setting("deterministic GPU kernels (cuDNN, cuBLAS): the same seed and GPU give identical "
                                   "metrics, a little slower; CPU runs are reproducible without it", DEVICE, False)
     freeze_to: str = setting("fine-tune from this layer group up, e.g. blocks.4 ('' = the recipe decides)", FREEZING, "")
