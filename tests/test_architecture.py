@@ -206,3 +206,17 @@ def test_no_module_compares_method_names_outside_the_methods():
                     isinstance(a, ast.Constant) and a.value in names for a in node.args):
                 found.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
     assert not found, "ask the method instead:\n" + "\n".join(found)
+
+
+def test_only_the_device_layer_asks_torch_about_gpus():
+    """One module owns device choice, placement and precision (visiontune/device.py): a `torch.cuda` or
+    `torch.backends.mps` call anywhere else is a GPU-only branch the CPU suite would not see."""
+    found = []
+    for name, path in all_modules().items():
+        if name == "visiontune.device":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if "torch.cuda" in code or "torch.backends.mps" in code or "torch.backends.cudnn" in code:
+                found.append(f"{name}:{number}: {line.strip()}")
+    assert not found, "GPU calls outside visiontune/device.py:\n" + "\n".join(found)

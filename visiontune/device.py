@@ -353,7 +353,7 @@ class DeviceForward:
             x = move(images, self.device)
             if self.pixels is not None:
                 x = x.float() * self.pixels[0] + self.pixels[1]
-            out = self.module(x.contiguous(memory_format=torch.channels_last))
+            out = self.module(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
         return out.float().cpu()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

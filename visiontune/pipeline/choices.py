@@ -64,7 +64,8 @@ def choose_auto(prep: Prepared, plan: Plan, config: RunConfig, run: RunDir, inpu
         reason = (f"inner-validation accuracy ({len(select.held)} training images held out) by batch size "
                   + ", ".join(f"{b}: {v:.4f}" for b, v in sorted(tried.items())))
         if plan.finetune_epochs > 0:
-            fit_size, memory = memory_fit_batch_size(prep.backbone.model, plan.img_size)
+            budget = prep.device.free_bytes // 2 if prep.device.accelerated and prep.device.free_bytes else None
+            fit_size, memory = memory_fit_batch_size(prep.backbone.model, plan.img_size, budget)  # GPU: its free memory
             if fit_size < size:
                 size, reason = fit_size, reason + f"; capped to {fit_size} by memory ({memory['per_image_bytes'] / 1e6:.1f} MB/image)"
         plan = plan.chosen({"batch_size": reason}, batch_size=size)
