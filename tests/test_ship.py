@@ -348,3 +348,63 @@ def test_int8_keeps_the_fast_scheme_only_when_it_barely_moves_the_probabilities(
     harsh = api.export(runs / "a", out=tmp_path / "harsh.onnx", quantize="int8").quantization
     assert list(harsh["shift"]) == schemes and harsh["scheme"] == min(harsh["shift"], key=harsh["shift"].get)
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_concurrent_requests_share_one_forward():
+    """The batcher (serve/batching.py) on its own: requests arriving together go through one forward and each
+    gets its own rows; an error reaches every request of its batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from visiontune.serve.batching import ForwardBatcher
+
+    calls = []
+
+    def run(images):
+        calls.append(len(images))
+        time.sleep(0.02)
+        return images.sum(dim=1).numpy()
+
+    batcher = ForwardBatcher(run, window_s=0.05)
+    inputs = [torch.full((1 + i % 2, 3), float(i)) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(batcher, inputs))
+    for x, rows in zip(inputs, answers):
+        assert np.allclose(rows, x.sum(dim=1).numpy())  # each request its own rows, in order
+    assert len(calls) < 8 and sum(calls) == sum(len(x) for x in inputs) and max(batcher.batches) > 1
+
+    def broken(images):
+        raise ValueError("model failed")
+
+    failing = ForwardBatcher(broken, window_s=0.02)
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(failing, x) for x in inputs[:3]]
+    assert all(isinstance(f.exception(), ValueError) for f in futures)
+
+
+def test_the_live_server_batches_concurrent_clients(runs):
+    """The same path `visiontune serve` runs (--device cpu here): concurrent clients, every answer right,
+    and some forwards carried several requests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import uvicorn
+
+    from visiontune.serve.app import ServeLimits, create_app, server_config
+
+    settings = ServeLimits(max_concurrent=8)
+    app = create_app(vt.load(runs / "a"), settings)
+    port = free_port()
+    server = uvicorn.Server(server_config(app, settings, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: post_png(port), range(24)))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert all(status == 200 and body["predictions"][0]["label"] == "red" for status, body in answers)
+    assert sum(app.state.batcher.batches) == 24 and max(app.state.batcher.batches) > 1

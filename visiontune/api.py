@@ -623,7 +623,7 @@ def split(src: str | Path, dst: str | Path, valid: float = 0.2, seed: int = 0) -
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: int = 10,
-          max_pixels: int = 40_000_000, max_concurrent: int = 4, device: str = "auto", **limits) -> None:
+          max_pixels: int = 40_000_000, max_concurrent: int | None = None, device: str = "auto", **limits) -> None:
     """Serve a classifier over HTTP (FastAPI + uvicorn) with a small web page; blocks until stopped.
     `limits`: the other `visiontune.serve.app.ServeLimits` fields (body_timeout, body_deadline, max_connections)."""
     from visiontune.serve.app import serve as run_server

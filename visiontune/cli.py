@@ -806,7 +806,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
     serve.add_argument("--max-upload-mb", type=int, default=10, metavar="MB", help="larger uploads get HTTP 413")
     serve.add_argument("--max-pixels", type=int, default=40_000_000, metavar="N", help="larger images (decompression bombs) get HTTP 413")
-    serve.add_argument("--max-concurrent", type=int, default=4, metavar="N", help="requests decoded and predicted at once; more wait for a slot (HTTP 503 after 30 s)")
+    serve.add_argument("--max-concurrent", type=int, default=None, metavar="N", help="requests decoded and predicted at once "
+                       "(default: 4 on CPU, 32 on a GPU, whose batched forward takes them together); more wait for a slot "
+                       "(HTTP 503 after 30 s)")
     serve.add_argument("--max-connections", type=int, default=64, metavar="N", help="open connections; more get HTTP 503 (bounds memory: N x upload limit)")
     serve.add_argument("--body-timeout", type=float, default=10.0, metavar="S", help="an upload silent this long gets HTTP 408 (slow clients cannot hold the server)")
     _add_device(serve)

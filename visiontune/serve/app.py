@@ -36,11 +36,13 @@ from visiontune.version import __version__
 from visiontune.classifier import Classifier
 from visiontune.data.images import ImageError, decode_rgb
 from visiontune.data.transforms import eval_transform
+from visiontune.serve.batching import ForwardBatcher
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 MAX_IMAGES = 32
 MAX_CONCURRENT = 4
+GPU_CONCURRENT = 32  # on a GPU: requests decoded at once, whose images one batched forward then takes
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ def create_app(classifier: Classifier, limits: ServeLimits | None = None, topk: 
     transform = eval_transform(classifier.preprocessing)
     classifier.engine_forward("auto")  # exported (onnxruntime) before the first request, not during it
     slots = asyncio.Semaphore(max_concurrent)
+    # concurrent requests' images share one forward (serve/batching.py)
+    batcher = app.state.batcher = ForwardBatcher(lambda images: classifier.tensor_probabilities(images, engine="auto"))
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, exc: RequestError) -> JSONResponse:
@@ -92,7 +96,7 @@ def create_app(classifier: Classifier, limits: ServeLimits | None = None, topk: 
             except ImageError as err:
                 status = 413 if "pixels" in err.reason else 422
                 raise RequestError(status, f"{name}: {err.reason}") from None
-        probs = classifier.tensor_probabilities(torch.stack(decoded), engine="auto")
+        probs = batcher(torch.stack(decoded))
         results = []
         for found in classifier.predictions_of([name for name, _ in images], probs, topk):
             result = {"name": found.path, "label": found.label,
@@ -204,7 +208,9 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: st
 
     from visiontune import device as devices
 
-    settings = ServeLimits(**limits)
     classifier = Classifier.load(run)
     classifier.device = devices.choose(device)
+    if limits.get("max_concurrent") is None:  # a GPU batches the requests it holds: let it hold more
+        limits["max_concurrent"] = GPU_CONCURRENT if classifier.device.accelerated else MAX_CONCURRENT
+    settings = ServeLimits(**limits)
     uvicorn.Server(server_config(create_app(classifier, settings), settings, host, port)).run()
