@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo shell test browser test-slow fashion-mnist bench-speed bench-memory bench-playbook bench-beyond bench-serve bench-large bench-distributed clean
+.PHONY: install demo shell test browser test-slow fashion-mnist gpu-check gpu-check-inputs bench-speed bench-memory bench-playbook bench-beyond bench-serve bench-large bench-distributed clean
 
 # pip's wheel cache is off: torch alone is 5.5 GB in the venv, and a second copy in ~/.cache can fill a small disk.
 export PIP_NO_CACHE_DIR := 1
@@ -68,6 +68,16 @@ bench-distributed: $(STAMP) fashion-mnist
 
 bench-memory: $(VENV)/.bench
 	$(BIN)/python bench/cache_memory.py
+
+# The GPU check (bench/gpu_check.py): inputs prepared here (Fashion-MNIST + the wheels a GPU machine lacks, <= 60 MB),
+# then `make gpu-check` on the GPU machine with its own Python (PyTorch, torchvision, timm preinstalled; no venv, no network).
+GPU_INPUTS ?= bench/.gpu-inputs
+GPU_PYTHON_VERSION ?= 3.12
+gpu-check-inputs: $(STAMP) fashion-mnist
+	$(BIN)/python bench/gpu_check.py --prepare-inputs $(GPU_INPUTS) --python-version $(GPU_PYTHON_VERSION)
+
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --inputs $(GPU_INPUTS)
 
 fashion-mnist:
 	@test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)

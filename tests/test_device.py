@@ -139,7 +139,7 @@ def test_the_cache_key_names_the_numeric_path_on_a_gpu_and_stays_as_it_was_on_cp
 
 def test_trunk_batches_are_sized_from_free_memory(machine):
     machine(count=1, free=80 * GIB)
-    assert devices.inference_batch(devices.choose("cuda"), 224, 64) == 1024
+    assert devices.inference_batch(devices.choose("cuda"), 224, 64) == 512
     machine(count=1, free=1 * GIB)  # a quarter of 1 GiB at 400 B/pixel at 224 px holds 13 images
     assert devices.inference_batch(devices.choose("cuda"), 224, 64) == 8
     assert devices.inference_batch(devices.CPU, 224, 64) == 64
@@ -267,3 +267,27 @@ def test_following_brings_cpu_inputs_to_the_module_and_back():
     assert devices.move({"x": torch.ones(2), "n": 3}, devices.CPU)["n"] == 3
     assert devices.device_of(module).kind == "cpu"
     assert np.allclose(devices.following(module)(torch.ones(1, 3)).detach().numpy(), module(torch.ones(1, 3)).detach().numpy())
+
+
+def test_rows_held_on_the_device_train_exactly_like_rows_read_from_the_store(tmp_path):
+    """The GPU's resident rows (phases.DeviceRows) are the store's fp16 rows: training on them, here held on the
+    CPU device, gives the same weights bit for bit as gathering from the cache batch by batch."""
+    from test_playbook import make_plan, separable
+
+    from visiontune.train.phases import DeviceRows, _gather_views, resident
+
+    x, y = separable()
+    x = x.astype(np.float16).astype(np.float32)  # what a cached row holds
+    xv, yv = separable(10, seed=1)
+    weights = []
+    for rows in (x, DeviceRows(x, torch.device("cpu"))):
+        plan = make_plan(batch_size=16, epochs=2, device="cpu")
+        torch.manual_seed(0)
+        tail = Tail(timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3), "pooled")
+        run_phase(cached_phase(tail, [rows], y, xv, yv, plan), plan, lambda r: None)
+        weights.append(tail.model.get_classifier().weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+    held = DeviceRows(x, torch.device("cpu"))
+    picked = np.array([5, 1, 5])
+    assert torch.equal(_gather_views([held, held], picked, np.array([0, 1, 0])), torch.from_numpy(x[picked]))
+    assert resident([x], devices.CPU) == [x]  # the CPU keeps reading rows as they are

@@ -301,18 +301,21 @@ def peak_memory(device: Device) -> int:
 #: Activation bytes one image holds in a frozen trunk's forward, per input pixel (lite0, bf16, measured as
 #: peak allocation / (batch x pixels), rounded up): sizes trunk-pass batches from free memory.
 TRUNK_BYTES_PER_PIXEL = 400
+MAX_INFERENCE_BATCH = 512
 
 
 def inference_batch(device: Device, input_size: int, default: int) -> int:
     """Images per trunk pass / prediction forward: `default` on CPU (caches like small batches); on a GPU
-    the largest power of two up to 1024 whose activations fit in a quarter of the free memory, so the GPU
-    is never fed in slivers. An out-of-memory error still halves it (:func:`forward_in_halves`)."""
+    the largest power of two up to 512 whose activations fit in a quarter of the free memory, so the GPU
+    is never fed in slivers (512 is past where lite0's forward stops being launch-bound, and smaller
+    batches keep the decoding processes' work flowing). An out-of-memory error still halves it
+    (:func:`forward_in_halves`)."""
     if not device.accelerated or not device.free_bytes:
         return default
     per_image = TRUNK_BYTES_PER_PIXEL * input_size * input_size
     fits = max(1, device.free_bytes // 4 // per_image)
     size = 1
-    while size * 2 <= min(fits, 1024):
+    while size * 2 <= min(fits, MAX_INFERENCE_BATCH):
         size *= 2
     return max(default, size) if fits >= default else size
 

@@ -29,6 +29,8 @@ from visiontune.progress import track
 
 #: Images per shard: small enough that a killed run loses little, large enough to keep file counts low.
 SHARD_SIZE = int(os.environ.get("VISIONTUNE_SHARD_SIZE", "2048"))
+#: On a GPU a shard is this many times larger (each shard starts its decoding processes anew).
+GPU_SHARD_FACTOR = 8
 
 
 def view_name(view: int | None) -> str:
@@ -124,8 +126,10 @@ def cached_activations(
     if shared:  # this rank's blocks of SHARD_SIZE: every shard is written by exactly one rank
         todo = [todo[i] for i in distributed.my_blocks(len(todo), SHARD_SIZE)]
     own_skipped: list[Skipped] = []
-    for start in range(0, len(todo), SHARD_SIZE):
-        chunk = todo[start : start + SHARD_SIZE]
+    # a GPU runs a shard in a second or two: larger shards there, so its decoding processes start less often
+    shard = SHARD_SIZE * GPU_SHARD_FACTOR if device.accelerated else SHARD_SIZE
+    for start in range(0, len(todo), shard):
+        chunk = todo[start : start + shard]
         chunk_skipped: list[Skipped] = []
         if forward is None:
             forward = compile_forward(trunk, engine, backbone.preprocessing.input_size, store.dir / "trunk.onnx", device)
