@@ -598,12 +598,13 @@ def clear_cache(cache_dir: str | Path | None = None) -> tuple[Path, int]:
 
 
 def doctor(data: str | Path, labels: str | Path | None = None, arch: str = DEFAULT_ARCH, weights: str = "default",
-           seed: int = 0, target: str | Path | None = None):
+           seed: int = 0, target: str | Path | None = None, device: str = "auto"):
     """Check data and pipeline before training: balance, duplicates, mean/std, overfitting a tiny subset;
-    with `target`, how far the target domain is from the source in the backbone's feature space."""
+    with `target`, how far the target domain is from the source in the backbone's feature space. The
+    backbone's passes run on `device` (--device)."""
     from visiontune.doctor import doctor as check
 
-    return check(data, labels=labels, arch=arch, weights=weights, seed=seed, target=target)
+    return check(data, labels=labels, arch=arch, weights=weights, seed=seed, target=target, device=device)
 
 
 def augment_preview(data: str | Path, out: str | Path = "augment-preview.png", aug: str = "standard", images: int = 4,

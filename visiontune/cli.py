@@ -116,7 +116,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     from visiontune import api
 
     found, png = api.find_lr(args.data, arch=args.arch, weights=args.weights, labels=args.labels, seed=args.seed,
-                             out=args.out, cut=args.cut, img_size=args.img_size)
+                             out=args.out, cut=args.cut, img_size=args.img_size, device=args.device)
     console.print(f"suggested learning rate: [bold]{found.suggestion:.3g}[/] ({found.rule})")
     console.print(f"plot: {png}")
     print(f"{found.suggestion:.6g}")
@@ -233,7 +233,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from visiontune import api
 
     report = api.doctor(args.data, labels=args.labels, arch=args.arch, weights=args.weights, seed=args.seed,
-                        target=args.target)
+                        target=args.target, device=args.device)
     Console().print(report.table())
     for line in report.advice:
         console.print(f"[yellow]•[/] {line}")
@@ -243,7 +243,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from visiontune import api
 
-    prep = api.plan(args.data, args.arch, args.weights, args.labels, args.seed, args.budget)
+    prep = api.plan(args.data, args.arch, args.weights, args.labels, args.seed, args.budget, device=args.device)
     profile = prep.data_profile
     console.print(
         f"{profile.n_train} train / {profile.n_valid} valid images, {profile.n_classes} classes ({prep.task.name}), "
@@ -648,6 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "visiontune doctor data/", "visiontune doctor source/ --target other_camera/")
     _add_data_and_backbone(doctor)
     doctor.add_argument("--target", metavar="DIR", type=FOLDER, help="also measure how far this domain's images are from DATA")
+    _add_device(doctor)
     doctor.set_defaults(func=cmd_doctor)
 
     plan = _command(sub, "plan", "print the recipe train would use, with its reasons, without training",
@@ -656,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "visiontune plan data/", "visiontune plan data/ --budget 2m")
     _add_data_and_backbone(plan)
     plan.add_argument("--budget", help="wall-clock target such as 90s, 5m or 1h")
+    _add_device(plan)
     plan.set_defaults(func=cmd_plan)
 
     train = _command(
@@ -697,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_out(lr_find, "PNG of loss vs learning rate", "lr_find.png")
     lr_find.add_argument("--cut", help="pooled | blocks.K (default: the plan's)")
     _add_img_size(lr_find)
+    _add_device(lr_find)
     lr_find.set_defaults(func=cmd_lr_find)
 
     preview = _command(sub, "augment-preview", "a grid of an augmentation preset applied to your images",

@@ -166,6 +166,21 @@ def distributed_backend() -> str:
     return "nccl" if probe.cuda_count() >= local else "gloo"
 
 
+def collective_device() -> torch.device:
+    """Where a tensor collective's tensors must live: NCCL reduces CUDA tensors (this process's GPU), gloo CPU
+    ones."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def bind_local_gpu(local_rank: int) -> None:
+    """Before an NCCL group forms: this process's GPU is its local rank's (NCCL allocates on the current one)."""
+    torch.cuda.set_device(local_rank)
+
+
 def bind_process(device: Device) -> None:
     """Make `device` this process's current CUDA device (NCCL and cuDNN allocate there)."""
     if device.kind == "cuda":

@@ -76,9 +76,12 @@ def start() -> World:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        from visiontune.device import distributed_backend
+        from visiontune.device import bind_local_gpu, distributed_backend
 
-        dist.init_process_group(distributed_backend())
+        backend = distributed_backend()
+        if backend == "nccl":
+            bind_local_gpu(here.local_rank)
+        dist.init_process_group(backend)
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets 1 when unset; `--nproc` sets cores / N
         torch.set_num_threads(threads_per_process(here.local_size))
     if not here.main:
@@ -131,9 +134,11 @@ def total(*numbers: float) -> tuple[float, ...]:
     import torch
     import torch.distributed as dist
 
-    values = torch.tensor(numbers, dtype=torch.float64)
+    from visiontune.device import collective_device
+
+    values = torch.tensor(numbers, dtype=torch.float64, device=collective_device())
     dist.all_reduce(values)
-    return tuple(values.tolist())
+    return tuple(values.cpu().tolist())
 
 
 def block(n: int, here: World | None = None) -> slice:

@@ -16,6 +16,7 @@ import torch
 from rich.table import Table
 
 from visiontune.backbones.registry import DEFAULT_ARCH, create_backbone
+from visiontune import device as devices
 from visiontune.cache.features import cached_activations
 from visiontune.locations import default_cache_root
 from visiontune.data.catalog import discover
@@ -55,9 +56,10 @@ def overfit_tiny_subset(features: torch.Tensor, labels: torch.Tensor, steps: int
 
 def doctor(
     data: str | Path, labels: str | Path | None = None, arch: str = DEFAULT_ARCH, weights: str = "default",
-    seed: int = 0, per_class: int = 4, target: str | Path | None = None,
+    seed: int = 0, per_class: int = 4, target: str | Path | None = None, device: str = "auto",
 ) -> DoctorReport:
     report = DoctorReport()
+    where = devices.choose(device)
     source = discover(data, labels=labels)
     catalog = source.train
     paths, ys = list(catalog.paths), list(catalog.labels)
@@ -93,7 +95,7 @@ def doctor(
         chosen += rng.choice(members, size=min(per_class, len(members)), replace=False).tolist()
     backbone = create_backbone(arch, weights, num_classes=len(catalog.classes))
     subset = [paths[i] for i in chosen]
-    kept, rows, _ = cached_activations(backbone, subset, default_cache_root(), description="doctor")
+    kept, rows, _ = cached_activations(backbone, subset, default_cache_root(), description="doctor", device=where)
     features = torch.from_numpy(np.asarray(rows, dtype=np.float32))
     targets = torch.tensor([ys[chosen[i]] for i in kept])
     result = overfit_tiny_subset(features, targets)
@@ -108,7 +110,7 @@ def doctor(
         report.healthy = False
         report.advice.append("the head could not overfit a tiny subset: check the labels, the files and the backbone weights")
     if target is not None:
-        report.domain = domain_shift(backbone, paths, ys, catalog.classes, target, seed)
+        report.domain = domain_shift(backbone, paths, ys, catalog.classes, target, seed, device=where)
         report.rows += report.domain.pop("rows")
         report.advice += report.domain.pop("advice")
     return report
@@ -122,7 +124,8 @@ PAD_BANDS = ((0.5, "close: a model trained on the source should transfer; adapta
              (2.01, "far apart: expect a large drop on the target; adapt (--adapt auto) or label some target images"))
 
 
-def domain_shift(backbone, paths: list, labels: list, classes: list[str], target: str | Path, seed: int = 0, sample: int = 1000) -> dict:
+def domain_shift(backbone, paths: list, labels: list, classes: list[str], target: str | Path, seed: int = 0, sample: int = 1000,
+                 device: devices.Device = devices.CPU) -> dict:
     """Before any training: how far the target images are from the source in the backbone's pooled
     features — the proxy A-distance from a linear domain classifier (cross-validated), the mean shift in
     units of the source spread, and per class the share of target images nearest to that class's source
@@ -135,8 +138,9 @@ def domain_shift(backbone, paths: list, labels: list, classes: list[str], target
     target_catalog = unlabelled_catalog(target, "target")
     target_pick = np.sort(rng.choice(len(target_catalog), min(len(target_catalog), sample), replace=False))
     root = default_cache_root()
-    kept_s, xs, _ = cached_activations(backbone, [paths[i] for i in source_pick], root, description="doctor source")
-    _, xt, _ = cached_activations(backbone, [target_catalog.paths[i] for i in target_pick], root, description="doctor target")
+    kept_s, xs, _ = cached_activations(backbone, [paths[i] for i in source_pick], root, description="doctor source", device=device)
+    _, xt, _ = cached_activations(backbone, [target_catalog.paths[i] for i in target_pick], root, description="doctor target",
+                                  device=device)
     xs, xt = np.asarray(xs, dtype=np.float32), np.asarray(xt, dtype=np.float32)
     picture = domain_picture(xs, xt, seed)
     ys = np.asarray(labels)[source_pick][kept_s]
