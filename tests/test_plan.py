@@ -118,3 +118,21 @@ def test_caching_overlaps_decoding_with_the_trunk_for_the_plain_view():
     slow_decode = SpeedProfile(0.01, {"pooled": 0.004}, {"pooled": 0.0}, {"pooled": 0.0})
     assert predict_seconds(Candidate("pooled", 0, 0), data, slow_decode) == pytest.approx(FIXED_OVERHEAD_S + 1000 * 0.01)
     assert predict_seconds(Candidate("pooled", 0, 0), data, slow_decode, lambda c: 10) == pytest.approx(FIXED_OVERHEAD_S + 0.1)
+
+
+def test_on_a_gpu_a_budget_with_room_fine_tunes_the_whole_network():
+    """The same budget on a fast device: once the most thorough cached recipe fits, the rest buys
+    whole-network fine-tuning epochs (timed on the device), at most the size rule's three; none on a CPU."""
+    data = profile(n=2000, n_valid=2000)
+    fast = SpeedProfile(0.0001, {c: 0.0001 for c in CUTS}, {c: 0.00001 for c in CUTS}, {c: 0.00001 for c in CUTS},
+                        full_forward_torch=0.0002)
+    most = max(predict_seconds(c, data, fast) for c in candidates(CUTS))
+    one_epoch = 2000 * (0.0001 + 3 * 0.0002) + 2000 * (0.0001 + 0.0002)
+    plan = make_plan(data, 224, CUTS, budget_s=most + 2.5 * one_epoch, speed=fast, finetune_in_budget=True)
+    assert (plan.recipe, plan.finetune_epochs, plan.unfreeze_groups) == ("full", 2, -1)
+    assert "2 whole-network fine-tuning epochs" in plan.why["finetune_epochs"]
+    assert plan.predicted_s == pytest.approx(most + 2 * one_epoch, abs=0.1)
+    roomy = make_plan(data, 224, CUTS, budget_s=most + 100 * one_epoch, speed=fast, finetune_in_budget=True)
+    assert roomy.finetune_epochs == 3
+    assert make_plan(data, 224, CUTS, budget_s=most + 100 * one_epoch, speed=fast).finetune_epochs == 0  # CPU
+    assert make_plan(data, 224, CUTS, budget_s=most + 0.5 * one_epoch, speed=fast, finetune_in_budget=True).finetune_epochs == 0

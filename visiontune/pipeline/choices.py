@@ -23,7 +23,7 @@ from visiontune.train.balance import class_prior
 from visiontune.train.extra_methods import method_named
 from visiontune.train.head_choice import AUTO_CANDIDATES, choose_head
 from visiontune.train.phases import cached_phase, train_cached
-from visiontune.train.plan import Plan, epochs_for_remaining
+from visiontune.train.plan import Plan, epochs_for_remaining, finetune_seconds
 
 
 def choose_auto(prep: Prepared, plan: Plan, config: RunConfig, run: RunDir, inputs: CachedInputs,
@@ -108,6 +108,7 @@ def refit_to_budget(prep: Prepared, plan: Plan, config: RunConfig) -> Plan:
     if plan.budget_s is None or prep.speed is None or config.overrides.get("epochs") is not None:
         return plan
     remaining = plan.budget_s - seconds_since_process_start() - FINAL_OVERHEAD_S - (REPORT_S if config.report else 0)
+    remaining -= finetune_seconds(plan.finetune_epochs, prep.data_profile, prep.speed)  # a GPU budget's fine-tuning
     planned = plan.epochs
     epochs = epochs_for_remaining(remaining, planned, prep.data_profile, prep.speed, plan.cut)
     if remaining <= 0:

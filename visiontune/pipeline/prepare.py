@@ -115,7 +115,7 @@ def prepare(config: RunConfig, fold: tuple[int, int] | None = None, reserve_s: f
             missing(candidate.cut, view, "train") for view in [None, *range(candidate.views)])
 
     plan = make_plan(data_profile, native, cuts, overrides, budget_s, speed, seconds_since_process_start() + reserve_s,
-                     uncached, exclusive=task.exclusive)
+                     uncached, exclusive=task.exclusive, finetune_in_budget=device.accelerated)
     plan = plan.chosen(device_choices.pop("why"), **device_choices)
     if speed is None:  # time this plan's parts once, so the run can say how long it will take
         timed_cuts = sorted({plan.cut, cuts[0]} if plan.finetune_epochs else {plan.cut})

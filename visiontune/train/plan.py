@@ -259,6 +259,25 @@ def finetune_seconds(epochs: int, data: DataProfile, speed: SpeedProfile) -> flo
     return epochs * per_epoch
 
 
+#: Whole-network fine-tuning epochs a budget may add on a GPU: the size rule's count for large data.
+FINETUNE_EPOCHS_MAX = 3
+
+
+def finetune_for_budget(rest_s: float, data: DataProfile, speed: SpeedProfile) -> tuple[int, float, str]:
+    """(epochs, seconds, why) of whole-network fine-tuning that the budget's rest `rest_s` pays for, after the
+    cached recipe: on a GPU an epoch over the images costs little more than caching did, so a budget that
+    has room fine-tunes everything (up to :data:`FINETUNE_EPOCHS_MAX` epochs, the size rule's count); none
+    when one epoch does not fit or the whole network was not timed."""
+    one = finetune_seconds(1, data, speed)
+    if one <= 0:
+        return 0, 0.0, ""
+    epochs = int(min(FINETUNE_EPOCHS_MAX, rest_s // one))
+    if epochs < 1:
+        return 0, 0.0, ""
+    return epochs, epochs * one, (f"the budget's rest ({rest_s:.0f}s) pays for {epochs} whole-network fine-tuning "
+                                  f"epoch{'s' if epochs > 1 else ''} at {one:.0f}s each, timed on this device")
+
+
 class BudgetTooSmall(UsageError):
     """Even one epoch of the cheapest recipe does not fit the budget."""
 
@@ -394,9 +413,12 @@ def make_plan(
     spent_s: float = 0.0,
     uncached: Callable[[Candidate], int] | None = None,
     exclusive: bool = True,
+    finetune_in_budget: bool = False,
 ) -> Plan:
     """Choose the recipe from the data (and the budget); `overrides` (non-None values) win. `exclusive`: the
-    task's classes exclude each other (:attr:`visiontune.task.kinds.Task.exclusive`).
+    task's classes exclude each other (:attr:`visiontune.task.kinds.Task.exclusive`). `finetune_in_budget`
+    (a GPU): with --budget, whole-network fine-tuning epochs are added when the budget's rest pays for them
+    (:func:`finetune_for_budget`).
 
     `spent_s` is the wall time the command has used already (start-up, profiling); the budget's rest
     is what the recipe may take.
@@ -434,9 +456,15 @@ def make_plan(
         finetune_epochs, groups = 0, 0
         why["recipe"] = why["cut"] = why["views"] = why["epochs"] = reason
         why["budget_s"] = "set by you (--budget)"
+        if finetune_in_budget:
+            finetune_epochs, extra_s, tuned = finetune_for_budget(budget_s - predicted, data, speed)
+            if finetune_epochs:
+                recipe, groups, predicted = "full", -1, predicted + extra_s
+                why["recipe"] = why["finetune_epochs"] = f"{reason}; {tuned}"
     why.setdefault("views", "extra augmented views cost a trunk pass each; bench/results/playbook.md: --views 2 "
                             "alone -0.9 pt, with --aug standard +0.05 pt; not by default")
-    why["finetune_epochs"] = why["unfreeze_groups"] = "follows the recipe"
+    why.setdefault("finetune_epochs", "follows the recipe")
+    why["unfreeze_groups"] = "follows the recipe"
 
     img_size, why["img_size"] = choose_img_size(data, native_size)
 
