@@ -365,6 +365,8 @@ def train_row(check: Check, data: Path, name: str, *extra: str, watch: bool = Fa
     cache = check.work / "cache" / name
     shutil.rmtree(cache, ignore_errors=True)
     argv = ["train", str(data), "--out", str(run), "--cache-dir", str(cache), "--device", check.args.device, *extra]
+    if check.args.quick:  # the smoke run checks the paths, not the recipe: fewer epochs, no report
+        argv += ["--epochs", "2", "--no-report"]
     with GpuSampler() as sampler, MetricsWatcher(run / "metrics.jsonl") as watcher:
         wall, done = check.visiontune(*argv)
     meta = json.loads((run / "classifier" / "classifier.json").read_text())
