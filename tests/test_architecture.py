@@ -165,7 +165,7 @@ def test_no_module_outside_task_compares_the_task_by_name():
 
 
 #: The files of a run folder (docs/architecture.md, "The run contract").
-RUN_FILES = {"config.yaml", "plan.json", "profile.json", "split.json", "skipped.txt", "metrics.jsonl", "timings.json",
+RUN_FILES = {"config.yaml", "serve.token", "plan.json", "profile.json", "split.json", "skipped.txt", "metrics.jsonl", "timings.json",
              "leakage.json", "predictions.npz", "auto.json", "adaptation.json", "folds.json", "interpretation.json",
              "report.html"}
 

@@ -108,7 +108,7 @@ def check_multilabel_outputs(run, images):
         exported, meta = load_exported(result.path)
         assert meta["task"] == "multi-label" and json.loads(meta["thresholds"]) == thresholds and "sigmoid" in meta["output"]
         assert np.abs(exported(batch) - probs).max() < 1e-4
-    client = TestClient(create_app(clf))
+    client = TestClient(create_app(clf, no_auth=True))
     files = [("file", (p.name, p.read_bytes(), "image/png")) for p in images]
     answer = client.post("/predict", files=files)
     assert answer.status_code == 200, answer.text

@@ -21,6 +21,9 @@ from PIL import Image
 import visiontune as vt
 
 FAST = {"img_size": 64, "epochs": 6}
+TOKEN = "test-token-0123456789abcdef"  # the served apps here want it, as `visiontune serve` does by default
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+AUTH_LINE = f"Authorization: Bearer {TOKEN}\r\n".encode()
 README = Path(__file__).resolve().parent.parent / "README.md"
 from conftest import chromium, needs_browser, run_cli as cli, trained_data
 
@@ -160,7 +163,8 @@ def client(runs):
 
     from visiontune.serve.app import create_app
 
-    return TestClient(create_app(vt.load(runs / "a"), max_upload_bytes=200_000, max_pixels=500 * 500, max_images=3))
+    app = create_app(vt.load(runs / "a"), token=TOKEN, max_upload_bytes=200_000, max_pixels=500 * 500, max_images=3)
+    return TestClient(app, headers=BEARER)
 
 
 def png_bytes(colour=(200, 40, 40), size=(48, 48)) -> bytes:
@@ -205,7 +209,7 @@ def test_api_refuses_work_beyond_its_concurrency(runs):
 
     from visiontune.serve.app import create_app
 
-    busy = TestClient(create_app(vt.load(runs / "a"), max_concurrent=0, queue_timeout=0.2))
+    busy = TestClient(create_app(vt.load(runs / "a"), no_auth=True, max_concurrent=0, queue_timeout=0.2))
     response = busy.post("/predict", files={"file": ("red.png", png_bytes(), "image/png")})
     assert response.status_code == 503 and "busy" in response.json()["error"]
 
@@ -225,7 +229,8 @@ def live_server(run: Path, **limits):
 
     settings = ServeLimits(**limits)
     port = free_port()
-    server = uvicorn.Server(server_config(create_app(vt.load(run), settings), settings, port=port, log_level="warning"))
+    app = create_app(vt.load(run), settings, token=TOKEN)
+    server = uvicorn.Server(server_config(app, settings, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -262,7 +267,7 @@ def post_png(port: int, colour=(200, 40, 40)) -> tuple[int, dict]:
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
             "Content-Type: image/png\r\n\r\n").encode() + png_bytes(colour) + f"\r\n--{boundary}--\r\n".encode()
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    connection.request("POST", "/predict", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    connection.request("POST", "/predict", body, {"Content-Type": f"multipart/form-data; boundary={boundary}", **BEARER})
     response = connection.getresponse()
     return response.status, json.loads(response.read())
 
@@ -272,7 +277,7 @@ def test_slow_uploads_hold_connections_not_prediction_slots(runs):
     answered at once, and each silent client gets 408 once its body has stalled for body_timeout."""
     with live_server(runs / "a", max_concurrent=1, body_timeout=2.0) as port:
         head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 50000\r\n")
+                + AUTH_LINE + b"Content-Length: 50000\r\n")
         stalled = [raw_request(port, head, b'{"images": ["') for _ in range(3)]
         time.sleep(0.3)
         started = time.monotonic()
@@ -285,11 +290,11 @@ def test_slow_uploads_hold_connections_not_prediction_slots(runs):
 def test_malformed_or_oversized_content_length_is_a_client_error(runs):
     with live_server(runs / "a", max_upload_bytes=100_000) as port:
         for length in (b"abc", b"-5", b"12, 13", b"1e3"):
-            sock = raw_request(port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                                     b"Content-Length: " + length + b"\r\n", b"{}")
+            sock = raw_request(port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + AUTH_LINE
+                               + b"Content-Length: " + length + b"\r\n", b"{}")
             assert 400 <= status_of(sock) < 500, length
-        sock = raw_request(port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: 99999999999\r\n", b"{}")
+        sock = raw_request(port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + AUTH_LINE
+                           + b"Content-Length: 99999999999\r\n", b"{}")
         assert status_of(sock) == 413
         assert post_png(port)[0] == 200  # and the server still answers
 
@@ -304,7 +309,8 @@ def test_page_in_headless_chromium_shows_the_predicted_class(runs, tmp_path):
     with live_server(runs / "a") as port:
         driver = chromium(tmp_path / "chrome")
         try:
-            driver.get(f"http://127.0.0.1:{port}/")
+            driver.get(f"http://127.0.0.1:{port}/#token={TOKEN}")  # the URL `visiontune serve` prints
+            assert "token" not in driver.current_url  # taken out of the address bar
             driver.find_element(By.ID, "file").send_keys(str(image))
             WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "label").text != "")
             assert driver.find_element(By.ID, "label").text == "blue"
@@ -393,7 +399,7 @@ def test_the_live_server_batches_concurrent_clients(runs):
     from visiontune.serve.app import ServeLimits, create_app, server_config
 
     settings = ServeLimits(max_concurrent=8)
-    app = create_app(vt.load(runs / "a"), settings)
+    app = create_app(vt.load(runs / "a"), settings, token=TOKEN)
     port = free_port()
     server = uvicorn.Server(server_config(app, settings, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

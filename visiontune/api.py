@@ -624,13 +624,25 @@ def split(src: str | Path, dst: str | Path, valid: float = 0.2, seed: int = 0) -
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: int = 10,
-          max_pixels: int = 40_000_000, max_concurrent: int | None = None, device: str = "auto", **limits) -> None:
-    """Serve a classifier over HTTP (FastAPI + uvicorn) with a small web page; blocks until stopped.
-    `limits`: the other `visiontune.serve.app.ServeLimits` fields (body_timeout, body_deadline, max_connections)."""
+          max_pixels: int = 40_000_000, max_concurrent: int | None = None, device: str = "auto", *,
+          token_file: str | Path | None = None, no_auth: bool = False, ssl_certfile: str | None = None,
+          ssl_keyfile: str | None = None, access_log: str | None = None, cors_origins: tuple[str, ...] = (),
+          drain_seconds: float = 30.0, say=print, **limits) -> None:
+    """Serve a classifier over HTTP (FastAPI + uvicorn) with a small web page; blocks until SIGTERM / Ctrl-C,
+    then drains the accepted requests (`drain_seconds`) and returns.
+
+    Callers need the bearer token (serve/auth.py: $VISIONTUNE_TOKEN, `token_file`, else RUN/serve.token,
+    made once with mode 600) unless `no_auth=True`. `ssl_certfile`/`ssl_keyfile`: https. `access_log`: a file
+    for the JSON request lines (default stderr). `cors_origins`: pages elsewhere that may call it. `say`: where
+    the how-to-call lines go. `limits`: the other `visiontune.serve.app.ServeLimits` fields (body_timeout,
+    body_deadline, max_connections)."""
+    from visiontune.serve.app import Tls
     from visiontune.serve.app import serve as run_server
 
     run_server(run, host, port, max_upload_bytes=max_upload_mb * 1024 * 1024, max_pixels=max_pixels,
-               max_concurrent=max_concurrent, device=device, **limits)
+               max_concurrent=max_concurrent, device=device, token_file=token_file, no_auth=no_auth,
+               tls=Tls(ssl_certfile, ssl_keyfile), access_log=access_log, cors_origins=cors_origins,
+               drain_seconds=drain_seconds, say=say, **limits)
 
 
 def demo_data(name: str, dest: str | Path) -> Path:

@@ -184,8 +184,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]serving on {args.host}: reachable from other machines[/]")
     api.serve(args.run, args.host, args.port, args.max_upload_mb, args.max_pixels, args.max_concurrent,
-              max_connections=args.max_connections, body_timeout=args.body_timeout, device=args.device)
+              max_connections=args.max_connections, body_timeout=args.body_timeout, device=args.device,
+              token_file=args.token_file, no_auth=args.no_auth, ssl_certfile=args.ssl_certfile,
+              ssl_keyfile=args.ssl_keyfile, access_log=args.access_log, cors_origins=tuple(args.cors_origin),
+              drain_seconds=args.drain_seconds, say=_say_serving)
     return 0
+
+
+def _say_serving(line: str) -> None:
+    """How to call the server, on stdout (the outcome the user wants; the access log and errors go to stderr)."""
+    style = "yellow" if line.startswith("authentication is OFF") else None
+    Console().print(line, style=style, markup=False, highlight=False, soft_wrap=True)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -800,9 +809,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = _command(sub, "serve", "HTTP API and a small web page for a classifier (FastAPI + uvicorn)",
                      "Serve a classifier over HTTP. Routes: GET / (a web page to drop images on); POST /predict with "
                      "multipart file fields (or JSON {\"images\": [base64]}) -> JSON top-5 per image; GET /health; "
-                     "GET /model (classes, architecture, metrics); GET /docs (OpenAPI). Binds 127.0.0.1 by default: "
-                     "reachable only from this machine.",
-                     "visiontune serve runs/NAME", "curl -F file=@photo.jpg http://127.0.0.1:8000/predict",
+                     "GET /model (classes, architecture, metrics); GET /metrics (Prometheus); GET /docs (OpenAPI). "
+                     "Every route but /health and the page wants `Authorization: Bearer TOKEN`: serve prints the token's "
+                     "file, a curl line and the page URL with the token. Binds 127.0.0.1 by default: reachable only "
+                     "from this machine.",
+                     "visiontune serve runs/NAME",
+                     "curl -H \"Authorization: Bearer $(cat runs/NAME/serve.token)\" -F file=@photo.jpg http://127.0.0.1:8000/predict",
                      "visiontune serve runs/NAME --host 0.0.0.0 --port 8080    # reachable from other machines")
     serve.add_argument("run", type=CLASSIFIER, help=classifier_help)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
@@ -814,6 +826,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "(HTTP 503 after 30 s)")
     serve.add_argument("--max-connections", type=int, default=64, metavar="N", help="open connections; more get HTTP 503 (bounds memory: N x upload limit)")
     serve.add_argument("--body-timeout", type=float, default=10.0, metavar="S", help="an upload silent this long gets HTTP 408 (slow clients cannot hold the server)")
+    serve.add_argument("--token-file", type=EXISTING, default=None, metavar="FILE", help="the bearer token callers must send "
+                       "(mode 600; default: $VISIONTUNE_TOKEN, else RUN/serve.token, made on the first start)")
+    serve.add_argument("--no-auth", action="store_true", help="answer every request without a token (anyone who reaches the port)")
+    serve.add_argument("--ssl-certfile", type=EXISTING, default=None, metavar="PEM", help="serve https with this certificate")
+    serve.add_argument("--ssl-keyfile", type=EXISTING, default=None, metavar="PEM", help="the certificate's private key")
+    serve.add_argument("--access-log", default=None, metavar="FILE", help="one JSON line per request appended here (default: stderr)")
+    serve.add_argument("--cors-origin", action="append", default=[], metavar="URL", help="a page served elsewhere that may call "
+                       "this server (repeatable; CORS is off without it)")
+    serve.add_argument("--drain-seconds", type=float, default=30.0, metavar="S", help="on SIGTERM / Ctrl-C: stop accepting, "
+                       "finish accepted requests for up to S seconds, exit 0")
     _add_device(serve)
     serve.set_defaults(func=cmd_serve)
 

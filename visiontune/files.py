@@ -87,6 +87,16 @@ def write_text_whole(path: Path, text: str) -> Path:
     return write_bytes_whole(path, text.encode("utf-8"))
 
 
+def write_secret_whole(path: Path, text: str) -> Path:
+    """`write_text_whole` for a secret (a server token): the partial file is created with mode 0600, so the
+    secret is never readable by others, not even for the moment before a chmod."""
+    with written_whole(path) as tmp:
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    return Path(path)
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True

@@ -166,6 +166,19 @@ class RunDir:
         fault_point("report")
         return write_text_whole(self.report_path, page)
 
+    @property
+    def serve_token(self) -> Path:
+        """Where `serve` keeps the bearer token it generated for this run (serve/auth.py; mode 600)."""
+        return self.path / "serve.token"
+
+    @classmethod
+    def holding(cls, classifier: str | Path) -> RunDir:
+        """The folder a classifier lives in: its run for `RUN` or `RUN/classifier`, else the classifier folder."""
+        path = Path(classifier)
+        if path.name == "classifier" and (path.parent / "config.yaml").exists():
+            path = path.parent
+        return cls(path)
+
     def file(self, name: str) -> Path:
         """The path of a run file written by another module (a figure, an export)."""
         return self.path / name

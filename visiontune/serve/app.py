@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import signal
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -36,7 +37,10 @@ from visiontune.version import __version__
 from visiontune.classifier import Classifier
 from visiontune.data.images import ImageError, decode_rgb
 from visiontune.data.transforms import eval_transform
+from visiontune.errors import UsageError
+from visiontune.serve.auth import Auth
 from visiontune.serve.batching import ForwardBatcher
+from visiontune.serve.observe import AccessLog, Observe, ServerMetrics
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 40_000_000
@@ -72,8 +76,17 @@ def _page() -> str:
     return resources.files("visiontune.serve").joinpath("static/index.html").read_text()
 
 
-def create_app(classifier: Classifier, limits: ServeLimits | None = None, topk: int = 5, **overrides) -> FastAPI:
-    """The app; `overrides` are `ServeLimits` fields (`create_app(c, max_images=3)`)."""
+def create_app(classifier: Classifier, limits: ServeLimits | None = None, topk: int = 5, *, token: str | None = None,
+               no_auth: bool = False, access_log: AccessLog | None = None, cors_origins: tuple[str, ...] = (),
+               load_seconds: float = 0.0, **overrides) -> FastAPI:
+    """The app; `overrides` are `ServeLimits` fields (`create_app(c, max_images=3)`).
+
+    Who may call it is the caller's explicit choice, as on the command line: `token=` (every endpoint but
+    /health and the page wants `Authorization: Bearer <token>`) or `no_auth=True`; neither is refused.
+    `access_log` gets one JSON line per request; `cors_origins` are the pages served elsewhere that may call
+    it (CORS stays off without them); `load_seconds` is how long loading the model took (a metric)."""
+    started = time.perf_counter()
+    auth = _auth_choice(token, no_auth)
     limits = limits or ServeLimits(**overrides)
     max_upload_bytes, max_pixels, max_images, max_concurrent = (
         limits.max_upload_bytes, limits.max_pixels, limits.max_images, limits.max_concurrent)
@@ -83,6 +96,14 @@ def create_app(classifier: Classifier, limits: ServeLimits | None = None, topk: 
     slots = asyncio.Semaphore(max_concurrent)
     # concurrent requests' images share one forward (serve/batching.py)
     batcher = app.state.batcher = ForwardBatcher(lambda images: classifier.tensor_probabilities(images, engine="auto"))
+
+    metrics = app.state.metrics = ServerMetrics()
+    app.add_middleware(Observe, auth=auth, metrics=metrics, log=access_log)
+    if cors_origins:  # outermost: a browser's preflight carries no token and must be answered by CORS itself
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, exc: RequestError) -> JSONResponse:
@@ -186,31 +207,126 @@ def create_app(classifier: Classifier, limits: ServeLimits | None = None, topk: 
             raise RequestError(503, f"busy: {max_concurrent} predictions running and no slot free for "
                                     f"{limits.queue_timeout:g} s; retry shortly") from None
         try:
-            return {"predictions": await asyncio.to_thread(predict, images)}
+            answer = {"predictions": await asyncio.to_thread(predict, images)}
+            request.state.images = len(images)  # counted by the metrics and the access log
+            return answer
         finally:
             slots.release()
 
+    metrics.model_load.set(load_seconds + time.perf_counter() - started)
     return app
 
 
+def _auth_choice(token: str | None, no_auth: bool) -> Auth:
+    if no_auth and token is not None:
+        raise UsageError("give a token or no_auth=True, not both")
+    if no_auth:
+        return Auth.off()
+    if token is None:
+        raise UsageError("create_app needs token=... (callers must send `Authorization: Bearer <token>`) or "
+                         "no_auth=True (anyone who reaches the port may call it)")
+    return Auth.with_token(token)
+
+
+#: How long a stop waits for accepted requests (a 32-image CPU prediction takes ~1-2 s; 30 s covers a queue).
+DRAIN_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Tls:
+    """A certificate and its key for https, checked before the port is bound (`check`)."""
+
+    certfile: str | None = None
+    keyfile: str | None = None
+
+    def check(self) -> None:
+        import ssl
+
+        if self.certfile is None and self.keyfile is None:
+            return
+        if self.certfile is None:
+            raise UsageError("--ssl-keyfile needs --ssl-certfile (the certificate the key belongs to)")
+        for flag, path in (("--ssl-certfile", self.certfile), ("--ssl-keyfile", self.keyfile)):
+            if path is not None and not Path(path).is_file():
+                raise UsageError(f"{flag} {path}: no such file; give the PEM file's path")
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.certfile, self.keyfile)
+        except ssl.SSLError as exc:
+            raise UsageError(f"{self.certfile} / {self.keyfile or '(key in the certificate file)'}: cannot be used for "
+                             f"https ({exc.reason or exc}); the key must be the certificate's own, both in PEM") from None
+        except OSError as exc:
+            raise UsageError(f"{self.certfile}: cannot be read ({exc.strerror}); check the path and its permissions") from None
+
+
 def server_config(app: FastAPI, limits: ServeLimits, host: str = "127.0.0.1", port: int = 8000,
-                  log_level: str = "info"):
-    """uvicorn's config with the connection cap and idle timeout taken from `limits`."""
+                  log_level: str = "info", tls: Tls | None = None, drain_seconds: float = DRAIN_SECONDS):
+    """uvicorn's config with the connection cap and idle timeout taken from `limits`, TLS when given, and
+    at most `drain_seconds` for the requests already accepted when a stop is asked for."""
     import uvicorn
 
+    tls = tls or Tls()
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, limit_concurrency=limits.max_connections,
-                          timeout_keep_alive=5)
+                          timeout_keep_alive=5, timeout_graceful_shutdown=max(1, round(drain_seconds)),
+                          ssl_certfile=tls.certfile, ssl_keyfile=tls.keyfile, access_log=False)
 
 
-def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", **limits) -> None:
-    """Serve the classifier of `run`, its forward passes on `device` (--device)."""
+def draining_server(config):
+    """A uvicorn server whose SIGTERM / Ctrl-C is a polite stop that ends the process with exit 0.
+
+    uvicorn already stops accepting, lets accepted requests finish (up to `timeout_graceful_shutdown`) and
+    closes; but then it raises the caught signal again, so the process dies by it (exit 143 for SIGTERM),
+    which a supervisor reads as a crash. Here the signal is only noted. A second Ctrl-C still forces the exit."""
     import uvicorn
 
-    from visiontune import device as devices
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            else:
+                self.should_exit = True
 
+    return DrainingServer(config)
+
+
+def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", *,
+          token_file: str | Path | None = None, no_auth: bool = False, tls: Tls | None = None,
+          access_log: str | None = None, cors_origins: tuple[str, ...] = (), drain_seconds: float = DRAIN_SECONDS,
+          say=print, **limits) -> None:
+    """Serve the classifier of `run`, its forward passes on `device` (--device), behind a bearer token unless
+    `no_auth` (serve/auth.py: $VISIONTUNE_TOKEN, `token_file`, else RUN/serve.token made once). `say` gets the
+    lines to show the user (how to call it; never the token except in the page URL and curl line printed
+    for the user alone)."""
+    from visiontune import device as devices
+    from visiontune.runs import RunDir
+    from visiontune.serve.auth import resolve_token
+
+    tls = tls or Tls()
+    tls.check()  # a wrong certificate or key stops here, before the model loads or the port is bound
+    auth, notes = resolve_token(RunDir.holding(run).serve_token, token_file, no_auth)
+    started = time.perf_counter()
     classifier = Classifier.load(run)
     classifier.device = devices.choose(device)
     if limits.get("max_concurrent") is None:  # a GPU batches the requests it holds: let it hold more
         limits["max_concurrent"] = GPU_CONCURRENT if classifier.device.accelerated else MAX_CONCURRENT
     settings = ServeLimits(**limits)
-    uvicorn.Server(server_config(create_app(classifier, settings), settings, host, port)).run()
+    log = AccessLog.to_file(access_log) if access_log else AccessLog()
+    app = create_app(classifier, settings, token=auth.token, no_auth=not auth.required, access_log=log,
+                     cors_origins=tuple(cors_origins), load_seconds=time.perf_counter() - started)
+    for line in notes + calling_lines(auth, host, port, tls.certfile):
+        say(line)
+    draining_server(server_config(app, settings, host, port, tls=tls, drain_seconds=drain_seconds)).run()
+
+
+def calling_lines(auth: Auth, host: str, port: int, certfile: str | None = None) -> list[str]:
+    """How to call the server: the page URL (the token in its fragment, which browsers never send, as Jupyter
+    prints its own) and a curl line."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    base = f"{'https' if certfile else 'http'}://{'[' + shown + ']' if ':' in shown else shown}:{port}"
+    # the curl line names where the token is, not the token: terminal logs and shell history keep no copy
+    where = "$VISIONTUNE_TOKEN" if auth.origin.startswith("$") else f"$(cat {auth.origin})"
+    header = f' -H "Authorization: Bearer {where}"' if auth.required else ""
+    page = f"{base}/#token={auth.token}" if auth.required else f"{base}/"
+    lines = [f"page: {page}", f"call: curl{header} -F file=@photo.jpg {base}/predict"]
+    if certfile:
+        lines.append(f"(a self-signed certificate: add --cacert {certfile} to curl)")
+    return lines
