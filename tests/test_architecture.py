@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "visiontune"
 LAYERS = [
     ("base", ["visiontune.errors", "visiontune.names", "visiontune.version", "visiontune.clock", "visiontune.progress",
               "visiontune.locations", "visiontune.distributed", "visiontune.device",
-              "visiontune.files"]),
+              "visiontune.files", "visiontune.stopping"]),
     ("data", ["visiontune.data"]),
     ("backbones", ["visiontune.backbones"]),
     ("inference", ["visiontune.inference"]),

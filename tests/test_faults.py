@@ -107,3 +107,28 @@ def test_a_full_disk_is_one_clear_error_and_the_run_resumes_once_there_is_room(d
         cli("train", str(data), "--out", str(run), *ARGS, cache=cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert final_metrics(run) == final_metrics(uninterrupted)
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_mid_epoch_checkpoints_that_step_and_the_resume_is_exact(data, uninterrupted, tmp_path, signame):
+    """SIGTERM (clusters, `docker stop`, spot VMs) and Ctrl-C arrive during step 4 (the second epoch's first): the
+    step finishes, a checkpoint is written at it — no step lost — the command prints the resume command and exits
+    128 + the signal; the resumed run ends with the uninterrupted run's weights and metrics."""
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    env_signal = {"VISIONTUNE_FAULT_SIGNAL": signame}
+    os.environ.update(env_signal)
+    try:
+        stopped = cli("train", str(data), "--out", str(run), *ARGS, fault="step:4", cache=cache)
+    finally:
+        os.environ.pop("VISIONTUNE_FAULT_SIGNAL")
+    assert stopped.returncode == 128 + getattr(signal, signame), stopped.stderr[-2000:]
+    said = " ".join(stopped.stderr.split())
+    assert f"stopped by {signame}" in said and f"visiontune train --resume {run}" in said
+    position = json.loads((run / "checkpoints" / "last.json").read_text())["position"]
+    assert position["global_step"] == 4 and position["step"] == 1, position  # mid-epoch, at the signal's step
+    resumed = cli("train", "--resume", str(run), cache=cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_file(str(run / "classifier" / "model.safetensors")), load_file(str(uninterrupted / "classifier" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+    assert final_metrics(run) == final_metrics(uninterrupted)
+    assert_nothing_partial_or_damaged(run, cache)

@@ -8,6 +8,8 @@ work on a run folder, and `plan` / `doctor` / `find_lr` / `warm_cache` / `split`
 
 from __future__ import annotations
 
+import signal
+
 import csv
 import json
 from collections.abc import Iterable, Sequence
@@ -98,8 +100,8 @@ def fit(
     run = _new_run_dir(out, Path(data).resolve().name or "data", Path(runs_root))
     try:
         return train_run(prep, run, config)
-    except KeyboardInterrupt:
-        raise RunInterrupted(run.path) from None
+    except KeyboardInterrupt as stop:
+        raise RunInterrupted(run.path, getattr(stop, "signum", signal.SIGINT)) from None
 
 
 def _new_run_dir(out: str | Path | None, data_name: str, runs_root: Path) -> RunDir:
@@ -142,8 +144,8 @@ def resume(run_path: str | Path) -> Classifier:
         prep.plan = run.read_plan()
     try:
         return train_run(prep, run, config, resuming=True)
-    except KeyboardInterrupt:
-        raise RunInterrupted(run.path) from None
+    except KeyboardInterrupt as stop:
+        raise RunInterrupted(run.path, getattr(stop, "signum", signal.SIGINT)) from None
 
 
 def plan(

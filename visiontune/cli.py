@@ -58,7 +58,9 @@ def _number_or_auto(kind):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from visiontune import distributed
+    from visiontune import distributed, stopping
+
+    stopping.install()  # SIGTERM / Ctrl-C: finish the step, checkpoint it, print the resume command
 
     if args.gpus and not distributed.world().shared:
         from visiontune import device as devices
@@ -933,10 +935,14 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[bold red]error:[/]", escape(str(err)), soft_wrap=True, highlight=False)
         return 2
     except RunInterrupted as stop:
-        console.print(f"[yellow]interrupted[/]: {escape(stop.run)} keeps its last checkpoint. Continue exactly where "
-                      "it stopped with:", soft_wrap=True, highlight=False)
+        import signal
+
+        name = signal.Signals(stop.signum).name if stop.signum in signal.valid_signals() else f"signal {stop.signum}"
+        console.print(f"[yellow]stopped by {name}[/]: {escape(stop.run)} keeps a checkpoint of the last finished "
+                      "step (or the work written whole so far). Continue exactly where it stopped with:",
+                      soft_wrap=True, highlight=False)
         console.print(f"  visiontune train --resume {escape(stop.run)}", soft_wrap=True, highlight=False)
-        return 130
+        return 128 + stop.signum
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return 130

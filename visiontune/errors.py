@@ -44,8 +44,9 @@ class ArtifactError(Exception):
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a run: the run folder keeps its checkpoint, and this says how to continue it."""
+    """Ctrl-C or SIGTERM during a run: the run folder keeps its checkpoint, and this says how to continue it.
+    `signum` is the signal that stopped it (the command exits 128 + signum, as a shell expects)."""
 
-    def __init__(self, run: str | os.PathLike):
-        self.run = str(run)
+    def __init__(self, run: str | os.PathLike, signum: int = 2):
+        self.run, self.signum = str(run), int(signum)
         super().__init__(f"interrupted; continue with: visiontune train --resume {self.run}")

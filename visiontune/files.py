@@ -124,6 +124,7 @@ def remove_stale_partials(folder: Path, recursive: bool = False) -> int:
 
 
 def fault_point(name: str) -> None:
-    """Kill this process with SIGKILL here when `VISIONTUNE_FAULT` names this point (fault tests only)."""
+    """Kill this process with SIGKILL here when `VISIONTUNE_FAULT` names this point (fault tests only), or send
+    it the signal `VISIONTUNE_FAULT_SIGNAL` names instead (SIGTERM: what a cluster sends before it kills)."""
     if os.environ.get("VISIONTUNE_FAULT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, os.environ.get("VISIONTUNE_FAULT_SIGNAL", "SIGKILL")))

@@ -54,6 +54,7 @@ class Callback:
     def epoch_end(self, loop: Loop) -> None: ...
     def validated(self, loop: Loop, record: dict) -> None: ...
     def epoch_done(self, loop: Loop) -> None: ...
+    def stop(self, loop: Loop) -> None: ...  # a signal asked the run to stop after this step (visiontune/stopping.py)
     def phase_end(self, loop: Loop) -> None: ...
 
     def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -221,9 +222,16 @@ class Checkpointing(Callback):
 
     def step_end(self, loop: Loop) -> None:
         if self.every and loop.position.global_step % self.every == 0:
-            loop.extra["loss_sum"], loop.extra["loss_count"] = loop.loss_sum, loop.loss_count
-            loop.extra["logged"] = dict(loop.logged)
-            self.save(loop)
+            self.save_mid_epoch(loop)
+
+    def stop(self, loop: Loop) -> None:
+        self.save_mid_epoch(loop)
+
+    def save_mid_epoch(self, loop: Loop) -> None:
+        """A checkpoint between two steps of an epoch: with the epoch's running sums, so a resume logs the same."""
+        loop.extra["loss_sum"], loop.extra["loss_count"] = loop.loss_sum, loop.loss_count
+        loop.extra["logged"] = dict(loop.logged)
+        self.save(loop)
 
     def epoch_done(self, loop: Loop) -> None:
         self.save(loop)

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from visiontune import device as devices
-from visiontune import distributed
+from visiontune import distributed, stopping
 from visiontune.errors import UsageError
+from visiontune.files import fault_point
 from visiontune.progress import console, progress_bar
 from visiontune.task.kinds import Task
 from visiontune.train.callbacks import Callback, ObjectiveState, default_callbacks
@@ -210,6 +211,30 @@ def run_phase(
     if resume is not None:
         loop.restore(resume)
     position = loop.position
+    with stopping.steps():  # a stop signal from here on waits for the step under way (visiontune/stopping.py)
+        _train_epochs(loop, phase, plan, module, forward, objective, device, shared, ranks, steps, log)
+    loop.emit("phase_end")
+    if shared:
+        require_grads(module, required)
+    module.to("cpu")  # what follows (closed-form heads, saving, exporting) reads the weights on the CPU
+    for extra_module in objective.state_modules().values():
+        extra_module.to("cpu")
+    return position.history
+
+
+def _stop_if_asked(loop: Loop, shared: bool, event: str | None) -> None:
+    """Stop here when a signal asked for it (every rank at the same step): `event` lets the checkpointing
+    callback save this step first (None: the epoch's own checkpoint was just written)."""
+    signum = stopping.agreed(shared)
+    if signum:
+        if event:
+            loop.emit(event)
+        raise stopping.StopAsked(signum)
+
+
+def _train_epochs(loop: Loop, phase, plan, module, forward, objective, device, shared: bool, ranks: int, steps,
+                  log) -> None:
+    position = loop.position
     while position.epoch < phase.epochs and not loop.extra["stopped"]:
         epoch = position.epoch
         loop.emit("epoch_start")
@@ -245,6 +270,8 @@ def run_phase(
                 position.global_step += 1
                 bar.advance(task)
                 loop.emit("step_end")
+                fault_point(f"step:{position.global_step}")
+                _stop_if_asked(loop, shared, "stop")  # a SIGTERM / Ctrl-C: this step's checkpoint, then stop
         loop.emit("epoch_end")
         record = loop.validation_record({"epoch": epoch + 1})
         if shared:  # the epoch's loss over every rank's items
@@ -259,10 +286,4 @@ def run_phase(
         position.history.append(record)
         position.epoch, position.step = epoch + 1, 0
         loop.emit("epoch_done")
-    loop.emit("phase_end")
-    if shared:
-        require_grads(module, required)
-    module.to("cpu")  # what follows (closed-form heads, saving, exporting) reads the weights on the CPU
-    for extra_module in objective.state_modules().values():
-        extra_module.to("cpu")
-    return position.history
+        _stop_if_asked(loop, shared, None)  # asked during validation: the epoch's checkpoint is written
