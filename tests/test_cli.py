@@ -11,8 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+
+def run_fresh(*args: str) -> subprocess.CompletedProcess:
+    return run(*args, fresh=True)
+
+
+def run(*args: str, cwd: Path | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
+    """`visiontune ARGS`: in this process (conftest.run_cli) unless the test needs a fresh one or another cwd."""
+    if not fresh and cwd is None:
+        return run_cli(*args)
     return subprocess.run(
         [sys.executable, "-m", "visiontune.cli", *args],
         capture_output=True,
@@ -40,22 +49,22 @@ def trained_run(class_folders, tmp_path) -> Path:
 
 def test_train_predict_evaluate_in_fresh_processes(trained_run, class_folders, tmp_path):
     out_csv = tmp_path / "pred.csv"
-    result = run("predict", str(trained_run), str(class_folders / "red"), "--csv", str(out_csv))
+    result = run_fresh("predict", str(trained_run), str(class_folders / "red"), "--csv", str(out_csv))
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(out_csv.open()))
     assert len(rows) == 12 and sum(r["label"] == "red" for r in rows) >= 10
     assert rows[0]["topk"].count(":") == 3
 
-    table = run("predict", str(trained_run / "classifier"), str(class_folders / "blue" / "blue_000.png"))
+    table = run_fresh("predict", str(trained_run / "classifier"), str(class_folders / "blue" / "blue_000.png"))
     assert table.returncode == 0 and "blue_000.png" in table.stdout and "blue" in table.stdout
     deep = tmp_path / ("a folder with a long name " * 4).strip() / "and_a_long_file_name_that_must_stay_visible.png"
     deep.parent.mkdir()
     deep.write_bytes((class_folders / "blue" / "blue_000.png").read_bytes())
-    piped = run("predict", str(trained_run), str(deep.parent))  # stdout is a pipe: whole paths, tab-separated
+    piped = run_fresh("predict", str(trained_run), str(deep.parent))  # stdout is a pipe: whole paths, tab-separated
     assert piped.stdout.splitlines()[0] == "image\tclass\tprob\tnext"
     assert piped.stdout.splitlines()[1].split("\t")[0] == str(deep)
 
-    evaluation = run("evaluate", str(trained_run), str(class_folders), "--json", str(tmp_path / "m.json"))
+    evaluation = run_fresh("evaluate", str(trained_run), str(class_folders), "--json", str(tmp_path / "m.json"))
     assert evaluation.returncode == 0, evaluation.stderr
     for text in ("accuracy", "precision", "recall", "confusion matrix"):
         assert text in evaluation.stdout

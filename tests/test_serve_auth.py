@@ -255,9 +255,10 @@ def test_https_with_a_self_signed_certificate_and_clear_refusals(run, tmp_path):
     assert code == 0 and f"https://127.0.0.1:{served.port}/#token=" in out
     other_cert, other_key = self_signed(tmp_path, "other")
     port = free_port()
-    mismatched = run_cli("serve", str(run), "--port", str(port), "--ssl-certfile", str(cert), "--ssl-keyfile", str(other_key))
+    mismatched = run_cli("serve", str(run), "--port", str(port), "--ssl-certfile", str(cert), "--ssl-keyfile", str(other_key),
+                         fresh=True)  # a start-up check: a fresh process, as the user runs it
     assert mismatched.returncode == 2 and "the key must be the certificate's own" in mismatched.stderr
-    missing = run_cli("serve", str(run), "--port", str(port), "--ssl-certfile", str(tmp_path / "none.crt"))
+    missing = run_cli("serve", str(run), "--port", str(port), "--ssl-certfile", str(tmp_path / "none.crt"), fresh=True)
     assert missing.returncode == 2 and "none.crt" in missing.stderr + missing.stdout
     with socket.socket() as s:  # neither start bound the port
         s.bind(("127.0.0.1", port))

@@ -60,6 +60,12 @@ def steps() -> Iterator[None]:
         _state["between_steps"] -= 1
 
 
+def reset() -> None:
+    """Forget a stop that was asked for and the handlers' installation (a caller that runs several commands in
+    one process, e.g. the test suite, restores the signal handlers itself)."""
+    _state.update(requested=None, installed=False)
+
+
 def requested() -> int | None:
     """The signal that asked for a stop, once one did."""
     return _state["requested"]
