@@ -182,3 +182,22 @@ def test_a_truncated_shard_without_a_checksum_is_refused_with_what_to_do(tmp_pat
     (tmp_path / "shard-0.npy").write_bytes((tmp_path / "shard-0.npy").read_bytes()[:300])
     with pytest.raises(ArtifactError, match="not a feature shard.*cache clear"):
         CachedRows(tmp_path, np.array([[0, 1]])).take([0])
+
+
+def test_a_short_write_without_errno_is_a_full_disk_message_and_leaves_nothing(tmp_path, monkeypatch):
+    """numpy's `tofile` (under np.save) reports a short write as `OSError: N requested and M written` with no
+    errno (seen on a full disk under the feature cache): one clear line naming the shard, not a traceback, and
+    no partial file or half shard left."""
+    from visiontune.errors import WriteError
+
+    store = FeatureStore(tmp_path, {"k": "short-write"})
+
+    def short_save(path, array):
+        with open(path, "wb") as handle:
+            handle.write(b"\x93NUMPY" + b"\0" * 100)
+        raise OSError(f"{array.nbytes} requested and 106 written")
+
+    monkeypatch.setattr(np, "save", short_save)
+    with pytest.raises(WriteError, match=r"shard-0\.npy: only part of it could be written .*most likely full"):
+        store.add_shard(["a" * 32, "b" * 32], np.ones((2, 4), dtype=np.float32))
+    assert not [p.name for p in store.dir.iterdir() if ".partial-" in p.name or p.name in ("shard-0.npy", "shard-0.json")]
