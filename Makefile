@@ -30,10 +30,12 @@ shell: $(STAMP)
 	@echo "visiontune is on PATH in this shell; exit to leave it"
 	@VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(BIN)):$$PATH $${SHELL:-bash} -i
 
-# One worker process per core (at most 4), a test file per worker at a time, longest files first (tests/conftest.py);
+# One worker process per core (at most 4), a test file per worker at a time, longest files first (tests/conftest.py;
+# --no-loadscope-reorder: xdist would otherwise hand out the files with most tests first, leaving the one-test
+# gpu-check file, the longest, for last);
 # the 15 slowest tests are printed so that a regression shows. A skip fails here (VISIONTUNE_REQUIRE_*).
 test: $(STAMP) browser fashion-mnist
-	VISIONTUNE_REQUIRE_BROWSER=1 VISIONTUNE_REQUIRE_DATA=1 $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations=15
+	VISIONTUNE_REQUIRE_BROWSER=1 VISIONTUNE_REQUIRE_DATA=1 $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder --durations=15
 
 # Headless Chromium for the report/page tests (Debian packages; needs root or sudo).
 browser:
