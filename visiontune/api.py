@@ -8,10 +8,9 @@ work on a run folder, and `plan` / `doctor` / `find_lr` / `warm_cache` / `split`
 
 from __future__ import annotations
 
-import signal
-
 import csv
 import json
+import signal
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path

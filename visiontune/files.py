@@ -34,16 +34,16 @@ NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEX
 SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 
 
+_MAKE_ROOM = ("Free space on that disk or write elsewhere (--out for a run, $VISIONTUNE_CACHE for the feature cache); "
+              "nothing was left half-written, so rerun (a run: visiontune train --resume RUN) once there is room.")
+
+
 def write_error(path: Path, exc: OSError) -> WriteError | None:
     """The user-facing error for a failed write of `path`, or None when `exc` is not about writing."""
     if exc.errno is None and SHORT_WRITE.search(str(exc)):
-        return WriteError(f"{path}: only part of it could be written ({exc}): the disk is most likely full. Free space "
-                          "on that disk or write elsewhere (--out for a run, $VISIONTUNE_CACHE for the feature cache); "
-                          "nothing was left half-written, so rerun (a run: visiontune train --resume RUN) once there is room.")
+        return WriteError(f"{path}: only part of it could be written ({exc}): the disk is most likely full. {_MAKE_ROOM}")
     if exc.errno in NO_ROOM:
-        return WriteError(f"{path}: no room to write it ({exc.strerror}). Free space on that disk or write elsewhere "
-                          "(--out for a run, $VISIONTUNE_CACHE for the feature cache); nothing was left half-written, "
-                          "so rerun (a run: visiontune train --resume RUN) once there is room.")
+        return WriteError(f"{path}: no room to write it ({exc.strerror}). {_MAKE_ROOM}")
     if exc.errno in NOT_WRITABLE:
         return WriteError(f"{path}: cannot be written ({exc.strerror}). Choose a folder you can write to "
                           "(--out for a run, $VISIONTUNE_CACHE for the feature cache).")

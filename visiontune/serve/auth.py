@@ -24,7 +24,6 @@ from visiontune.errors import UsageError
 from visiontune.files import write_secret_whole
 
 TOKEN_ENV = "VISIONTUNE_TOKEN"
-TOKEN_FILE = "serve.token"
 TOKEN_BYTES = 32  # 256 bits: secrets.token_urlsafe's own recommendation for tokens that guard a service
 #: Endpoints anyone may call: liveness (no model details in it) and the page (it asks for the token).
 PUBLIC_PATHS = frozenset({"/health", "/", "/favicon.ico"})
@@ -109,5 +108,6 @@ def resolve_token(keep_at: Path, token_file: str | Path | None = None, no_auth: 
     keep_at = Path(keep_at)
     if keep_at.exists():
         return Auth(read_token_file(keep_at), str(keep_at)), [f"token from {keep_at} (made on an earlier start)"]
-    write_secret_whole(keep_at, secrets.token_urlsafe(TOKEN_BYTES) + "\n")
-    return Auth(read_token_file(keep_at), str(keep_at)), [f"new token written to {keep_at} (mode 600; reused next time)"]
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    write_secret_whole(keep_at, token + "\n")
+    return Auth(token, str(keep_at)), [f"new token written to {keep_at} (mode 600; reused next time)"]
